@@ -1,0 +1,1033 @@
+//! The policy documents (`apiVersion: remora.dev/v1`), their parsing from
+//! multi-document YAML and their validation.
+//!
+//! The control plane validates every document before it stores anything; the
+//! proxy parses the same types out of each snapshot and NACKs one it cannot use.
+//! An error names the file, the document and the field.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+pub const API_VERSION: &str = "remora.dev/v1";
+
+/// The kinds of policy document, in the order they are listed and applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Service,
+    #[serde(rename = "HTTPRoute")]
+    HttpRoute,
+    DestinationPolicy,
+    AuthorizationPolicy,
+    TelemetryPolicy,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Service,
+        Kind::HttpRoute,
+        Kind::DestinationPolicy,
+        Kind::AuthorizationPolicy,
+        Kind::TelemetryPolicy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::DestinationPolicy => "DestinationPolicy",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::TelemetryPolicy => "TelemetryPolicy",
+        }
+    }
+
+    /// Parses a kind as written in a document or on the command line
+    /// (case-insensitive; `route` and `httproute` both name HTTPRoute).
+    pub fn parse(s: &str) -> Option<Kind> {
+        let l = s.to_ascii_lowercase();
+        let l = l.trim_end_matches('s');
+        Some(match l {
+            "service" | "svc" => Kind::Service,
+            "httproute" | "route" => Kind::HttpRoute,
+            "destinationpolicy" | "destinationpolicie" => Kind::DestinationPolicy,
+            "authorizationpolicy" | "authorizationpolicie" => Kind::AuthorizationPolicy,
+            "telemetrypolicy" | "telemetrypolicie" => Kind::TelemetryPolicy,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_namespace() -> String {
+    "default".to_string()
+}
+
+/// One validated policy document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub metadata: Metadata,
+    pub spec: Spec,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Spec {
+    Service(ServiceSpec),
+    HttpRoute(HttpRouteSpec),
+    DestinationPolicy(DestinationPolicySpec),
+    AuthorizationPolicy(AuthorizationPolicySpec),
+    TelemetryPolicy(TelemetryPolicySpec),
+}
+
+impl Spec {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Spec::Service(_) => Kind::Service,
+            Spec::HttpRoute(_) => Kind::HttpRoute,
+            Spec::DestinationPolicy(_) => Kind::DestinationPolicy,
+            Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Spec::TelemetryPolicy(_) => Kind::TelemetryPolicy,
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let v = match self {
+            Spec::Service(s) => serde_json::to_value(s),
+            Spec::HttpRoute(s) => serde_json::to_value(s),
+            Spec::DestinationPolicy(s) => serde_json::to_value(s),
+            Spec::AuthorizationPolicy(s) => serde_json::to_value(s),
+            Spec::TelemetryPolicy(s) => serde_json::to_value(s),
+        };
+        v.unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Document {
+    pub fn kind(&self) -> Kind {
+        self.spec.kind()
+    }
+
+    pub fn key(&self) -> ResourceKey {
+        ResourceKey {
+            kind: self.kind(),
+            namespace: self.metadata.namespace.clone(),
+            name: self.metadata.name.clone(),
+        }
+    }
+
+    /// The spec alone, as canonical JSON (what a snapshot's `Resource.spec_json` holds).
+    pub fn spec_json(&self) -> String {
+        self.spec.to_json().to_string()
+    }
+
+    /// The whole document as a JSON value (apiVersion, kind, metadata, spec).
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": API_VERSION,
+            "kind": self.kind().as_str(),
+            "metadata": self.metadata,
+            "spec": self.spec.to_json(),
+        })
+    }
+
+    pub fn to_yaml(&self) -> String {
+        serde_yaml_ng::to_string(&self.to_value()).unwrap_or_default()
+    }
+
+    /// Rebuilds a document from a kind, its metadata and its spec as JSON (the
+    /// form the store and the snapshot carry), validating it again.
+    pub fn from_parts(
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        spec_json: &str,
+    ) -> Result<Document, String> {
+        let spec: serde_json::Value =
+            serde_json::from_str(spec_json).map_err(|e| format!("spec: {e}"))?;
+        let metadata = Metadata {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            labels: BTreeMap::new(),
+        };
+        let doc = Document {
+            spec: parse_spec(kind, spec)?,
+            metadata,
+        };
+        validate(&doc)?;
+        Ok(doc)
+    }
+}
+
+/// Identifies a document in the store.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ResourceKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+// ------------------------------------------------------------------ specs
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceSpec {
+    pub ports: Vec<ServicePort>,
+    /// Virtual addresses (like a ClusterIP) that transparent-mode clients may dial;
+    /// the endpoints' own addresses always match too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServicePort {
+    pub port: u16,
+    pub protocol: Protocol,
+    /// The application's port behind this service port (defaults to `port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ServicePort {
+    pub fn target(&self) -> u16 {
+        self.target_port.unwrap_or(self.port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HttpRouteSpec {
+    pub service: String,
+    /// Only this service port, when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub rules: Vec<RouteRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Any one match selects the rule; no matches selects every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<RouteMatch>,
+    pub backends: Vec<Backend>,
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Critical routes get a reserved share of the destination's capacity.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub critical: bool,
+    /// Used when the primary backends have no healthy endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Backend>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultInjection>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PathMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HeaderMatch {
+    pub name: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Backend {
+    pub service: String,
+    /// Defaults to the route's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Endpoint labels that select a subset, such as `{version: v2}`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subset: BTreeMap<String, String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    /// Retry non-idempotent methods after the request was sent, too.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_non_idempotent: bool,
+}
+
+/// The retry conditions a route may name, besides HTTP status codes (100-599).
+pub const RETRY_ON: &[&str] = &[
+    "connect-failure",
+    "refused-stream",
+    "reset",
+    "5xx",
+    "gateway-error",
+    "unavailable",
+    "resource-exhausted",
+    "cancelled",
+    "deadline-exceeded",
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Backoff {
+    #[serde(with = "duration")]
+    pub base: Duration,
+    #[serde(with = "duration")]
+    pub max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultInjection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultDelay {
+    #[serde(with = "duration")]
+    pub fixed: Duration,
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FaultAbort {
+    pub status: u16,
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadBalancer {
+    #[default]
+    P2cEwma,
+    RoundRobin,
+    LeastRequest,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DestinationPolicySpec {
+    pub service: String,
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Limits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CircuitBreaker {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u32>,
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub window: Option<Duration>,
+    #[serde(with = "duration")]
+    pub open_for: Duration,
+    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub max_open_for: Option<Duration>,
+    #[serde(default = "one")]
+    pub half_open_requests: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Share (0..1) of the limits reserved for `critical` routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub critical_reserve: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RetryBudget {
+    pub ratio: f64,
+    #[serde(default)]
+    pub min_per_second: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    #[default]
+    Strict,
+    Permissive,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    pub service: String,
+    #[serde(default)]
+    pub mtls: MtlsMode,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<AuthorizationRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationRule {
+    /// Source SPIFFE identities; empty means any authenticated identity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<String>,
+    /// Allowed operations; empty means every operation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<AuthorizationTo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AuthorizationTo {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RateLimit {
+    pub requests_per_second: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Separate buckets per source identity.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub per_identity: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TelemetryPolicySpec {
+    /// Trace sampling rate for requests without a sampled parent (0..1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_logs: Option<bool>,
+}
+
+// ------------------------------------------------------------------ parsing
+
+/// Why a document was refused: where it is and which field is wrong.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{file}: document {document}{what}: {field}: {message}")]
+pub struct ValidationError {
+    pub file: String,
+    /// 1-based index of the document within its file.
+    pub document: usize,
+    /// " (Kind namespace/name)" when known.
+    pub what: String,
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawDocument {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<serde_json::Value>,
+    spec: Option<serde_json::Value>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, serde_json::Value>,
+}
+
+/// Parses every document of one YAML file. The first invalid document fails the
+/// whole file.
+pub fn parse_documents(file: &str, content: &str) -> Result<Vec<Document>, ValidationError> {
+    let mut docs = Vec::new();
+    for (i, de) in serde_yaml_ng::Deserializer::from_str(content).enumerate() {
+        let index = i + 1;
+        let err = |what: &str, field: &str, message: String| ValidationError {
+            file: file.to_string(),
+            document: index,
+            what: what.to_string(),
+            field: field.to_string(),
+            message,
+        };
+        let value: serde_json::Value = match serde_json::Value::deserialize(de) {
+            Ok(v) => v,
+            Err(e) => return Err(err("", "(yaml)", e.to_string())),
+        };
+        if value.is_null() {
+            continue; // an empty document, such as after a trailing `---`
+        }
+        let raw: RawDocument = serde_json::from_value(value)
+            .map_err(|e| err("", "(document)", format!("not a mapping: {e}")))?;
+        if let Some(extra) = raw.rest.keys().next() {
+            return Err(err("", extra, "unknown top-level field".into()));
+        }
+        match raw.api_version.as_deref() {
+            Some(API_VERSION) => {}
+            Some(other) => {
+                return Err(err(
+                    "",
+                    "apiVersion",
+                    format!("expected {API_VERSION}, got {other}"),
+                ))
+            }
+            None => return Err(err("", "apiVersion", "missing".into())),
+        }
+        let kind_s = raw
+            .kind
+            .ok_or_else(|| err("", "kind", "missing".into()))?;
+        let kind = Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == kind_s)
+            .ok_or_else(|| {
+                err(
+                    "",
+                    "kind",
+                    format!(
+                        "unknown kind {kind_s:?} (one of {})",
+                        Kind::ALL.map(|k| k.as_str()).join(", ")
+                    ),
+                )
+            })?;
+        let metadata: Metadata = match raw.metadata {
+            None => return Err(err("", "metadata", "missing".into())),
+            Some(m) => serde_path_to_error::deserialize(m).map_err(|e| {
+                err("", &format!("metadata.{}", e.path()), e.inner().to_string())
+            })?,
+        };
+        let what = format!(" ({kind} {}/{})", metadata.namespace, metadata.name);
+        let spec = raw
+            .spec
+            .ok_or_else(|| err(&what, "spec", "missing".into()))?;
+        let spec = parse_spec(kind, spec).map_err(|m| split_field(&what, m, &err))?;
+        let doc = Document { metadata, spec };
+        validate(&doc).map_err(|m| split_field(&what, m, &err))?;
+        docs.push(doc);
+    }
+    Ok(docs)
+}
+
+/// Messages from `parse_spec`/`validate` are "field: message".
+fn split_field(
+    what: &str,
+    m: String,
+    err: &dyn Fn(&str, &str, String) -> ValidationError,
+) -> ValidationError {
+    match m.split_once(": ") {
+        Some((field, msg)) => err(what, field, msg.to_string()),
+        None => err(what, "spec", m),
+    }
+}
+
+fn parse_spec(kind: Kind, spec: serde_json::Value) -> Result<Spec, String> {
+    fn de<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, String> {
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." {
+                "spec".to_string()
+            } else {
+                format!("spec.{path}")
+            };
+            format!("{field}: {}", e.inner())
+        })
+    }
+    Ok(match kind {
+        Kind::Service => Spec::Service(de(spec)?),
+        Kind::HttpRoute => Spec::HttpRoute(de(spec)?),
+        Kind::DestinationPolicy => Spec::DestinationPolicy(de(spec)?),
+        Kind::AuthorizationPolicy => Spec::AuthorizationPolicy(de(spec)?),
+        Kind::TelemetryPolicy => Spec::TelemetryPolicy(de(spec)?),
+    })
+}
+
+// ------------------------------------------------------------------ validation
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn check(cond: bool, field: impl FnOnce() -> String, msg: &str) -> Result<(), String> {
+    if cond {
+        Ok(())
+    } else {
+        Err(format!("{}: {msg}", field()))
+    }
+}
+
+fn check_percent(p: f64, field: &str) -> Result<(), String> {
+    check(
+        (0.0..=100.0).contains(&p),
+        || field.to_string(),
+        "must be between 0 and 100",
+    )
+}
+
+/// Checks what the types alone cannot. Errors are "field: message".
+pub fn validate(doc: &Document) -> Result<(), String> {
+    check(
+        is_dns_label(&doc.metadata.name),
+        || "metadata.name".into(),
+        "must be a DNS label (lowercase letters, digits, '-')",
+    )?;
+    check(
+        is_dns_label(&doc.metadata.namespace),
+        || "metadata.namespace".into(),
+        "must be a DNS label (lowercase letters, digits, '-')",
+    )?;
+    match &doc.spec {
+        Spec::Service(s) => validate_service(s),
+        Spec::HttpRoute(r) => validate_route(r),
+        Spec::DestinationPolicy(d) => validate_destination(d),
+        Spec::AuthorizationPolicy(a) => validate_authorization(a),
+        Spec::TelemetryPolicy(t) => {
+            if let Some(r) = t.sampling_rate {
+                check(
+                    (0.0..=1.0).contains(&r),
+                    || "spec.samplingRate".into(),
+                    "must be between 0 and 1",
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn validate_service(s: &ServiceSpec) -> Result<(), String> {
+    check(!s.ports.is_empty(), || "spec.ports".into(), "at least one port is required")?;
+    for (i, p) in s.ports.iter().enumerate() {
+        check(p.port != 0, || format!("spec.ports[{i}].port"), "must be 1-65535")?;
+        check(
+            p.target_port != Some(0),
+            || format!("spec.ports[{i}].targetPort"),
+            "must be 1-65535",
+        )?;
+        check(
+            !s.ports[..i].iter().any(|q| q.port == p.port),
+            || format!("spec.ports[{i}].port"),
+            "duplicate port",
+        )?;
+    }
+    Ok(())
+}
+
+fn validate_backend(b: &Backend, field: &str) -> Result<(), String> {
+    check(
+        is_dns_label(&b.service),
+        || format!("{field}.service"),
+        "must name a service (a DNS label)",
+    )?;
+    if let Some(ns) = &b.namespace {
+        check(is_dns_label(ns), || format!("{field}.namespace"), "must be a DNS label")?;
+    }
+    Ok(())
+}
+
+fn validate_route(r: &HttpRouteSpec) -> Result<(), String> {
+    check(is_dns_label(&r.service), || "spec.service".into(), "must name a service")?;
+    check(!r.rules.is_empty(), || "spec.rules".into(), "at least one rule is required")?;
+    for (i, rule) in r.rules.iter().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        for (j, m) in rule.matches.iter().enumerate() {
+            let mat = format!("{at}.matches[{j}]");
+            if let Some(p) = &m.path {
+                check(
+                    p.exact.is_some() != p.prefix.is_some(),
+                    || format!("{mat}.path"),
+                    "exactly one of exact or prefix is required",
+                )?;
+                let s = p.exact.as_deref().or(p.prefix.as_deref()).unwrap_or("/");
+                check(s.starts_with('/'), || format!("{mat}.path"), "must start with '/'")?;
+            }
+            for (k, h) in m.headers.iter().enumerate() {
+                check(
+                    http_header_name_ok(&h.name),
+                    || format!("{mat}.headers[{k}].name"),
+                    "not a valid header name",
+                )?;
+            }
+            if let Some(method) = &m.method {
+                check(is_token(method), || format!("{mat}.method"), "not a valid method")?;
+            }
+        }
+        check(
+            !rule.backends.is_empty(),
+            || format!("{at}.backends"),
+            "at least one backend is required",
+        )?;
+        for (j, b) in rule.backends.iter().enumerate() {
+            validate_backend(b, &format!("{at}.backends[{j}]"))?;
+        }
+        check(
+            rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() > 0,
+            || format!("{at}.backends"),
+            "the weights must not all be 0",
+        )?;
+        if let Some(fb) = &rule.fallback {
+            validate_backend(fb, &format!("{at}.fallback"))?;
+        }
+        if let Some(t) = rule.timeout {
+            check(!t.is_zero(), || format!("{at}.timeout"), "must be more than 0")?;
+        }
+        if let Some(retry) = &rule.retry {
+            check(
+                (1..=10).contains(&retry.attempts),
+                || format!("{at}.retry.attempts"),
+                "must be between 1 and 10",
+            )?;
+            for (j, on) in retry.on.iter().enumerate() {
+                let ok = RETRY_ON.contains(&on.as_str())
+                    || on.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c));
+                check(
+                    ok,
+                    || format!("{at}.retry.on[{j}]"),
+                    "must be an HTTP status code or one of connect-failure, refused-stream, \
+                     reset, 5xx, gateway-error, unavailable, resource-exhausted, cancelled, \
+                     deadline-exceeded",
+                )?;
+            }
+            if let Some(b) = &retry.backoff {
+                check(
+                    b.base <= b.max,
+                    || format!("{at}.retry.backoff"),
+                    "base must not exceed max",
+                )?;
+            }
+        }
+        if let Some(f) = &rule.fault {
+            if let Some(d) = &f.delay {
+                check_percent(d.percent, &format!("{at}.fault.delay.percent"))?;
+            }
+            if let Some(a) = &f.abort {
+                check_percent(a.percent, &format!("{at}.fault.abort.percent"))?;
+                check(
+                    (200..=599).contains(&a.status),
+                    || format!("{at}.fault.abort.status"),
+                    "must be an HTTP status 200-599",
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn http_header_name_ok(s: &str) -> bool {
+    is_token(s)
+}
+
+fn validate_destination(d: &DestinationPolicySpec) -> Result<(), String> {
+    check(is_dns_label(&d.service), || "spec.service".into(), "must name a service")?;
+    if let Some(cb) = &d.circuit_breaker {
+        check(
+            cb.consecutive_failures.is_some() || cb.failure_rate.is_some(),
+            || "spec.circuitBreaker".into(),
+            "needs consecutiveFailures or failureRate",
+        )?;
+        check(
+            cb.consecutive_failures != Some(0),
+            || "spec.circuitBreaker.consecutiveFailures".into(),
+            "must be at least 1",
+        )?;
+        if let Some(r) = cb.failure_rate {
+            check(
+                r > 0.0 && r <= 1.0,
+                || "spec.circuitBreaker.failureRate".into(),
+                "must be in (0, 1]",
+            )?;
+        }
+        check(
+            !cb.open_for.is_zero(),
+            || "spec.circuitBreaker.openFor".into(),
+            "must be more than 0",
+        )?;
+        if let Some(max) = cb.max_open_for {
+            check(
+                max >= cb.open_for,
+                || "spec.circuitBreaker.maxOpenFor".into(),
+                "must not be less than openFor",
+            )?;
+        }
+        check(
+            cb.half_open_requests >= 1,
+            || "spec.circuitBreaker.halfOpenRequests".into(),
+            "must be at least 1",
+        )?;
+    }
+    if let Some(l) = &d.limits {
+        if let Some(r) = l.critical_reserve {
+            check(
+                (0.0..1.0).contains(&r),
+                || "spec.limits.criticalReserve".into(),
+                "must be in [0, 1)",
+            )?;
+        }
+    }
+    if let Some(b) = &d.retry_budget {
+        check(
+            (0.0..=1.0).contains(&b.ratio),
+            || "spec.retryBudget.ratio".into(),
+            "must be between 0 and 1",
+        )?;
+    }
+    Ok(())
+}
+
+fn validate_authorization(a: &AuthorizationPolicySpec) -> Result<(), String> {
+    check(is_dns_label(&a.service), || "spec.service".into(), "must name a service")?;
+    for (i, rule) in a.rules.iter().enumerate() {
+        for (j, from) in rule.from.iter().enumerate() {
+            check(
+                from.starts_with("spiffe://") || from == "*",
+                || format!("spec.rules[{i}].from[{j}]"),
+                "must be a spiffe:// identity or *",
+            )?;
+        }
+        for (j, to) in rule.to.iter().enumerate() {
+            for (k, m) in to.methods.iter().enumerate() {
+                check(
+                    is_token(m),
+                    || format!("spec.rules[{i}].to[{j}].methods[{k}]"),
+                    "not a valid method",
+                )?;
+            }
+            for (k, p) in to.paths.iter().enumerate() {
+                check(
+                    p.starts_with('/') || p == "*",
+                    || format!("spec.rules[{i}].to[{j}].paths[{k}]"),
+                    "must start with '/'",
+                )?;
+            }
+        }
+    }
+    if let Some(rl) = &a.rate_limit {
+        check(
+            rl.requests_per_second > 0.0,
+            || "spec.rateLimit.requestsPerSecond".into(),
+            "must be more than 0",
+        )?;
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ durations
+
+/// Durations are written as in Kubernetes and Envoy: `500ms`, `2s`, `5m`.
+pub mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string().replace(' ', ""))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+    }
+}
+
+pub mod opt_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| {
+            humantime::parse_duration(&s)
+                .map_err(|e| serde::de::Error::custom(format!("invalid duration {s:?}: {e}")))
+        })
+        .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: remora.dev/v1
+kind: Service
+metadata: {name: backend, namespace: shop}
+spec:
+  ports: [{port: 8080, protocol: http}]
+---
+apiVersion: remora.dev/v1
+kind: HTTPRoute
+metadata: {name: backend, namespace: shop}
+spec:
+  service: backend
+  rules:
+    - matches: [{path: {prefix: /api}, headers: [{name: x-canary, value: "1"}]}]
+      backends: [{service: backend, subset: {version: v2}}]
+    - backends:
+        - {service: backend, subset: {version: v1}, weight: 90}
+        - {service: backend, subset: {version: v2}, weight: 10}
+      timeout: 2s
+      retry: {attempts: 3, perTryTimeout: 500ms, on: [connect-failure, gateway-error, 503], backoff: {base: 25ms, max: 250ms}}
+---
+"#;
+
+    #[test]
+    fn parses_the_design_examples() {
+        let docs = parse_documents("f.yaml", GOOD).unwrap();
+        assert_eq!(docs.len(), 2);
+        let Spec::HttpRoute(r) = &docs[1].spec else {
+            panic!("not a route")
+        };
+        assert_eq!(r.rules[1].timeout, Some(Duration::from_secs(2)));
+        assert_eq!(r.rules[1].backends[0].weight, 90);
+        // Round trip through the snapshot form.
+        let again = Document::from_parts(
+            Kind::HttpRoute,
+            "shop",
+            "backend",
+            &docs[1].spec_json(),
+        )
+        .unwrap();
+        assert_eq!(again.spec, docs[1].spec);
+    }
+
+    #[test]
+    fn names_file_document_and_field() {
+        let bad = GOOD.replace("weight: 10", "weight: ten");
+        let e = parse_documents("shop.yaml", &bad).unwrap_err();
+        assert_eq!(e.file, "shop.yaml");
+        assert_eq!(e.document, 2);
+        assert_eq!(e.field, "spec.rules[1].backends[1].weight");
+        assert!(e.to_string().contains("HTTPRoute shop/backend"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let bad = GOOD.replace("attempts: 3", "attempts: 0");
+        let e = parse_documents("x.yaml", &bad).unwrap_err();
+        assert_eq!(e.field, "spec.rules[1].retry.attempts");
+        let bad = GOOD.replace("prefix: /api", "prefix: api");
+        let e = parse_documents("x.yaml", &bad).unwrap_err();
+        assert_eq!(e.field, "spec.rules[0].matches[0].path");
+        let bad = GOOD.replace("protocol: http}", "protocol: smtp}");
+        let e = parse_documents("x.yaml", &bad).unwrap_err();
+        assert_eq!((e.document, e.field.as_str()), (1, "spec.ports[0].protocol"));
+    }
+
+    #[test]
+    fn unknown_fields_and_kinds_are_refused() {
+        let bad = GOOD.replace("timeout: 2s", "timeuot: 2s");
+        let e = parse_documents("x.yaml", &bad).unwrap_err();
+        assert!(e.field.starts_with("spec.rules[1]"), "{e}");
+        assert!(e.message.contains("timeuot"), "{e}");
+        let bad = GOOD.replace("kind: Service", "kind: Servcie");
+        let e = parse_documents("x.yaml", &bad).unwrap_err();
+        assert_eq!(e.field, "kind");
+        let e = parse_documents("x.yaml", "a: [").unwrap_err();
+        assert_eq!(e.field, "(yaml)");
+    }
+}
