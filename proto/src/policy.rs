@@ -314,13 +314,35 @@ pub struct RetryPolicy {
     pub attempts: u32,
     #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
     pub per_try_timeout: Option<Duration>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Conditions: names from [`RETRY_ON`] or HTTP status codes (`503` or `"503"`).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "strings_or_numbers"
+    )]
     pub on: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Backoff>,
     /// Retry non-idempotent methods after the request was sent, too.
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_non_idempotent: bool,
+}
+
+fn strings_or_numbers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Item {
+        S(String),
+        N(u64),
+    }
+    let items = Vec::<Item>::deserialize(d)?;
+    Ok(items
+        .into_iter()
+        .map(|i| match i {
+            Item::S(s) => s,
+            Item::N(n) => n.to_string(),
+        })
+        .collect())
 }
 
 /// The retry conditions a route may name, besides HTTP status codes (100-599).

@@ -1,1 +1,23 @@
+//! `remora-proxy`: the Remora sidecar. Read `outbound.rs` and `inbound.rs` for
+//! the request path in order; everything else is a piece they compose.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod body;
+pub mod config;
+pub mod detect;
+pub mod discovery;
+pub mod drain;
+pub mod error;
+pub mod forward;
+pub mod inbound;
+pub mod intercept;
+pub mod io;
+pub mod mesh;
+pub mod outbound;
+pub mod pool;
+pub mod route;
+pub mod run;
+pub mod serve;
+pub mod state;
+pub mod tcp;

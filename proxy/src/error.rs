@@ -1,0 +1,201 @@
+//! The data path's one error type. Each error knows its cause (which row of the
+//! status table in design.md it maps to) and whether a retry may help; this is
+//! the one place that turns an error into the answer the proxy makes itself.
+
+use crate::body::ProxyBody;
+use http::{HeaderValue, Response, StatusCode};
+use std::fmt;
+
+/// What went wrong, as the status table in design.md names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    NoEndpoints,
+    CircuitOpen,
+    Overloaded,
+    UpstreamFailure,
+    Timeout,
+    Denied,
+    RateLimited,
+    BadRequest,
+}
+
+impl Cause {
+    /// The `x-remora-error` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::NoEndpoints => "no-endpoints",
+            Cause::CircuitOpen => "circuit-open",
+            Cause::Overloaded => "overloaded",
+            Cause::UpstreamFailure => "upstream-failure",
+            Cause::Timeout => "timeout",
+            Cause::Denied => "denied",
+            Cause::RateLimited => "rate-limited",
+            Cause::BadRequest => "bad-request",
+        }
+    }
+
+    pub fn http_status(self) -> StatusCode {
+        match self {
+            Cause::NoEndpoints | Cause::CircuitOpen | Cause::Overloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Cause::UpstreamFailure => StatusCode::BAD_GATEWAY,
+            Cause::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Cause::Denied => StatusCode::FORBIDDEN,
+            Cause::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Cause::BadRequest => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The gRPC status code (`grpc-status`).
+    pub fn grpc_code(self) -> u8 {
+        match self {
+            Cause::NoEndpoints | Cause::CircuitOpen | Cause::Overloaded => 14,
+            Cause::UpstreamFailure => 14,
+            Cause::Timeout => 4,
+            Cause::Denied => 7,
+            Cause::RateLimited => 8,
+            Cause::BadRequest => 13,
+        }
+    }
+}
+
+/// Whether a failed attempt may be tried again, and under which condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Never sent: the connection could not be made (safe for any method).
+    ConnectFailure,
+    /// Sent, or maybe sent, then the connection failed.
+    Reset,
+    /// Not worth retrying.
+    Never,
+}
+
+/// An error on the data path.
+#[derive(Debug)]
+pub struct ProxyError {
+    pub cause: Cause,
+    pub retry: RetryClass,
+    detail: String,
+}
+
+impl ProxyError {
+    pub fn new(cause: Cause, detail: impl Into<String>) -> Self {
+        ProxyError {
+            cause,
+            retry: RetryClass::Never,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn connect(detail: impl Into<String>) -> Self {
+        ProxyError {
+            cause: Cause::UpstreamFailure,
+            retry: RetryClass::ConnectFailure,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn upstream(detail: impl Into<String>) -> Self {
+        ProxyError {
+            cause: Cause::UpstreamFailure,
+            retry: RetryClass::Reset,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
+    /// The answer the proxy makes itself: an HTTP error with `x-remora-error`,
+    /// or a trailers-only gRPC answer for a gRPC request.
+    pub fn to_response(&self, grpc: bool) -> Response<ProxyBody> {
+        local_response(self.cause, grpc, &self.detail)
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.cause.as_str(), self.detail)
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+/// Builds the proxy's own answer for `cause`.
+pub fn local_response(cause: Cause, grpc: bool, detail: &str) -> Response<ProxyBody> {
+    let mut resp = if grpc {
+        // Trailers-only: HTTP 200 with grpc-status in the headers, no body.
+        let mut r = Response::new(ProxyBody::empty());
+        let h = r.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(u16::from(cause.grpc_code())));
+        if let Ok(v) = HeaderValue::from_str(&grpc_message(cause, detail)) {
+            h.insert("grpc-message", v);
+        }
+        r
+    } else {
+        let body = format!("{}: {detail}\n", cause.as_str());
+        let mut r = Response::new(ProxyBody::full(body));
+        *r.status_mut() = cause.http_status();
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        r
+    };
+    resp.headers_mut()
+        .insert("x-remora-error", HeaderValue::from_static(cause.as_str()));
+    if cause == Cause::BadRequest {
+        // The framing can't be trusted: don't read another request from it.
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// grpc-message is percent-encoded (gRPC over HTTP/2 spec).
+fn grpc_message(cause: Cause, detail: &str) -> String {
+    let mut out = String::with_capacity(detail.len() + 24);
+    for b in format!("{}: {detail}", cause.as_str()).bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cause_maps_to_the_design_table() {
+        let table = [
+            (Cause::NoEndpoints, 503, 14, "no-endpoints"),
+            (Cause::CircuitOpen, 503, 14, "circuit-open"),
+            (Cause::Overloaded, 503, 14, "overloaded"),
+            (Cause::UpstreamFailure, 502, 14, "upstream-failure"),
+            (Cause::Timeout, 504, 4, "timeout"),
+            (Cause::Denied, 403, 7, "denied"),
+            (Cause::RateLimited, 429, 8, "rate-limited"),
+            (Cause::BadRequest, 400, 13, "bad-request"),
+        ];
+        for (cause, http, grpc, name) in table {
+            let r = local_response(cause, false, "x");
+            assert_eq!(r.status().as_u16(), http);
+            assert_eq!(r.headers()["x-remora-error"], name);
+            let g = local_response(cause, true, "ünïcode %");
+            assert_eq!(g.status(), StatusCode::OK);
+            assert_eq!(g.headers()["grpc-status"], grpc.to_string().as_str());
+            let msg = g.headers()["grpc-message"].to_str().unwrap();
+            assert!(msg.contains("%C3%BC") && msg.contains("%25"), "{msg}");
+        }
+    }
+}

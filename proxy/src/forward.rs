@@ -1,0 +1,208 @@
+//! Forwarding one HTTP request to an upstream pool: request framing checks,
+//! hop-by-hop headers (RFC 9110 §7.6.1), the HTTP version spoken upstream, and
+//! HTTP/1.1 upgrades (WebSocket), which continue as a byte relay.
+
+use crate::body::ProxyBody;
+use crate::error::{Cause, ProxyError};
+use crate::pool::{EndpointPool, Upstream};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Headers that describe one connection, not the message.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Whether the request is gRPC (its errors are answered as gRPC statuses).
+pub fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// HTTP/1 framing the proxy refuses rather than guess at: both
+/// `Content-Length` and `Transfer-Encoding` (request smuggling's favourite).
+pub fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    if req.version() < Version::HTTP_2
+        && req.headers().contains_key(header::TRANSFER_ENCODING)
+        && req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        return Err(ProxyError::new(
+            Cause::BadRequest,
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade`).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers, including those the Connection header names.
+/// `te: trailers` survives (gRPC needs it); for an upgrade, `Upgrade` and
+/// `Connection: upgrade` are put back.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        if conn.as_bytes().contains(&b',') || !conn.as_bytes().eq_ignore_ascii_case(b"close")
+        {
+            let listed: Vec<HeaderName> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .collect();
+            for name in listed {
+                if !(upgrade && name == header::UPGRADE) {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    let upgrade_to = if upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if let Some(u) = upgrade_to {
+        headers.insert(header::UPGRADE, u);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Sends `req` to `pool`, speaking the downstream's HTTP version upstream.
+pub async fn forward(
+    mut req: Request<Incoming>,
+    pool: &Arc<EndpointPool>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let upgrade = is_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrade);
+    let version = if parts.version == Version::HTTP_2 {
+        Upstream::Http2
+    } else {
+        Upstream::Http1
+    };
+    if version == Upstream::Http1 {
+        // Absolute-form (explicit proxy) becomes origin-form, the authority
+        // staying in Host.
+        if let Some(auth) = parts.uri.authority() {
+            if !parts.headers.contains_key(header::HOST) {
+                if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                    parts.headers.insert(header::HOST, v);
+                }
+            }
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            parts.uri = pq
+                .parse()
+                .map_err(|_| ProxyError::new(Cause::BadRequest, "invalid request target"))?;
+        }
+    }
+    let up = Request::from_parts(parts, ProxyBody::Incoming(body));
+    let mut resp = pool.send(up, version, connect_timeout).await?;
+
+    if let Some(down) = downstream_upgrade {
+        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(down, up) {
+                    Ok((d, u)) => {
+                        if let Err(e) =
+                            crate::tcp::relay(TokioIo::new(d), TokioIo::new(u), idle_timeout).await
+                        {
+                            tracing::debug!(error = %e, "upgraded connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    let switching = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(&mut parts.headers, switching);
+    Ok(Response::from_parts(parts, ProxyBody::Incoming(body)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_listed_and_standard_hop_by_hop_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-end-to-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key("x-secret"));
+        assert!(!h.contains_key(header::CONNECTION));
+        assert!(!h.contains_key("keep-alive"));
+        assert!(!h.contains_key("proxy-connection"));
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h["x-end-to-end"], "1");
+    }
+
+    #[test]
+    fn keeps_upgrade_for_websocket() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h[header::UPGRADE], "websocket");
+        assert_eq!(h[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn refuses_conflicting_framing() {
+        let req = Request::builder()
+            .header(header::CONTENT_LENGTH, "5")
+            .header(header::TRANSFER_ENCODING, "chunked")
+            .body(())
+            .unwrap();
+        let e = check_framing(&req).unwrap_err();
+        assert_eq!(e.cause, Cause::BadRequest);
+    }
+}

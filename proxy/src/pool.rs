@@ -1,0 +1,273 @@
+//! Upstream connections, pooled per endpoint address.
+//!
+//! HTTP/1.1: a bounded stack of idle connections; a connection goes back on it
+//! once its response has been read completely. HTTP/2: one multiplexed
+//! connection per endpoint, shared by every request. A request that failed
+//! before any byte of it was written (the pooled connection had just been
+//! closed by the peer) is sent again on a fresh connection.
+//!
+//! Pools outlive configuration snapshots: [`Pools::get`] hands the same pool to
+//! every snapshot that names the address, so a config push keeps connections.
+
+use crate::body::ProxyBody;
+use crate::error::ProxyError;
+use arc_swap::ArcSwapOption;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Idle HTTP/1 connections older than this are not reused.
+const MAX_IDLE_AGE: Duration = Duration::from_secs(90);
+
+/// Settings shared by every pool.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_idle_per_endpoint: usize,
+    pub max_header_bytes: usize,
+}
+
+/// Which HTTP version to speak upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upstream {
+    Http1,
+    Http2,
+}
+
+/// The registry of pools, keyed by address. Only touched when a snapshot is
+/// compiled, never per request.
+pub struct Pools {
+    settings: PoolSettings,
+    pools: Mutex<HashMap<SocketAddr, Weak<EndpointPool>>>,
+}
+
+impl Pools {
+    pub fn new(settings: PoolSettings) -> Arc<Pools> {
+        Arc::new(Pools {
+            settings,
+            pools: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn get(&self, addr: SocketAddr) -> Arc<EndpointPool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = pools.get(&addr).and_then(Weak::upgrade) {
+            return p;
+        }
+        // Forget pools that no snapshot uses any more.
+        pools.retain(|_, w| w.strong_count() > 0);
+        let p = Arc::new(EndpointPool::new(addr, self.settings.clone()));
+        pools.insert(addr, Arc::downgrade(&p));
+        p
+    }
+}
+
+struct IdleH1 {
+    sender: http1::SendRequest<ProxyBody>,
+    since: Instant,
+}
+
+/// The connections to one upstream address.
+pub struct EndpointPool {
+    addr: SocketAddr,
+    settings: PoolSettings,
+    h1_idle: Mutex<Vec<IdleH1>>,
+    h2: ArcSwapOption<http2::SendRequest<ProxyBody>>,
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for EndpointPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointPool").field("addr", &self.addr).finish()
+    }
+}
+
+impl EndpointPool {
+    fn new(addr: SocketAddr, settings: PoolSettings) -> Self {
+        EndpointPool {
+            addr,
+            settings,
+            h1_idle: Mutex::new(Vec::new()),
+            h2: ArcSwapOption::empty(),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sends `req` and returns the response head; the body streams on.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: http::Request<ProxyBody>,
+        version: Upstream,
+        connect_timeout: Duration,
+    ) -> Result<http::Response<Incoming>, ProxyError> {
+        match version {
+            Upstream::Http1 => self.send_h1(req, connect_timeout).await,
+            Upstream::Http2 => self.send_h2(req, connect_timeout).await,
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        req: http::Request<ProxyBody>,
+        connect_timeout: Duration,
+    ) -> Result<http::Response<Incoming>, ProxyError> {
+        let upgrade = req.headers().contains_key(http::header::UPGRADE)
+            || req.method() == http::Method::CONNECT;
+        let (mut sender, pooled) = match self.checkout_h1() {
+            Some(s) => (s, true),
+            None => (self.connect_h1(connect_timeout).await?, false),
+        };
+        let resp = match sender.try_send_request(req).await {
+            Ok(resp) => resp,
+            Err(mut e) => match e.take_message() {
+                // Never written: the pooled connection was closing. Try a new one.
+                Some(req) if pooled => {
+                    sender = self.connect_h1(connect_timeout).await?;
+                    sender.send_request(req).await.map_err(|e| {
+                        ProxyError::upstream(format!("{}: {e}", self.addr))
+                    })?
+                }
+                _ => {
+                    return Err(ProxyError::upstream(format!(
+                        "{}: {}",
+                        self.addr,
+                        e.into_error()
+                    )))
+                }
+            },
+        };
+        if !upgrade && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            // Back to the pool once this response has been read to its end.
+            let pool = Arc::downgrade(self);
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    if let Some(pool) = pool.upgrade() {
+                        pool.checkin_h1(sender);
+                    }
+                }
+            });
+        }
+        Ok(resp)
+    }
+
+    fn checkout_h1(&self) -> Option<http1::SendRequest<ProxyBody>> {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(c) = idle.pop() {
+            if c.sender.is_ready() && c.since.elapsed() < MAX_IDLE_AGE {
+                return Some(c.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin_h1(&self, sender: http1::SendRequest<ProxyBody>) {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.settings.max_idle_per_endpoint {
+            idle.push(IdleH1 {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect_h1(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<http1::SendRequest<ProxyBody>, ProxyError> {
+        let io = connect(self.addr, connect_timeout).await?;
+        let (sender, conn) = http1::Builder::new()
+            .max_buf_size(self.settings.max_header_bytes.max(crate::config::MIN_HEADER_BYTES))
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::connect(format!("{}: handshake: {e}", self.addr)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream http/1 connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send_h2(
+        &self,
+        req: http::Request<ProxyBody>,
+        connect_timeout: Duration,
+    ) -> Result<http::Response<Incoming>, ProxyError> {
+        let mut sender = self.h2_sender(connect_timeout).await?;
+        match sender.try_send_request(req).await {
+            Ok(resp) => Ok(resp),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    // The shared connection went away before the request was sent.
+                    self.h2.store(None);
+                    let mut sender = self.h2_sender(connect_timeout).await?;
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| ProxyError::upstream(format!("{}: {e}", self.addr)))
+                }
+                None => Err(ProxyError::upstream(format!(
+                    "{}: {}",
+                    self.addr,
+                    e.into_error()
+                ))),
+            },
+        }
+    }
+
+    async fn h2_sender(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<http2::SendRequest<ProxyBody>, ProxyError> {
+        if let Some(s) = self.h2.load().as_deref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        // One connection attempt at a time; the others wait for its result.
+        let _guard = self.h2_connecting.lock().await;
+        if let Some(s) = self.h2.load().as_deref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let io = connect(self.addr, connect_timeout).await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .max_header_list_size(self.settings.max_header_bytes as u32)
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::connect(format!("{}: h2 handshake: {e}", self.addr)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream h2 connection ended");
+            }
+        });
+        self.h2.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
+    }
+}
+
+/// Opens a TCP connection within `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(ProxyError::connect(format!("connect {addr}: {e}"))),
+        Err(_) => Err(ProxyError::connect(format!(
+            "connect {addr}: timed out after {timeout:?}"
+        ))),
+    }
+}

@@ -1,0 +1,169 @@
+//! HTTPRoute rules compiled for matching: path (exact, prefix by path element),
+//! headers, method; then a weighted choice among backends.
+
+use crate::mesh::{EndpointSet, SetCache};
+use http::{HeaderName, HeaderValue, Method};
+use remora_proto::policy::RouteRule;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug)]
+pub struct Rule {
+    pub name: Arc<str>,
+    matches: Vec<Match>,
+    pub backends: Backends,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug)]
+struct Match {
+    path: Option<PathMatch>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    method: Option<Method>,
+}
+
+#[derive(Debug)]
+enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+impl Rule {
+    pub fn compile(
+        rule: &RouteRule,
+        name: String,
+        namespace: &str,
+        sets: &mut SetCache<'_>,
+    ) -> Result<Rule, String> {
+        let mut matches = Vec::new();
+        for m in &rule.matches {
+            let path = m.path.as_ref().and_then(|p| match (&p.exact, &p.prefix) {
+                (Some(e), _) => Some(PathMatch::Exact(e.clone())),
+                (None, Some(p)) => Some(PathMatch::Prefix(p.clone())),
+                (None, None) => None,
+            });
+            let mut headers = Vec::new();
+            for h in &m.headers {
+                let n = HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|e| format!("{name}: header {:?}: {e}", h.name))?;
+                let v = HeaderValue::from_str(&h.value)
+                    .map_err(|e| format!("{name}: header value {:?}: {e}", h.value))?;
+                headers.push((n, v));
+            }
+            let method = match &m.method {
+                Some(s) => Some(
+                    Method::from_bytes(s.to_ascii_uppercase().as_bytes())
+                        .map_err(|e| format!("{name}: method {s:?}: {e}"))?,
+                ),
+                None => None,
+            };
+            matches.push(Match {
+                path,
+                headers,
+                method,
+            });
+        }
+        let mut list = Vec::new();
+        for b in &rule.backends {
+            let ns = b.namespace.as_deref().unwrap_or(namespace);
+            list.push((b.weight, sets.get(ns, &b.service, &b.subset)));
+        }
+        Ok(Rule {
+            name: name.into(),
+            matches,
+            backends: Backends::weighted(list),
+            timeout: rule.timeout,
+        })
+    }
+
+    /// Whether this rule selects the request. No matches selects everything.
+    pub fn matches(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(method, path, headers))
+    }
+}
+
+impl Match {
+    fn matches(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> bool {
+        if let Some(m) = &self.method {
+            if m != method {
+                return false;
+            }
+        }
+        match &self.path {
+            Some(PathMatch::Exact(p)) if p != path => return false,
+            Some(PathMatch::Prefix(p)) if !prefix_matches(p, path) => return false,
+            _ => {}
+        }
+        self.headers
+            .iter()
+            .all(|(n, v)| headers.get_all(n).iter().any(|x| x == v))
+    }
+}
+
+/// Gateway API prefix semantics: `/api` matches `/api` and `/api/x`, not `/apix`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+/// Weighted backends: cumulative weights for one random draw per request.
+#[derive(Debug)]
+pub struct Backends {
+    total: u32,
+    list: Vec<(u32, Arc<EndpointSet>)>,
+}
+
+impl Backends {
+    pub fn single(set: Arc<EndpointSet>) -> Backends {
+        Backends {
+            total: 1,
+            list: vec![(1, set)],
+        }
+    }
+
+    fn weighted(items: Vec<(u32, Arc<EndpointSet>)>) -> Backends {
+        let mut total = 0u32;
+        let mut list = Vec::with_capacity(items.len());
+        for (w, set) in items {
+            if w == 0 {
+                continue;
+            }
+            total = total.saturating_add(w);
+            list.push((total, set));
+        }
+        Backends { total, list }
+    }
+
+    /// Draws a backend by weight.
+    pub fn pick(&self) -> Option<&Arc<EndpointSet>> {
+        match self.list.len() {
+            0 => None,
+            1 => Some(&self.list[0].1),
+            _ => {
+                let r = fastrand::u32(0..self.total);
+                self.list.iter().find(|(cum, _)| r < *cum).map(|(_, s)| s)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_matches_whole_path_elements() {
+        assert!(prefix_matches("/api", "/api"));
+        assert!(prefix_matches("/api", "/api/orders"));
+        assert!(prefix_matches("/api/", "/api/orders"));
+        assert!(!prefix_matches("/api", "/apix"));
+        assert!(!prefix_matches("/api", "/"));
+        assert!(prefix_matches("/", "/anything"));
+    }
+}

@@ -1,0 +1,95 @@
+//! `remora-proxy run`: binds the listeners, starts discovery, and on SIGTERM,
+//! SIGINT or `/shutdown` leaves the mesh and drains.
+//!
+//! Drain order: mark not ready and leave discovery (peers stop picking this
+//! instance) → keep serving for `drain-delay` while that propagates → stop
+//! accepting and close connections gracefully → exit once they are done or
+//! `drain-grace` has passed.
+
+use crate::admin::{self, LogReload};
+use crate::config::Settings;
+use crate::drain::Drainer;
+use crate::state::State;
+use crate::{discovery, inbound, outbound, serve};
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tracing_subscriber::{reload, EnvFilter};
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} ({what})"))
+}
+
+fn init_logging(filter: &str) -> anyhow::Result<LogReload> {
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_new(filter).context("invalid log filter")?;
+    let (layer, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .try_init()
+        .ok();
+    Ok(Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }))
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let reload = init_logging(&settings.log)?;
+    let current_log = Arc::new(std::sync::Mutex::new(settings.log.clone()));
+    let outbound_l = bind(settings.outbound_addr, "outbound").await?;
+    let inbound_l = bind(settings.inbound_addr, "inbound").await?;
+    let admin_l = bind(settings.admin_addr, "admin").await?;
+    let health_l = bind(settings.health_addr, "health").await?;
+    tracing::info!(
+        service = %settings.service, namespace = %settings.namespace,
+        instance = %settings.instance_id,
+        outbound = %settings.outbound_addr, inbound = %settings.inbound_addr,
+        admin = %settings.admin_addr, health = %settings.health_addr,
+        "remora-proxy starting"
+    );
+    let state = State::new(settings);
+    let builder = Arc::new(serve::builder(&state.settings.limits));
+    let (drainer, drain) = Drainer::new();
+    let shutdown = Arc::new(Notify::new());
+    let (leave_tx, leave_rx) = watch::channel(false);
+
+    tokio::spawn(outbound::serve(state.clone(), builder.clone(), outbound_l, drain.clone()));
+    tokio::spawn(inbound::serve(state.clone(), builder.clone(), inbound_l, drain.clone()));
+    tokio::spawn(admin::serve_health(state.clone(), health_l));
+    tokio::spawn(admin::serve_admin(
+        state.clone(),
+        admin_l,
+        shutdown.clone(),
+        reload,
+        current_log,
+    ));
+    tokio::spawn(discovery::run(state.clone(), leave_rx));
+    drop(drain);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let why = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = shutdown.notified() => "/shutdown",
+    };
+    let s = &state.settings;
+    tracing::info!(reason = why, delay = ?s.drain_delay, grace = ?s.drain_grace, "draining");
+    state.set_draining();
+    let _ = leave_tx.send(true);
+    tokio::time::sleep(s.drain_delay).await;
+    let left = drainer.drain(s.drain_grace).await;
+    if left > 0 {
+        tracing::warn!(connections = left, "grace period over; closing what is left");
+    } else {
+        tracing::info!("drained");
+    }
+    drop(leave_tx);
+    Ok(())
+}

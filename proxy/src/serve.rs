@@ -1,0 +1,74 @@
+//! Serving one downstream HTTP connection (HTTP/1.1 or HTTP/2, told apart by
+//! hyper's auto builder) with the proxy's limits, the idle timeout and graceful
+//! drain.
+
+use crate::body::ProxyBody;
+use crate::config::Limits;
+use crate::drain::Drain;
+use crate::io::{Activity, Tracked};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub type Builder = auto::Builder<TokioExecutor>;
+
+/// The HTTP server settings every listener uses.
+pub fn builder(limits: &Limits) -> Builder {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    b
+}
+
+/// Serves `io` until the client is done, the connection is idle for
+/// `idle_timeout`, or a drain finishes it gracefully.
+pub async fn serve_http<I, F, Fut>(
+    builder: &Builder,
+    io: I,
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+    mut drain: Drain,
+    handler: F,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req| {
+        let fut = handler(req);
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let io = TokioIo::new(Tracked::new(io, activity.clone()));
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        }
+        _ = drain.signaled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+        _ = activity.idle(idle_timeout) => {
+            tracing::debug!(?idle_timeout, "closing idle http connection");
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! What every part of the running proxy shares: the settings, the current
+//! compiled mesh (swapped atomically on each snapshot), the connection pools
+//! and the readiness flags.
+
+use crate::config::Settings;
+use crate::mesh::Mesh;
+use crate::pool::{EndpointPool, PoolSettings, Pools};
+use arc_swap::ArcSwap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub struct State {
+    pub settings: Settings,
+    pub mesh: ArcSwap<Mesh>,
+    pub pools: Arc<Pools>,
+    /// The pool to the local application in explicit mode (127.0.0.1:app-port).
+    pub app_pool: Option<Arc<EndpointPool>>,
+    has_snapshot: AtomicBool,
+    draining: AtomicBool,
+    control_plane_connected: AtomicBool,
+}
+
+impl State {
+    pub fn new(settings: Settings) -> Arc<State> {
+        let pools = Pools::new(PoolSettings {
+            max_idle_per_endpoint: settings.limits.pool_max_idle,
+            max_header_bytes: settings.limits.max_header_bytes,
+        });
+        let app_pool = settings
+            .app_port
+            .map(|p| pools.get(SocketAddr::from((Ipv4Addr::LOCALHOST, p))));
+        Arc::new(State {
+            settings,
+            mesh: ArcSwap::from_pointee(Mesh::empty()),
+            pools,
+            app_pool,
+            has_snapshot: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            control_plane_connected: AtomicBool::new(false),
+        })
+    }
+
+    /// Installs a compiled snapshot; from now on the proxy may be ready.
+    pub fn install(&self, mesh: Mesh) {
+        self.mesh.store(Arc::new(mesh));
+        self.has_snapshot.store(true, Ordering::Release);
+    }
+
+    /// Ready: holds a snapshot and is not draining.
+    pub fn is_ready(&self) -> bool {
+        self.has_snapshot.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn set_control_plane_connected(&self, up: bool) {
+        self.control_plane_connected.store(up, Ordering::Release);
+    }
+
+    pub fn control_plane_connected(&self) -> bool {
+        self.control_plane_connected.load(Ordering::Acquire)
+    }
+}
