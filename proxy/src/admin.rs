@@ -23,8 +23,10 @@ type Reply = Response<Full<Bytes>>;
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
     r
 }
 
@@ -127,11 +129,13 @@ pub async fn serve_admin(
                     let endpoints: Vec<serde_json::Value> = snap
                         .endpoints
                         .iter()
-                        .map(|e| serde_json::json!({
-                            "service": e.service, "namespace": e.namespace,
-                            "instance_id": e.instance_id, "address": e.address,
-                            "labels": e.labels, "identity": e.identity,
-                        }))
+                        .map(|e| {
+                            serde_json::json!({
+                                "service": e.service, "namespace": e.namespace,
+                                "instance_id": e.instance_id, "address": e.address,
+                                "labels": e.labels, "identity": e.identity,
+                            })
+                        })
                         .collect();
                     let body = serde_json::json!({
                         "version": mesh.version,

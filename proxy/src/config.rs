@@ -31,7 +31,12 @@ pub struct RunArgs {
     #[arg(long, env = "REMORA_NAMESPACE")]
     pub namespace: Option<String>,
     /// Endpoint labels, such as version=v2 (repeatable).
-    #[arg(long = "label", value_name = "K=V", env = "REMORA_LABELS", value_delimiter = ',')]
+    #[arg(
+        long = "label",
+        value_name = "K=V",
+        env = "REMORA_LABELS",
+        value_delimiter = ','
+    )]
     #[serde(default)]
     pub labels: Vec<String>,
     /// A unique id for this instance (default: service-random).
@@ -212,7 +217,11 @@ impl Settings {
             bail!("--service is required (or REMORA_SERVICE)");
         };
         let namespace = pick!(namespace).unwrap_or_else(|| "default".into());
-        let labels_raw = if a.labels.is_empty() { f.labels } else { a.labels };
+        let labels_raw = if a.labels.is_empty() {
+            f.labels
+        } else {
+            a.labels
+        };
         let mut labels = Vec::new();
         for l in labels_raw {
             let Some((k, v)) = l.split_once('=') else {
@@ -220,13 +229,12 @@ impl Settings {
             };
             labels.push((k.trim().to_string(), v.trim().to_string()));
         }
-        let instance_id = pick!(instance_id)
-            .unwrap_or_else(|| format!("{service}-{:08x}", fastrand::u32(..)));
+        let instance_id =
+            pick!(instance_id).unwrap_or_else(|| format!("{service}-{:08x}", fastrand::u32(..)));
         let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         Ok(Settings {
-            control_plane: pick!(control_plane)
-                .unwrap_or_else(|| "http://127.0.0.1:15012".into()),
+            control_plane: pick!(control_plane).unwrap_or_else(|| "http://127.0.0.1:15012".into()),
             service,
             namespace,
             labels,

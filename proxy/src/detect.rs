@@ -15,7 +15,14 @@ pub enum Detected {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const METHODS: &[&[u8]] = &[
-    b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"OPTIONS ", b"PATCH ", b"CONNECT ",
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
     b"TRACE ",
 ];
 /// Enough for the HTTP/2 preface and the longest method.
@@ -80,7 +87,10 @@ mod tests {
     fn classifies_prefixes() {
         assert_eq!(classify(b"GET / HTTP/1.1"), Some(Detected::Http1));
         assert_eq!(classify(b"GE"), None);
-        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), Some(Detected::Http2));
+        assert_eq!(
+            classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Some(Detected::Http2)
+        );
         assert_eq!(classify(b"PRI * HTTP"), None);
         assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Opaque));
         assert_eq!(classify(b"*1\r\n$4\r\nPING"), Some(Detected::Opaque));
@@ -90,7 +100,9 @@ mod tests {
     async fn a_silent_client_is_opaque_after_the_timeout() {
         let (_client, mut server) = tokio::io::duplex(64);
         let start = std::time::Instant::now();
-        let (d, b) = detect(&mut server, Duration::from_millis(100)).await.unwrap();
+        let (d, b) = detect(&mut server, Duration::from_millis(100))
+            .await
+            .unwrap();
         assert_eq!(d, Detected::Opaque);
         assert!(b.is_empty());
         assert!(start.elapsed() >= Duration::from_millis(100));

@@ -25,7 +25,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff { attempt: 0, base, max }
+        Backoff {
+            attempt: 0,
+            base,
+            max,
+        }
     }
 
     pub fn next_delay(&mut self) -> Duration {
@@ -99,7 +103,9 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
         .await
         .map_err(|_| Session::Failed("stream closed".into()))?;
     if *leave.borrow() {
-        let _ = tx.send(send(discovery_request::Kind::Deregister(Deregister {}))).await;
+        let _ = tx
+            .send(send(discovery_request::Kind::Deregister(Deregister {})))
+            .await;
     }
     let mut snapshots = client
         .stream(ReceiverStream::new(rx))
@@ -164,7 +170,9 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         for n in 0..20 {
             let d = b.next_delay();
-            let cap = Duration::from_millis(100).saturating_mul(1 << n.min(16)).min(Duration::from_secs(10));
+            let cap = Duration::from_millis(100)
+                .saturating_mul(1 << n.min(16))
+                .min(Duration::from_secs(10));
             assert!(d <= cap, "attempt {n}: {d:?} > {cap:?}");
         }
         b.reset();

@@ -133,7 +133,10 @@ pub fn local_response(cause: Cause, grpc: bool, detail: &str) -> Response<ProxyB
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        h.insert("grpc-status", HeaderValue::from(u16::from(cause.grpc_code())));
+        h.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(cause.grpc_code())),
+        );
         if let Ok(v) = HeaderValue::from_str(&grpc_message(cause, detail)) {
             h.insert("grpc-message", v);
         }

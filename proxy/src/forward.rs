@@ -66,8 +66,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// `Connection: upgrade` are put back.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if let Some(conn) = headers.get(header::CONNECTION) {
-        if conn.as_bytes().contains(&b',') || !conn.as_bytes().eq_ignore_ascii_case(b"close")
-        {
+        if conn.as_bytes().contains(&b',') || !conn.as_bytes().eq_ignore_ascii_case(b"close") {
             let listed: Vec<HeaderName> = headers
                 .get_all(header::CONNECTION)
                 .iter()
@@ -170,7 +169,10 @@ mod tests {
     #[test]
     fn strips_listed_and_standard_hop_by_hop_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));

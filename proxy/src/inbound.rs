@@ -27,7 +27,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Accepts inbound connections until the drain starts.
-pub async fn serve(state: Arc<State>, builder: Arc<Builder>, listener: TcpListener, mut drain: Drain) {
+pub async fn serve(
+    state: Arc<State>,
+    builder: Arc<Builder>,
+    listener: TcpListener,
+    mut drain: Drain,
+) {
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -50,7 +55,9 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
     let (app, pool) = match intercept::redirected_destination(&stream) {
         Some(dst) => (dst, state.pools.get(dst)),
         None => match (state.settings.app_port, &state.app_pool) {
-            (Some(port), Some(pool)) => (SocketAddr::from((Ipv4Addr::LOCALHOST, port)), pool.clone()),
+            (Some(port), Some(pool)) => {
+                (SocketAddr::from((Ipv4Addr::LOCALHOST, port)), pool.clone())
+            }
             _ => {
                 tracing::warn!("inbound connection but no --app-port and not redirected; closing");
                 return;
@@ -85,7 +92,11 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
     }
 }
 
-async fn handle(state: Arc<State>, app: Arc<EndpointPool>, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn handle(
+    state: Arc<State>,
+    app: Arc<EndpointPool>,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let grpc = is_grpc(&req);
     let limits = &state.settings.limits;
     let result = match check_framing(&req) {

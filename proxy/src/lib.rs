@@ -11,6 +11,7 @@ pub mod drain;
 pub mod error;
 pub mod forward;
 pub mod inbound;
+pub mod init;
 pub mod intercept;
 pub mod io;
 pub mod mesh;

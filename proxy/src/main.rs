@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Run the proxy beside an application.
     Run(Box<RunArgs>),
+    /// Install the iptables interception rules in this network namespace (init container).
+    Init(remora_proxy::init::InitArgs),
     /// Block until the local proxy answers /ready (for an app's entrypoint).
     WaitReady {
         /// The proxy's health address.
@@ -30,7 +32,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -40,6 +45,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => Settings::resolve(*args)
             .and_then(|settings| rt.block_on(remora_proxy::run::run(settings))),
+        Command::Init(args) => remora_proxy::init::init(&args),
         Command::WaitReady { health, timeout } => rt.block_on(wait_ready(&health, timeout)),
     };
     match result {

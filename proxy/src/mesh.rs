@@ -63,7 +63,10 @@ pub struct Service {
 
 impl Service {
     pub fn protocol(&self, port: u16) -> Option<Protocol> {
-        self.ports.iter().find(|p| p.port == port).map(|p| p.protocol)
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .map(|p| p.protocol)
     }
 }
 
@@ -119,7 +122,11 @@ impl Mesh {
     /// The protocol this proxy's own service declares for `port` (inbound).
     pub fn local_protocol(&self, port: u16) -> Option<Protocol> {
         let local = self.local.as_ref()?;
-        if let Some(p) = local.ports.iter().find(|p| p.target() == port || p.port == port) {
+        if let Some(p) = local
+            .ports
+            .iter()
+            .find(|p| p.target() == port || p.port == port)
+        {
             return Some(p.protocol);
         }
         None
@@ -128,11 +135,7 @@ impl Mesh {
     /// Compiles a snapshot. An invalid policy document fails the whole snapshot
     /// (the proxy NACKs it and keeps the previous one); an endpoint with an
     /// unusable address is skipped with a warning.
-    pub fn compile(
-        snapshot: Snapshot,
-        own: (&str, &str),
-        pools: &Pools,
-    ) -> Result<Mesh, String> {
+    pub fn compile(snapshot: Snapshot, own: (&str, &str), pools: &Pools) -> Result<Mesh, String> {
         let (own_ns, own_name) = own;
         let mut docs: BTreeMap<Kind, Vec<Document>> = BTreeMap::new();
         for r in &snapshot.resources {
@@ -163,7 +166,11 @@ impl Mesh {
                     addr,
                     instance_id: e.instance_id.clone(),
                     identity: e.identity.clone(),
-                    labels: e.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                    labels: e
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                     pool: pools.get(addr),
                 }));
         }
@@ -226,7 +233,9 @@ impl Mesh {
             let (ns, name) = (&key.0, &key.1);
             let mut rules = Vec::new();
             for d in routes.get(&key).into_iter().flatten() {
-                let Spec::HttpRoute(r) = &d.spec else { continue };
+                let Spec::HttpRoute(r) = &d.spec else {
+                    continue;
+                };
                 for (i, rule) in r.rules.iter().enumerate() {
                     let rule_name = rule
                         .name
@@ -252,7 +261,9 @@ impl Mesh {
                 mesh.hosts.insert(host, svc.clone());
             }
             if ns == own_ns {
-                mesh.hosts.entry(name.clone()).or_insert_with(|| svc.clone());
+                mesh.hosts
+                    .entry(name.clone())
+                    .or_insert_with(|| svc.clone());
             }
             for ip in addresses.get(&key).into_iter().flatten() {
                 for p in &svc.ports {

@@ -37,7 +37,12 @@ enum Target {
 }
 
 /// Accepts outbound connections until the drain starts.
-pub async fn serve(state: Arc<State>, builder: Arc<Builder>, listener: TcpListener, mut drain: Drain) {
+pub async fn serve(
+    state: Arc<State>,
+    builder: Arc<Builder>,
+    listener: TcpListener,
+    mut drain: Drain,
+) {
     loop {
         tokio::select! {
             r = listener.accept() => match r {
@@ -61,7 +66,15 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, stream: TcpStream,
     let Some(dst) = intercept::redirected_destination(&stream) else {
         let st = state.clone();
         let handler = move |req| handle(st.clone(), Target::ByHost, req);
-        serve_http(&builder, stream, activity, limits.idle_timeout, drain, handler).await;
+        serve_http(
+            &builder,
+            stream,
+            activity,
+            limits.idle_timeout,
+            drain,
+            handler,
+        )
+        .await;
         return;
     };
     // Transparent: the application dialled `dst`, iptables sent it here.
@@ -78,7 +91,15 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, stream: TcpStream,
         Some(_) => {
             let st = state.clone();
             let handler = move |req| handle(st.clone(), target.clone(), req);
-            serve_http(&builder, stream, activity, limits.idle_timeout, drain, handler).await;
+            serve_http(
+                &builder,
+                stream,
+                activity,
+                limits.idle_timeout,
+                drain,
+                handler,
+            )
+            .await;
         }
         None => {
             let mut stream = stream;
@@ -94,7 +115,7 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, stream: TcpStream,
                 relay_to_service(&state, io, activity, &svc).await;
             } else {
                 let st = state.clone();
-            let handler = move |req| handle(st.clone(), target.clone(), req);
+                let handler = move |req| handle(st.clone(), target.clone(), req);
                 serve_http(&builder, io, activity, limits.idle_timeout, drain, handler).await;
             }
         }
@@ -130,7 +151,10 @@ async fn route_and_forward(
             let authority = authority(&req)
                 .ok_or_else(|| ProxyError::new(Cause::BadRequest, "no Host or :authority"))?;
             mesh.by_host(authority).ok_or_else(|| {
-                ProxyError::new(Cause::NoEndpoints, format!("no service for host {authority}"))
+                ProxyError::new(
+                    Cause::NoEndpoints,
+                    format!("no service for host {authority}"),
+                )
             })?
         }
         Target::Service(fqdn) => mesh.by_host(fqdn).ok_or_else(|| {
@@ -145,17 +169,17 @@ async fn route_and_forward(
             .iter()
             .find(|r| r.matches(req.method(), req.uri().path(), req.headers()))
             .ok_or_else(|| {
-                ProxyError::new(Cause::NoEndpoints, format!("no route of {} matches", svc.fqdn))
+                ProxyError::new(
+                    Cause::NoEndpoints,
+                    format!("no route of {} matches", svc.fqdn),
+                )
             })?;
         (&rule.backends, rule.timeout)
     };
     // Balance.
-    let endpoint = backends
-        .pick()
-        .and_then(|set| set.pick())
-        .ok_or_else(|| {
-            ProxyError::new(Cause::NoEndpoints, format!("no endpoints for {}", svc.fqdn))
-        })?;
+    let endpoint = backends.pick().and_then(|set| set.pick()).ok_or_else(|| {
+        ProxyError::new(Cause::NoEndpoints, format!("no endpoints for {}", svc.fqdn))
+    })?;
     // Connect and forward, within the route's timeout.
     let limits = &state.settings.limits;
     let connect_timeout = svc.connect_timeout.unwrap_or(limits.connect_timeout);
@@ -188,7 +212,10 @@ async fn connect_tunnel(
         .ok_or_else(|| ProxyError::new(Cause::BadRequest, "CONNECT without a target"))?
         .to_string();
     let svc = mesh.by_host(&authority).ok_or_else(|| {
-        ProxyError::new(Cause::NoEndpoints, format!("no service for host {authority}"))
+        ProxyError::new(
+            Cause::NoEndpoints,
+            format!("no service for host {authority}"),
+        )
     })?;
     let endpoint = pick_any(svc)?;
     let limits = &state.settings.limits;
@@ -215,10 +242,9 @@ async fn connect_tunnel(
 }
 
 fn pick_any(svc: &Service) -> Result<&Arc<Endpoint>, ProxyError> {
-    svc.all
-        .pick()
-        .and_then(|s| s.pick())
-        .ok_or_else(|| ProxyError::new(Cause::NoEndpoints, format!("no endpoints for {}", svc.fqdn)))
+    svc.all.pick().and_then(|s| s.pick()).ok_or_else(|| {
+        ProxyError::new(Cause::NoEndpoints, format!("no endpoints for {}", svc.fqdn))
+    })
 }
 
 /// Opaque TCP to an endpoint of `svc`.

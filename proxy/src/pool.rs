@@ -82,7 +82,9 @@ pub struct EndpointPool {
 
 impl std::fmt::Debug for EndpointPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EndpointPool").field("addr", &self.addr).finish()
+        f.debug_struct("EndpointPool")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -131,9 +133,10 @@ impl EndpointPool {
                 // Never written: the pooled connection was closing. Try a new one.
                 Some(req) if pooled => {
                     sender = self.connect_h1(connect_timeout).await?;
-                    sender.send_request(req).await.map_err(|e| {
-                        ProxyError::upstream(format!("{}: {e}", self.addr))
-                    })?
+                    sender
+                        .send_request(req)
+                        .await
+                        .map_err(|e| ProxyError::upstream(format!("{}: {e}", self.addr)))?
                 }
                 _ => {
                     return Err(ProxyError::upstream(format!(
@@ -184,7 +187,11 @@ impl EndpointPool {
     ) -> Result<http1::SendRequest<ProxyBody>, ProxyError> {
         let io = connect(self.addr, connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
-            .max_buf_size(self.settings.max_header_bytes.max(crate::config::MIN_HEADER_BYTES))
+            .max_buf_size(
+                self.settings
+                    .max_header_bytes
+                    .max(crate::config::MIN_HEADER_BYTES),
+            )
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::connect(format!("{}: handshake: {e}", self.addr)))?;

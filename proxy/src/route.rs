@@ -78,7 +78,11 @@ impl Rule {
 
     /// Whether this rule selects the request. No matches selects everything.
     pub fn matches(&self, method: &Method, path: &str, headers: &http::HeaderMap) -> bool {
-        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(method, path, headers))
+        self.matches.is_empty()
+            || self
+                .matches
+                .iter()
+                .any(|m| m.matches(method, path, headers))
     }
 }
 

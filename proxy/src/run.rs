@@ -59,8 +59,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let shutdown = Arc::new(Notify::new());
     let (leave_tx, leave_rx) = watch::channel(false);
 
-    tokio::spawn(outbound::serve(state.clone(), builder.clone(), outbound_l, drain.clone()));
-    tokio::spawn(inbound::serve(state.clone(), builder.clone(), inbound_l, drain.clone()));
+    tokio::spawn(outbound::serve(
+        state.clone(),
+        builder.clone(),
+        outbound_l,
+        drain.clone(),
+    ));
+    tokio::spawn(inbound::serve(
+        state.clone(),
+        builder.clone(),
+        inbound_l,
+        drain.clone(),
+    ));
     tokio::spawn(admin::serve_health(state.clone(), health_l));
     tokio::spawn(admin::serve_admin(
         state.clone(),
@@ -86,7 +96,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::time::sleep(s.drain_delay).await;
     let left = drainer.drain(s.drain_grace).await;
     if left > 0 {
-        tracing::warn!(connections = left, "grace period over; closing what is left");
+        tracing::warn!(
+            connections = left,
+            "grace period over; closing what is left"
+        );
     } else {
         tracing::info!("drained");
     }

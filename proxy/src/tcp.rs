@@ -57,7 +57,10 @@ mod tests {
         client.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"pong");
         // Then silence: the relay gives up after the idle timeout.
-        let r = tokio::time::timeout(Duration::from_secs(2), task).await.unwrap().unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
     }
 }

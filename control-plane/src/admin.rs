@@ -1,0 +1,264 @@
+//! The `remora.v1.Admin` gRPC service: apply, get, delete, history, diff,
+//! rollback and status. Authentication is the [`crate::auth::AdminAuth`]
+//! interceptor in front of it.
+//!
+//! Every change is validated whole, committed durably, and only then published
+//! to the proxies and answered.
+
+use crate::changes::{self, Plan};
+use crate::registry::{resources_of, Registry};
+use crate::store::{HistoryRecord, Store, StoreError};
+use remora_proto::policy::{parse_documents, Document, Kind, ResourceKey};
+use remora_proto::v1::admin_server::Admin;
+use remora_proto::v1::{
+    ApplyRequest, ApplyResponse, DeleteRequest, DiffRequest, DiffResponse, GetRequest, GetResponse,
+    HistoryEntry, HistoryRequest, HistoryResponse, RollbackRequest, StatusRequest, StatusResponse,
+};
+use std::sync::Arc;
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+
+/// The Admin service. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    store: Arc<Mutex<Store>>,
+    registry: Arc<Registry>,
+}
+
+impl AdminService {
+    pub fn new(store: Arc<Mutex<Store>>, registry: Arc<Registry>) -> AdminService {
+        AdminService { store, registry }
+    }
+
+    /// Runs `f` on the store, on the blocking pool (redb reads and fsyncs block),
+    /// with the store locked so that changes are serialized. A change finishes
+    /// and is published even if the caller goes away meanwhile.
+    async fn with_store<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store, &Registry) -> Result<T, Status> + Send + 'static,
+    {
+        let mut store = self.store.clone().lock_owned().await;
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || f(&mut store, &registry))
+            .await
+            .map_err(|e| Status::internal(format!("policy store task failed: {e}")))?
+    }
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::UnknownVersion(_) => Status::not_found(e.to_string()),
+        other => {
+            tracing::error!(error = %other, "policy store failure");
+            Status::internal(other.to_string())
+        }
+    }
+}
+
+fn parse_kind(kind: &str) -> Result<Kind, Status> {
+    Kind::parse(kind).ok_or_else(|| {
+        Status::invalid_argument(format!(
+            "unknown kind {kind:?} (one of {})",
+            Kind::ALL.map(Kind::as_str).join(", ")
+        ))
+    })
+}
+
+/// Commits a plan as a new version and publishes it; answers the current
+/// version unchanged when the plan changes nothing.
+fn commit(
+    store: &mut Store,
+    registry: &Registry,
+    action: &str,
+    plan: Plan,
+) -> Result<ApplyResponse, Status> {
+    if !plan.changed {
+        return Ok(ApplyResponse {
+            version: store.version(),
+            changed: false,
+            results: plan.results,
+        });
+    }
+    let version = store
+        .commit(action, &plan.summary, plan.state)
+        .map_err(store_status)?;
+    registry.set_policy(version, &store.current());
+    tracing::info!(version, action, summary = %plan.summary, "policy changed");
+    Ok(ApplyResponse {
+        version,
+        changed: true,
+        results: plan.results,
+    })
+}
+
+fn history_entry(r: HistoryRecord) -> HistoryEntry {
+    HistoryEntry {
+        version: r.version,
+        timestamp_unix_ms: r.timestamp_unix_ms,
+        action: r.action,
+        summary: r.summary,
+        resource_count: r.resource_count,
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn apply(
+        &self,
+        request: Request<ApplyRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        let ApplyRequest { files, dry_run } = request.into_inner();
+        if files.is_empty() {
+            return Err(Status::invalid_argument("apply: no files given"));
+        }
+        let mut docs: Vec<(String, Document)> = Vec::new();
+        for file in &files {
+            let parsed = parse_documents(&file.name, &file.content)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            docs.extend(parsed.into_iter().map(|d| (file.name.clone(), d)));
+        }
+        if docs.is_empty() {
+            let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+            return Err(Status::invalid_argument(format!(
+                "no documents in {}",
+                names.join(", ")
+            )));
+        }
+        let response = self
+            .with_store(move |store, registry| {
+                let plan = changes::plan_apply(&store.current(), &docs)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                if dry_run {
+                    // `changed` tells whether the apply would change anything.
+                    return Ok(ApplyResponse {
+                        version: store.version(),
+                        changed: plan.changed,
+                        results: plan.results,
+                    });
+                }
+                commit(store, registry, "apply", plan)
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let req = request.into_inner();
+        let kind = match req.kind.as_str() {
+            "" => None,
+            k => Some(parse_kind(k)?),
+        };
+        let response = self
+            .with_store(move |store, _| {
+                let version = if req.version == 0 {
+                    store.version()
+                } else {
+                    req.version
+                };
+                let state = store.state_at(version).map_err(store_status)?;
+                let selected: crate::store::State = state
+                    .iter()
+                    .filter(|(key, _)| {
+                        kind.is_none_or(|k| key.kind == k)
+                            && (req.name.is_empty() || key.name == req.name)
+                            && (req.namespace.is_empty() || key.namespace == req.namespace)
+                    })
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                Ok(GetResponse {
+                    version,
+                    resources: resources_of(&selected),
+                })
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<DeleteRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        let req = request.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("delete: a name is required"));
+        }
+        let key = ResourceKey {
+            kind: parse_kind(&req.kind)?,
+            namespace: if req.namespace.is_empty() {
+                "default".to_string()
+            } else {
+                req.namespace
+            },
+            name: req.name,
+        };
+        let response = self
+            .with_store(move |store, registry| {
+                let plan = changes::plan_delete(&store.current(), &key)
+                    .ok_or_else(|| Status::not_found(format!("{key} not found")))?;
+                commit(store, registry, "delete", plan)
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn history(
+        &self,
+        _request: Request<HistoryRequest>,
+    ) -> Result<Response<HistoryResponse>, Status> {
+        let records = self
+            .with_store(|store, _| store.history().map_err(store_status))
+            .await?;
+        Ok(Response::new(HistoryResponse {
+            entries: records.into_iter().map(history_entry).collect(),
+        }))
+    }
+
+    /// Version 0 is the empty state, so `diff 0 N` shows all of version N.
+    async fn diff(&self, request: Request<DiffRequest>) -> Result<Response<DiffResponse>, Status> {
+        let DiffRequest {
+            from_version,
+            to_version,
+        } = request.into_inner();
+        let diff = self
+            .with_store(move |store, _| {
+                let from = store.state_at(from_version).map_err(store_status)?;
+                let to = store.state_at(to_version).map_err(store_status)?;
+                Ok(changes::unified_diff(from_version, &from, to_version, &to))
+            })
+            .await?;
+        Ok(Response::new(DiffResponse { diff }))
+    }
+
+    async fn rollback(
+        &self,
+        request: Request<RollbackRequest>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        let version = request.into_inner().version;
+        if version == 0 {
+            return Err(Status::invalid_argument(
+                "rollback: a version of at least 1 is required (delete resources to empty the store)",
+            ));
+        }
+        let response = self
+            .with_store(move |store, registry| {
+                let target = store.state_at(version).map_err(store_status)?;
+                let plan = changes::plan_restore(&store.current(), &target);
+                commit(store, registry, &format!("rollback to {version}"), plan)
+            })
+            .await?;
+        Ok(Response::new(response))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        let snapshot = self.registry.current_snapshot();
+        Ok(Response::new(StatusResponse {
+            policy_version: snapshot.policy_version,
+            snapshot_version: snapshot.version.clone(),
+            proxies: self.registry.status(),
+        }))
+    }
+}

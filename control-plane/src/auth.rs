@@ -1,0 +1,149 @@
+//! Admin API authentication: a bearer token generated on the first `serve` into
+//! `<data-dir>/admin.token` (mode 0600) and checked on every Admin call.
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+/// The token file, inside the data directory.
+pub const TOKEN_FILE: &str = "admin.token";
+/// Random bytes in a token (hex-encoded on disk and on the wire).
+const TOKEN_BYTES: usize = 32;
+
+pub fn token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(TOKEN_FILE)
+}
+
+/// Reads the admin token from `data_dir`, creating it on first use.
+pub fn load_or_create_token(data_dir: &Path) -> io::Result<String> {
+    let path = token_path(data_dir);
+    match read_token(&path) {
+        Ok(token) => {
+            warn_if_readable_by_others(&path);
+            return Ok(token);
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let token = random_hex(TOKEN_BYTES)?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display())))?;
+    file.write_all(format!("{token}\n").as_bytes())?;
+    file.sync_all()?;
+    Ok(token)
+}
+
+/// Reads a token file written by [`load_or_create_token`].
+pub fn read_token(path: &Path) -> io::Result<String> {
+    let content = fs::read_to_string(path)?;
+    let token = content.trim();
+    if token.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is empty", path.display()),
+        ));
+    }
+    Ok(token.to_string())
+}
+
+fn warn_if_readable_by_others(path: &Path) {
+    if let Ok(meta) = fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "admin token file is readable by other users; chmod 600 it");
+        }
+    }
+}
+
+fn random_hex(n: usize) -> io::Result<String> {
+    let mut bytes = vec![0u8; n];
+    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Refuses every request without `authorization: Bearer <token>`.
+#[derive(Clone)]
+pub struct AdminAuth {
+    expected: String,
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminAuth { .. }")
+    }
+}
+
+impl AdminAuth {
+    pub fn new(token: &str) -> AdminAuth {
+        AdminAuth {
+            expected: format!("Bearer {token}"),
+        }
+    }
+}
+
+impl Interceptor for AdminAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(value) = request.metadata().get("authorization") else {
+            return Err(Status::unauthenticated(
+                "missing admin token (authorization: Bearer <token>)",
+            ));
+        };
+        if constant_time_eq(value.as_bytes(), self.expected.as_bytes()) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("invalid admin token"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_is_created_once_with_mode_0600_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = load_or_create_token(dir.path()).unwrap();
+        assert_eq!(token.len(), 2 * TOKEN_BYTES);
+        assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
+        let mode = fs::metadata(token_path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(load_or_create_token(dir.path()).unwrap(), token);
+    }
+
+    #[test]
+    fn the_interceptor_checks_the_bearer_token() {
+        let mut auth = AdminAuth::new("secret");
+        let mut ok = Request::new(());
+        ok.metadata_mut()
+            .insert("authorization", "Bearer secret".parse().unwrap());
+        assert!(auth.call(ok).is_ok());
+
+        let mut wrong = Request::new(());
+        wrong
+            .metadata_mut()
+            .insert("authorization", "Bearer secreT".parse().unwrap());
+        assert_eq!(
+            auth.call(wrong).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            auth.call(Request::new(())).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+    }
+}

@@ -1,0 +1,330 @@
+//! The operator's commands: each one calls the Admin API of a running control
+//! plane and prints the answer. Errors come back as [`anyhow::Error`] with a
+//! message meant for a person; `main` prints them and exits 1.
+
+use crate::auth::{read_token, token_path};
+use crate::cli::{ApplyArgs, Command, DeleteArgs, GetArgs, GlobalArgs, Output};
+use crate::output;
+use anyhow::{anyhow, bail, Context as _};
+use remora_proto::v1::admin_client::AdminClient;
+use remora_proto::v1::{
+    ApplyRequest, ApplyResponse, DeleteRequest, DiffRequest, GetRequest, HistoryRequest,
+    RollbackRequest, SourceFile, StatusRequest,
+};
+use std::io::Read as _;
+use std::path::Path;
+use std::time::Duration;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+type Client = AdminClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct BearerToken(AsciiMetadataValue);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A connected Admin client, with what error messages need to say.
+struct Admin {
+    client: Client,
+    url: String,
+}
+
+impl Admin {
+    async fn connect(global: &GlobalArgs) -> anyhow::Result<Admin> {
+        let url = crate::cli::server_url(global.server.as_deref());
+        let token = match &global.admin_token {
+            Some(token) => token.trim().to_string(),
+            None => {
+                let path = token_path(&global.data_dir);
+                read_token(&path).map_err(|e| {
+                    anyhow!(
+                        "no admin token: cannot read {}: {e} (pass --admin-token, set REMORA_ADMIN_TOKEN, or point --data-dir at the server's data directory)",
+                        path.display()
+                    )
+                })?
+            }
+        };
+        let bearer: AsciiMetadataValue = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow!("the admin token has characters that cannot be sent"))?;
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| anyhow!("invalid --server URL {url:?}: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| anyhow!("cannot reach the control plane at {url}: {}", chain(&e)))?;
+        Ok(Admin {
+            client: AdminClient::with_interceptor(channel, BearerToken(bearer)),
+            url,
+        })
+    }
+
+    /// Turns a refusal into a message for the operator.
+    fn error(&self, action: &str, status: Status) -> anyhow::Error {
+        let message = status.message();
+        match status.code() {
+            Code::InvalidArgument => anyhow!("{action} refused: {message}"),
+            Code::NotFound => anyhow!("{action}: {message}"),
+            Code::Unauthenticated => anyhow!(
+                "the control plane at {} refused the admin token: {message}",
+                self.url
+            ),
+            Code::Unavailable => {
+                anyhow!("cannot reach the control plane at {}: {message}", self.url)
+            }
+            code => anyhow!("{action} failed: {code:?}: {message}"),
+        }
+    }
+}
+
+/// An error and its sources, joined with ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Runs one operator command (everything but `serve`).
+pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
+    // Read the input first, so that a bad path fails without a connection.
+    let files = match &command {
+        Command::Apply(args) => read_sources(&args.files)?,
+        _ => Vec::new(),
+    };
+    let mut admin = Admin::connect(global).await?;
+    match command {
+        Command::Serve(_) => bail!("serve is not a client command"),
+        Command::Apply(args) => apply(&mut admin, &args, files).await,
+        Command::Get(args) => get(&mut admin, args).await,
+        Command::Delete(args) => delete(&mut admin, args).await,
+        Command::History => {
+            let response = admin.client.history(HistoryRequest {}).await;
+            let entries = response
+                .map_err(|s| admin.error("history", s))?
+                .into_inner()
+                .entries;
+            if entries.is_empty() {
+                eprintln!("no versions yet");
+            } else {
+                print!("{}", output::history_table(&entries));
+            }
+            Ok(())
+        }
+        Command::Diff { from, to } => {
+            let request = DiffRequest {
+                from_version: from,
+                to_version: to,
+            };
+            let response = admin.client.diff(request).await;
+            let diff = response
+                .map_err(|s| admin.error("diff", s))?
+                .into_inner()
+                .diff;
+            if diff.is_empty() {
+                eprintln!("versions {from} and {to} are the same");
+            } else {
+                print!("{diff}");
+            }
+            Ok(())
+        }
+        Command::Rollback { version } => {
+            let response = admin.client.rollback(RollbackRequest { version }).await;
+            let response = response
+                .map_err(|s| admin.error("rollback", s))?
+                .into_inner();
+            if response.changed {
+                println!(
+                    "rolled back to version {version} as version {}",
+                    response.version
+                );
+            } else {
+                println!(
+                    "unchanged at version {} (it equals version {version})",
+                    response.version
+                );
+            }
+            print_results(&response);
+            Ok(())
+        }
+        Command::Status => {
+            let response = admin.client.status(StatusRequest {}).await;
+            let status = response.map_err(|s| admin.error("status", s))?.into_inner();
+            println!(
+                "policy version {} (snapshot {})",
+                status.policy_version, status.snapshot_version
+            );
+            if status.proxies.is_empty() {
+                println!("no proxies connected");
+            } else {
+                print!("{}", output::status_table(&status.proxies));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn print_results(response: &ApplyResponse) {
+    for line in &response.results {
+        println!("{line}");
+    }
+}
+
+async fn apply(admin: &mut Admin, args: &ApplyArgs, files: Vec<SourceFile>) -> anyhow::Result<()> {
+    let request = ApplyRequest {
+        files,
+        dry_run: args.dry_run,
+    };
+    let response = admin.client.apply(request).await;
+    let response = response.map_err(|s| admin.error("apply", s))?.into_inner();
+    match (args.dry_run, response.changed) {
+        (true, true) => println!("dry run: valid, would change version {}", response.version),
+        (true, false) => println!("dry run: valid, unchanged at version {}", response.version),
+        (false, true) => println!("applied version {}", response.version),
+        (false, false) => println!("unchanged at version {}", response.version),
+    }
+    print_results(&response);
+    Ok(())
+}
+
+async fn get(admin: &mut Admin, args: GetArgs) -> anyhow::Result<()> {
+    let request = GetRequest {
+        kind: args.kind.clone().unwrap_or_default(),
+        name: args.name.clone().unwrap_or_default(),
+        namespace: args.namespace.clone().unwrap_or_default(),
+        version: args.version.unwrap_or(0),
+    };
+    let response = admin.client.get(request).await;
+    let response = response.map_err(|s| admin.error("get", s))?.into_inner();
+    if response.resources.is_empty() {
+        if let (Some(kind), Some(name)) = (&args.kind, &args.name) {
+            let ns = args
+                .namespace
+                .as_deref()
+                .map(|n| format!(" in namespace {n}"))
+                .unwrap_or_default();
+            bail!(
+                "{kind} {name}{ns} not found at version {}",
+                response.version
+            );
+        }
+    }
+    match args.output {
+        Output::Table if response.resources.is_empty() => {
+            eprintln!("no resources found at version {}", response.version);
+        }
+        Output::Table => print!("{}", output::resources_table(&response.resources)),
+        Output::Yaml => print!("{}", output::resources_yaml(&response.resources)),
+        Output::Json => print!("{}", output::resources_json(&response.resources)),
+    }
+    Ok(())
+}
+
+async fn delete(admin: &mut Admin, args: DeleteArgs) -> anyhow::Result<()> {
+    let request = DeleteRequest {
+        kind: args.kind,
+        name: args.name,
+        namespace: args.namespace,
+    };
+    let response = admin.client.delete(request).await;
+    let response = response.map_err(|s| admin.error("delete", s))?.into_inner();
+    println!("applied version {}", response.version);
+    print_results(&response);
+    Ok(())
+}
+
+/// Reads `-f` arguments: files, directories (their *.yaml and *.yml, sorted)
+/// and `-` for stdin.
+pub fn read_sources(args: &[String]) -> anyhow::Result<Vec<SourceFile>> {
+    let mut files = Vec::new();
+    for arg in args {
+        if arg == "-" {
+            let mut content = String::new();
+            std::io::stdin()
+                .read_to_string(&mut content)
+                .context("cannot read stdin")?;
+            files.push(SourceFile {
+                name: "<stdin>".into(),
+                content,
+            });
+            continue;
+        }
+        let path = Path::new(arg);
+        if path.is_dir() {
+            let mut found: Vec<_> = std::fs::read_dir(path)
+                .with_context(|| format!("cannot read directory {arg}"))?
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension()
+                            .is_some_and(|ext| ext == "yaml" || ext == "yml")
+                })
+                .collect();
+            if found.is_empty() {
+                bail!("no *.yaml or *.yml files in {arg}");
+            }
+            found.sort();
+            for p in found {
+                files.push(read_file(&p)?);
+            }
+        } else {
+            files.push(read_file(path)?);
+        }
+    }
+    Ok(files)
+}
+
+fn read_file(path: &Path) -> anyhow::Result<SourceFile> {
+    let content =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(SourceFile {
+        name: path.display().to_string(),
+        content,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_means_its_yaml_files_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.yml"), "b").unwrap();
+        std::fs::write(dir.path().join("a.yaml"), "a").unwrap();
+        std::fs::write(dir.path().join("c.txt"), "c").unwrap();
+        let files = read_sources(&[dir.path().display().to_string()]).unwrap();
+        let contents: Vec<_> = files.iter().map(|f| f.content.as_str()).collect();
+        assert_eq!(contents, vec!["a", "b"]);
+        assert!(files[0].name.ends_with("a.yaml"));
+    }
+
+    #[test]
+    fn missing_files_and_empty_directories_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(read_sources(&[dir.path().display().to_string()]).is_err());
+        let missing = dir.path().join("nope.yaml").display().to_string();
+        let err = read_sources(&[missing]).unwrap_err();
+        assert!(format!("{err:#}").contains("cannot read"), "{err:#}");
+    }
+}

@@ -1,0 +1,294 @@
+//! The `remora.v1.Discovery` service: one bidirectional stream per proxy.
+//!
+//! The proxy's first message registers it (and, with an address, its endpoint);
+//! the control plane answers with the current snapshot and then every new one.
+//! The proxy ACKs or NACKs each version. When the stream closes or fails —
+//! including when HTTP/2 keepalive finds the proxy gone — the proxy and its
+//! endpoint are removed.
+
+use crate::registry::{Registry, StreamId};
+use remora_proto::v1::discovery_request::Kind as RequestKind;
+use remora_proto::v1::discovery_server::Discovery;
+use remora_proto::v1::{DiscoveryRequest, Register, Snapshot};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// How long a new stream may take to send its Register.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Snapshots queued for one proxy. Pushes coalesce in the watch channel before
+/// this queue, so a slow proxy holds at most this many full snapshots.
+const OUTBOUND_QUEUE: usize = 4;
+/// The longest string field a Register may carry; longer ones are refused.
+const MAX_FIELD_LEN: usize = 1024;
+/// The most labels a Register may carry.
+const MAX_LABELS: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct DiscoveryService {
+    registry: Arc<Registry>,
+}
+
+impl DiscoveryService {
+    pub fn new(registry: Arc<Registry>) -> DiscoveryService {
+        DiscoveryService { registry }
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Checks what a proxy says about itself before it enters the registry.
+fn check_register(r: &Register) -> Result<(), Status> {
+    for (field, value) in [
+        ("service", &r.service),
+        ("namespace", &r.namespace),
+        ("instance_id", &r.instance_id),
+    ] {
+        if value.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "register.{field} is required"
+            )));
+        }
+    }
+    let too_long = [
+        &r.service,
+        &r.namespace,
+        &r.instance_id,
+        &r.address,
+        &r.proxy_version,
+        &r.running_version,
+    ]
+    .into_iter()
+    .chain(r.labels.iter().flat_map(|(k, v)| [k, v]))
+    .any(|s| s.len() > MAX_FIELD_LEN);
+    if too_long {
+        return Err(Status::invalid_argument(format!(
+            "register: a field is longer than {MAX_FIELD_LEN} bytes"
+        )));
+    }
+    if r.labels.len() > MAX_LABELS {
+        return Err(Status::invalid_argument(format!(
+            "register: more than {MAX_LABELS} labels"
+        )));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream = ReceiverStream<Result<Snapshot, Status>>;
+
+    /// Answers at once and reads the Register in the stream task, so that a
+    /// proxy may send its Register before or after the call returns. A
+    /// refused registration ends the response stream with the error.
+    async fn stream(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        tokio::spawn(accept(self.registry.clone(), request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Waits for the stream's Register and checks it.
+async fn read_register(inbound: &mut Streaming<DiscoveryRequest>) -> Result<Register, Status> {
+    let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "no Register within {}s",
+                REGISTER_TIMEOUT.as_secs()
+            ))
+        })??;
+    let register = match first.and_then(|m| m.kind) {
+        Some(RequestKind::Register(r)) => r,
+        _ => {
+            return Err(Status::invalid_argument(
+                "the first message on a discovery stream must be a Register",
+            ))
+        }
+    };
+    check_register(&register)?;
+    Ok(register)
+}
+
+/// Registers the proxy, serves it, and removes it when its stream ends.
+async fn accept(
+    registry: Arc<Registry>,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<Snapshot, Status>>,
+) {
+    let registered = tokio::select! {
+        r = read_register(&mut inbound) => r,
+        _ = registry.closed() => Err(Status::unavailable("the control plane is shutting down")),
+    };
+    let register = match registered {
+        Ok(register) => register,
+        Err(status) => {
+            tracing::warn!(error = %status.message(), "discovery stream refused");
+            let _ = tx.try_send(Err(status));
+            return;
+        }
+    };
+    tracing::info!(
+        service = %register.service,
+        namespace = %register.namespace,
+        instance = %register.instance_id,
+        address = %register.address,
+        proxy_version = %register.proxy_version,
+        "proxy registered"
+    );
+    let (id, replaced) = registry.register(register, now_unix_ms());
+    let snapshots = registry.subscribe();
+    run_stream(registry, id, inbound, tx, snapshots, replaced).await;
+}
+
+/// Serves one registered proxy until its stream ends, then removes it.
+async fn run_stream(
+    registry: Arc<Registry>,
+    id: StreamId,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<Snapshot, Status>>,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut replaced: oneshot::Receiver<()>,
+) {
+    let end = serve_proxy(
+        &registry,
+        id,
+        &mut inbound,
+        &tx,
+        &mut snapshots,
+        &mut replaced,
+    )
+    .await;
+    registry.remove(id);
+    match end {
+        End::Closed => tracing::info!(stream = id, "proxy disconnected"),
+        End::Failed(status) => {
+            tracing::info!(stream = id, error = %status.message(), "proxy stream ended with an error");
+        }
+        End::Shutdown => {
+            let _ = tx.try_send(Err(Status::unavailable(
+                "the control plane is shutting down",
+            )));
+        }
+        End::Refused(status) => {
+            tracing::warn!(stream = id, error = %status.message(), "proxy stream refused");
+            // Best effort: the proxy may already be gone.
+            let _ = tx.try_send(Err(status));
+        }
+    }
+}
+
+enum End {
+    /// The proxy closed its stream or stopped reading.
+    Closed,
+    /// The transport failed (reset, keepalive timeout...).
+    Failed(Status),
+    /// The control plane ends the stream with this status.
+    Refused(Status),
+    /// The control plane is shutting down.
+    Shutdown,
+}
+
+async fn serve_proxy(
+    registry: &Registry,
+    id: StreamId,
+    inbound: &mut Streaming<DiscoveryRequest>,
+    tx: &mpsc::Sender<Result<Snapshot, Status>>,
+    snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+    replaced: &mut oneshot::Receiver<()>,
+) -> End {
+    let closed = registry.closed();
+    tokio::pin!(closed);
+    let mut pending = Some(snapshots.borrow_and_update().clone());
+    loop {
+        if let Some(snapshot) = pending.take() {
+            // Sending waits while the proxy's queue is full; keep watching the
+            // inbound side meanwhile so that ACKs and a close are not missed.
+            tokio::select! {
+                permit = tx.reserve() => match permit {
+                    Ok(permit) => {
+                        registry.record_sent(id, &snapshot.version);
+                        permit.send(Ok((*snapshot).clone()));
+                    }
+                    Err(_) => return End::Closed,
+                },
+                msg = inbound.message() => {
+                    pending = Some(snapshot);
+                    if let Some(end) = handle_message(registry, id, msg) {
+                        return end;
+                    }
+                }
+                _ = &mut *replaced => return replaced_end(),
+                _ = &mut closed => return End::Shutdown,
+            }
+            continue;
+        }
+        tokio::select! {
+            changed = snapshots.changed() => match changed {
+                Ok(()) => pending = Some(snapshots.borrow_and_update().clone()),
+                Err(_) => return End::Shutdown,
+            },
+            msg = inbound.message() => {
+                if let Some(end) = handle_message(registry, id, msg) {
+                    return end;
+                }
+            }
+            _ = &mut *replaced => return replaced_end(),
+            _ = &mut closed => return End::Shutdown,
+            _ = tx.closed() => return End::Closed,
+        }
+    }
+}
+
+fn replaced_end() -> End {
+    End::Refused(Status::aborted(
+        "replaced by a newer registration of the same instance id",
+    ))
+}
+
+/// Applies one inbound message; `Some` ends the stream.
+fn handle_message(
+    registry: &Registry,
+    id: StreamId,
+    msg: Result<Option<DiscoveryRequest>, Status>,
+) -> Option<End> {
+    let request = match msg {
+        Ok(Some(request)) => request,
+        Ok(None) => return Some(End::Closed),
+        Err(status) => return Some(End::Failed(status)),
+    };
+    match request.kind {
+        Some(RequestKind::Ack(ack)) => {
+            if ack.ok {
+                tracing::debug!(stream = id, version = %ack.version, "snapshot acked");
+            } else {
+                tracing::warn!(stream = id, version = %ack.version, error = %ack.error, "snapshot refused (NACK)");
+            }
+            let version: String = ack.version.chars().take(MAX_FIELD_LEN).collect();
+            let error: String = ack.error.chars().take(MAX_FIELD_LEN).collect();
+            registry.record_ack(id, &version, ack.ok, &error);
+            None
+        }
+        Some(RequestKind::Deregister(_)) => {
+            tracing::info!(stream = id, "proxy deregistered its endpoint");
+            registry.deregister_endpoint(id);
+            None
+        }
+        Some(RequestKind::Register(_)) => Some(End::Refused(Status::invalid_argument(
+            "Register may only be sent once per stream",
+        ))),
+        None => Some(End::Refused(Status::invalid_argument(
+            "empty discovery request",
+        ))),
+    }
+}

@@ -1,0 +1,188 @@
+//! How the CLI shows answers: aligned tables, documents as YAML or JSON.
+
+use remora_proto::policy::{Document, Kind, API_VERSION};
+use remora_proto::v1::{HistoryEntry, ProxyStatus, Resource};
+use std::collections::HashMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+/// Columns separated by three spaces, padded to the widest cell; the last
+/// column is not padded.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let header: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(rows) {
+        let last = row.len().saturating_sub(1);
+        for (i, cell) in row.iter().enumerate() {
+            out.push_str(cell);
+            if i < last {
+                let pad = widths.get(i).copied().unwrap_or(0) - cell.chars().count();
+                out.push_str(&" ".repeat(pad + 3));
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A resource as a whole document (apiVersion, kind, metadata, spec).
+pub fn document(resource: &Resource) -> serde_json::Value {
+    let parsed = Kind::parse(&resource.kind).and_then(|kind| {
+        Document::from_parts(
+            kind,
+            &resource.namespace,
+            &resource.name,
+            &resource.spec_json,
+        )
+        .ok()
+    });
+    match parsed {
+        Some(doc) => doc.to_value(),
+        // A document the server holds but this CLI cannot validate (a newer
+        // server): show it as it is rather than hide it.
+        None => serde_json::json!({
+            "apiVersion": API_VERSION,
+            "kind": resource.kind,
+            "metadata": {"name": resource.name, "namespace": resource.namespace},
+            "spec": serde_json::from_str::<serde_json::Value>(&resource.spec_json)
+                .unwrap_or_else(|_| serde_json::Value::String(resource.spec_json.clone())),
+        }),
+    }
+}
+
+pub fn resources_table(resources: &[Resource]) -> String {
+    let rows: Vec<Vec<String>> = resources
+        .iter()
+        .map(|r| vec![r.kind.clone(), r.namespace.clone(), r.name.clone()])
+        .collect();
+    table(&["KIND", "NAMESPACE", "NAME"], &rows)
+}
+
+pub fn resources_yaml(resources: &[Resource]) -> String {
+    let docs: Vec<serde_json::Value> = resources.iter().map(document).collect();
+    crate::changes::render_yaml(&docs)
+}
+
+pub fn resources_json(resources: &[Resource]) -> String {
+    let docs: Vec<serde_json::Value> = resources.iter().map(document).collect();
+    serde_json::to_string_pretty(&docs).unwrap_or_else(|_| "[]".into()) + "\n"
+}
+
+fn rfc3339(unix_ms: i64) -> String {
+    let Ok(ms) = u64::try_from(unix_ms) else {
+        return "-".into();
+    };
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+pub fn history_table(entries: &[HistoryEntry]) -> String {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            vec![
+                e.version.to_string(),
+                rfc3339(e.timestamp_unix_ms),
+                e.action.clone(),
+                e.resource_count.to_string(),
+                e.summary.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["VERSION", "TIME", "ACTION", "RESOURCES", "SUMMARY"],
+        &rows,
+    )
+}
+
+fn labels(labels: &HashMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    pairs.join(",")
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+pub fn status_table(proxies: &[ProxyStatus]) -> String {
+    let rows: Vec<Vec<String>> = proxies
+        .iter()
+        .map(|p| {
+            let nack = if p.last_nack_version.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{} ({})", p.last_nack_version, p.last_nack_error)
+            };
+            let address = if p.endpoint_registered || p.address.is_empty() {
+                or_dash(&p.address)
+            } else {
+                format!("{} (deregistered)", p.address)
+            };
+            vec![
+                p.service.clone(),
+                p.namespace.clone(),
+                p.instance_id.clone(),
+                address,
+                labels(&p.labels),
+                or_dash(&p.acked_version),
+                nack,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SERVICE",
+            "NAMESPACE",
+            "INSTANCE",
+            "ADDRESS",
+            "LABELS",
+            "ACKED",
+            "NACK",
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_are_aligned() {
+        let t = table(
+            &["A", "BB"],
+            &[vec!["xxx".into(), "y".into()], vec!["z".into(), "".into()]],
+        );
+        assert_eq!(t, "A     BB\nxxx   y\nz     \n");
+    }
+
+    #[test]
+    fn resources_render_as_whole_documents() {
+        let r = Resource {
+            kind: "Service".into(),
+            namespace: "shop".into(),
+            name: "backend".into(),
+            spec_json: r#"{"ports":[{"port":8080,"protocol":"http"}]}"#.into(),
+        };
+        let doc = document(&r);
+        assert_eq!(doc["apiVersion"], API_VERSION);
+        assert_eq!(doc["metadata"]["namespace"], "shop");
+        assert_eq!(doc["spec"]["ports"][0]["port"], 8080);
+        let yaml = resources_yaml(&[r.clone(), r]);
+        assert_eq!(yaml.matches("---").count(), 1);
+    }
+}

@@ -1,0 +1,246 @@
+//! The `remora-control` binary as an operator runs it, against an in-process
+//! control plane: output, exit codes and error messages.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Stdio;
+use tokio::io::AsyncWriteExt;
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn run(args: &[&str], stdin: Option<&str>) -> Out {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_remora-control"));
+    cmd.args(args)
+        .env_remove("REMORA_CONTROL_PLANE")
+        .env_remove("REMORA_ADMIN_TOKEN")
+        .env_remove("REMORA_DATA_DIR")
+        .env_remove("REMORA_LOG")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).await.unwrap();
+    }
+    drop(input);
+    let output = child.wait_with_output().await.unwrap();
+    Out {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn dir_arg(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_get_history_diff_rollback_and_status() {
+    let data = tempfile::tempdir().unwrap();
+    let running = start_in(data.path()).await;
+    // A bare host:port works as --server; the token comes from --data-dir.
+    let server = running.grpc_addr.to_string();
+    let data_dir = dir_arg(data.path());
+    let base = ["--server", server.as_str(), "--data-dir", data_dir.as_str()];
+    let cli = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let run_cli = |extra: &[&str], stdin: Option<&'static str>| {
+        let args = cli(extra);
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&refs, stdin).await
+        }
+    };
+
+    let policies = tempfile::tempdir().unwrap();
+    std::fs::write(policies.path().join("1-service.yaml"), SERVICE).unwrap();
+    std::fs::write(policies.path().join("2-route.yml"), ROUTE).unwrap();
+    std::fs::write(policies.path().join("README.md"), "not policy").unwrap();
+    let policy_dir = dir_arg(policies.path());
+
+    let out = run_cli(&["apply", "--dry-run", "-f", &policy_dir], None).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .starts_with("dry run: valid, would change version 0\n"),
+        "{}",
+        out.stdout
+    );
+
+    let out = run_cli(&["apply", "-f", &policy_dir], None).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "applied version 1\nService/shop/backend created\nHTTPRoute/shop/backend created\n"
+    );
+
+    let out = run_cli(&["apply", "-f", "-"], Some(SERVICE)).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "unchanged at version 1\nService/shop/backend unchanged\n"
+    );
+
+    let bad: &'static str = Box::leak(ROUTE.replace("weight: 10", "weight: many").into_boxed_str());
+    let out = run_cli(&["apply", "-f", "-"], Some(bad)).await;
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.starts_with(
+            "error: apply refused: <stdin>: document 1 (HTTPRoute shop/backend): spec.rules"
+        ),
+        "{}",
+        out.stderr
+    );
+
+    let out = run_cli(&["get"], None).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["KIND", "NAMESPACE", "NAME"]
+    );
+    assert_eq!(lines.len(), 3);
+
+    let out = run_cli(
+        &["get", "route", "backend", "-n", "shop", "-o", "json"],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let docs: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(docs[0]["kind"], "HTTPRoute");
+    assert_eq!(docs[0]["apiVersion"], "remora.dev/v1");
+    assert_eq!(docs[0]["spec"]["rules"][0]["timeout"], "2s");
+
+    let out = run_cli(&["get", "-o", "yaml"], None).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.matches("\n---\n").count(), 1, "{}", out.stdout);
+
+    let out = run_cli(&["get", "svc", "nope"], None).await;
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("not found"), "{}", out.stderr);
+
+    let out = run_cli(&["delete", "route", "backend", "-n", "shop"], None).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "applied version 2\nHTTPRoute/shop/backend deleted\n"
+    );
+
+    let out = run_cli(&["delete", "route", "backend"], None).await;
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("HTTPRoute/default/backend not found"),
+        "{}",
+        out.stderr
+    );
+
+    let out = run_cli(&["history"], None).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("delete"), "{}", out.stdout);
+    assert_eq!(out.stdout.lines().count(), 3);
+
+    let out = run_cli(&["diff", "1", "2"], None).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("-kind: HTTPRoute"), "{}", out.stdout);
+
+    let out = run_cli(&["rollback", "1"], None).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout
+            .starts_with("rolled back to version 1 as version 3\n"),
+        "{}",
+        out.stdout
+    );
+
+    let out = run_cli(&["rollback", "9"], None).await;
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("version 9 does not exist"),
+        "{}",
+        out.stderr
+    );
+
+    let out = run_cli(&["status"], None).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.starts_with("policy version 3 (snapshot 3."),
+        "{}",
+        out.stdout
+    );
+
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_token_is_refused_with_exit_1() {
+    let data = tempfile::tempdir().unwrap();
+    let running = start_in(data.path()).await;
+    let url = url(&running);
+    let out = run(
+        &["status", "--server", &url, "--admin-token", "wrong"],
+        None,
+    )
+    .await;
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.contains("refused the admin token"),
+        "{}",
+        out.stderr
+    );
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_clear_error() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let server = format!("127.0.0.1:{port}");
+    let out = run(&["status", "--server", &server, "--admin-token", "t"], None).await;
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr.starts_with(&format!(
+            "error: cannot reach the control plane at http://{server}: "
+        )),
+        "{}",
+        out.stderr
+    );
+}
+
+#[tokio::test]
+async fn usage_errors_exit_2_and_help_lists_every_command() {
+    assert_eq!(run(&["frobnicate"], None).await.code, 2);
+    assert_eq!(run(&["get", "-o", "xml"], None).await.code, 2);
+    let help = run(&["--help"], None).await;
+    assert_eq!(help.code, 0);
+    for cmd in [
+        "serve", "apply", "get", "delete", "history", "diff", "rollback", "status",
+    ] {
+        assert!(
+            help.stdout.contains(cmd),
+            "{cmd} missing in {}",
+            help.stdout
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_missing_token_file_says_how_to_pass_one() {
+    let empty = tempfile::tempdir().unwrap();
+    let dir = dir_arg(empty.path());
+    let out = run(&["history", "--data-dir", &dir], None).await;
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("no admin token"), "{}", out.stderr);
+}
