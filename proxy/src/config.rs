@@ -56,6 +56,16 @@ pub struct RunArgs {
     /// Trust bundle (PEM) that verifies the control plane.
     #[arg(long, env = "REMORA_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+    /// The name the control plane's certificate carries (default remora-control).
+    #[arg(long, env = "REMORA_CONTROL_PLANE_NAME")]
+    pub control_plane_name: Option<String>,
+    /// The mesh's trust domain (default cluster.local).
+    #[arg(long, env = "REMORA_TRUST_DOMAIN")]
+    pub trust_domain: Option<String>,
+    /// Requested workload certificate lifetime (default 24h; at least 1m).
+    #[arg(long, env = "REMORA_CERT_LIFETIME", value_parser = parse_duration)]
+    #[serde(default, with = "remora_proto::policy::opt_duration")]
+    pub cert_lifetime: Option<Duration>,
     /// Outbound listener port (default 15001).
     #[arg(long, env = "REMORA_OUTBOUND_PORT")]
     pub outbound_port: Option<u16>,
@@ -137,6 +147,9 @@ pub struct Settings {
     pub advertise: Option<String>,
     pub token_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
+    pub control_plane_name: String,
+    pub trust_domain: String,
+    pub cert_lifetime: Duration,
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -210,6 +223,9 @@ impl Settings {
             connect_timeout: pick!(connect_timeout).unwrap_or(d.connect_timeout),
             pool_max_idle: pick!(pool_max_idle).unwrap_or(d.pool_max_idle),
         };
+        if pick!(cert_lifetime).is_some_and(|d| d < Duration::from_secs(60)) {
+            bail!("--cert-lifetime must be at least 1m");
+        }
         if limits.max_header_bytes < MIN_HEADER_BYTES {
             bail!("--max-header-bytes must be at least {MIN_HEADER_BYTES}");
         }
@@ -243,6 +259,9 @@ impl Settings {
             advertise: pick!(advertise),
             token_file: pick!(token_file),
             ca_file: pick!(ca_file),
+            control_plane_name: pick!(control_plane_name).unwrap_or_else(|| "remora-control".into()),
+            trust_domain: pick!(trust_domain).unwrap_or_else(|| "cluster.local".into()),
+            cert_lifetime: pick!(cert_lifetime).unwrap_or(Duration::from_secs(24 * 3600)),
             outbound_addr: SocketAddr::new(
                 pick!(outbound_bind).unwrap_or(local),
                 pick!(outbound_port).unwrap_or(15001),

@@ -8,6 +8,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Detected {
+    /// A TLS ClientHello (record type 22, version 3.x).
+    Tls,
     Http1,
     Http2,
     Opaque,
@@ -32,6 +34,13 @@ const PEEK: usize = 24;
 fn classify(bytes: &[u8]) -> Option<Detected> {
     if bytes.is_empty() {
         return None;
+    }
+    if bytes[0] == 0x16 {
+        return match bytes.get(1) {
+            None => None,
+            Some(0x03) => Some(Detected::Tls),
+            Some(_) => Some(Detected::Opaque),
+        };
     }
     let n = bytes.len().min(H2_PREFACE.len());
     if bytes[..n] == H2_PREFACE[..n] {
@@ -92,7 +101,9 @@ mod tests {
             Some(Detected::Http2)
         );
         assert_eq!(classify(b"PRI * HTTP"), None);
-        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Opaque));
+        assert_eq!(classify(b"\x16\x03\x01"), Some(Detected::Tls));
+        assert_eq!(classify(b"\x16"), None);
+        assert_eq!(classify(b"\x16\x10"), Some(Detected::Opaque));
         assert_eq!(classify(b"*1\r\n$4\r\nPING"), Some(Detected::Opaque));
     }
 

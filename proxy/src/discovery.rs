@@ -76,17 +76,11 @@ enum Session {
 
 async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Result<(), Session> {
     let s = &state.settings;
-    let endpoint = tonic::transport::Endpoint::from_shared(s.control_plane.clone())
-        .map_err(|e| Session::Failed(format!("invalid control-plane URL: {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
-    let channel = endpoint
-        .connect()
+    // Discovery is authenticated by the workload certificate.
+    state.identity.wait_for_cert().await;
+    let channel = crate::control_plane::channel(state, true)
         .await
-        .map_err(|e| Session::Failed(e.to_string()))?;
+        .map_err(Session::Failed)?;
     let mut client = DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(8);
     let register = Register {
@@ -127,17 +121,23 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
                 };
                 got_one = true;
                 let version = snapshot.version.clone();
-                let ack = match Mesh::compile(snapshot, own, &state.pools) {
+                state.identity.set_bundle(&snapshot.trust_bundle_pem);
+                state.identity.check_signer(&snapshot.signer_id);
+                let mut ack = match Mesh::compile(snapshot, own, &state.pools) {
                     Ok(mesh) => {
                         state.install(mesh);
                         tracing::info!(%version, "applied snapshot");
-                        Ack { version, ok: true, error: String::new() }
+                        Ack { version, ok: true, ..Default::default() }
                     }
                     Err(error) => {
                         tracing::warn!(%version, %error, "refused snapshot; keeping the previous one");
-                        Ack { version, ok: false, error }
+                        Ack { version, ok: false, error, ..Default::default() }
                     }
                 };
+                if let Some(cert) = state.identity.cert() {
+                    ack.cert_signer_id = cert.signer_id.clone();
+                    ack.cert_not_after_unix = cert.not_after_unix;
+                }
                 if tx.send(send(discovery_request::Kind::Ack(ack))).await.is_err() {
                     return Err(lost(got_one, "stream closed".into()));
                 }

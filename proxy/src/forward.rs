@@ -101,7 +101,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Sends `req` to `pool`, speaking the downstream's HTTP version upstream.
+/// Carries the application's own HTTP version across an HTTP/2 hop between
+/// proxies, so the inbound side speaks it to the application.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("remora-orig-proto");
+
+/// Sends `req` to `pool`. To a mesh peer every request but an upgrade goes as
+/// HTTP/2 (one multiplexed mTLS connection), an HTTP/1 request marked with
+/// `remora-orig-proto`; otherwise the downstream's HTTP version is kept.
 pub async fn forward(
     mut req: Request<Incoming>,
     pool: &Arc<EndpointPool>,
@@ -112,11 +118,34 @@ pub async fn forward(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    let version = if parts.version == Version::HTTP_2 {
+    parts.headers.remove(ORIG_PROTO);
+    let version = if parts.version == Version::HTTP_2 || (pool.is_mesh() && !upgrade) {
         Upstream::Http2
     } else {
         Upstream::Http1
     };
+    if version == Upstream::Http2 && parts.version != Version::HTTP_2 {
+        // HTTP/1 → HTTP/2: the authority moves from Host into the URI.
+        let host = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .ok_or_else(|| ProxyError::new(Cause::BadRequest, "no Host header"))?;
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        parts.uri = format!("http://{host}{pq}")
+            .parse()
+            .map_err(|_| ProxyError::new(Cause::BadRequest, "invalid Host or request target"))?;
+        parts.headers.remove(header::HOST);
+        parts.headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        parts.version = Version::HTTP_2;
+    }
     if version == Upstream::Http1 {
         // Absolute-form (explicit proxy) becomes origin-form, the authority
         // staying in Host.
@@ -135,6 +164,9 @@ pub async fn forward(
                 .parse()
                 .map_err(|_| ProxyError::new(Cause::BadRequest, "invalid request target"))?;
         }
+    }
+    if version == Upstream::Http1 {
+        parts.version = Version::HTTP_11;
     }
     let up = Request::from_parts(parts, ProxyBody::Incoming(body));
     let mut resp = pool.send(up, version, connect_timeout).await?;
@@ -157,9 +189,20 @@ pub async fn forward(
         }
     }
     let (mut parts, body) = resp.into_parts();
+    parts.headers.remove(ORIG_PROTO);
     let switching = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(&mut parts.headers, switching);
     Ok(Response::from_parts(parts, ProxyBody::Incoming(body)))
+}
+
+/// On the inbound side: a request that crossed the mesh as HTTP/2 for an
+/// HTTP/1 application goes back to HTTP/1.1.
+pub fn restore_orig_proto<B>(req: &mut Request<B>) {
+    if let Some(v) = req.headers_mut().remove(ORIG_PROTO) {
+        if v.as_bytes().eq_ignore_ascii_case(b"HTTP/1.1") {
+            *req.version_mut() = Version::HTTP_11;
+        }
+    }
 }
 
 #[cfg(test)]

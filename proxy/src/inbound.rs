@@ -11,8 +11,9 @@
 use crate::body::ProxyBody;
 use crate::detect::{self, Detected};
 use crate::drain::Drain;
-use crate::error::ProxyError;
-use crate::forward::{check_framing, forward, is_grpc};
+use crate::error::{Cause, ProxyError};
+use crate::forward::{check_framing, forward, is_grpc, restore_orig_proto};
+use crate::tls::{self, Carry};
 use crate::intercept;
 use crate::io::{Activity, Prefixed};
 use crate::pool::{self, EndpointPool};
@@ -53,11 +54,9 @@ pub async fn serve(
 async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStream, drain: Drain) {
     // Where the application is.
     let (app, pool) = match intercept::redirected_destination(&stream) {
-        Some(dst) => (dst, state.pools.get(dst)),
+        Some(dst) => (dst, state.pools.get(dst, None)),
         None => match (state.settings.app_port, &state.app_pool) {
-            (Some(port), Some(pool)) => {
-                (SocketAddr::from((Ipv4Addr::LOCALHOST, port)), pool.clone())
-            }
+            (Some(port), Some(pool)) => (SocketAddr::from((Ipv4Addr::LOCALHOST, port)), pool.clone()),
             _ => {
                 tracing::warn!("inbound connection but no --app-port and not redirected; closing");
                 return;
@@ -66,42 +65,105 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
     };
     let limits = &state.settings.limits;
     let activity = Activity::new();
-    let declared = state.mesh.load().local_protocol(app.port());
-    let detected = match declared {
-        Some(Protocol::Tcp) => None,
-        Some(_) => Some((Detected::Http1, bytes::Bytes::new())),
-        None => match detect::detect(&mut stream, limits.detect_timeout).await {
-            Ok(d) => Some(d),
-            Err(e) => {
-                tracing::debug!(error = %e, "inbound detection failed");
-                return;
-            }
-        },
+    // A peer proxy speaks TLS first; anything else is plaintext from outside the mesh.
+    let (detected, prefix) = match detect::detect(&mut stream, limits.detect_timeout).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound detection failed");
+            return;
+        }
     };
-    match detected {
-        None => relay(&state, stream, activity, app).await,
-        Some((Detected::Opaque, prefix)) => {
-            relay(&state, Prefixed::new(prefix, stream), activity, app).await
+    let io = Prefixed::new(prefix, stream);
+    if detected == Detected::Tls {
+        return mesh_connection(state, builder, io, activity, app, pool, drain).await;
+    }
+    let mesh = state.mesh.load_full();
+    if !mesh.authz.allows_plaintext() {
+        tracing::info!(%app, "refused a plaintext connection: mTLS is strict for this service");
+        return;
+    }
+    let http = match mesh.local_protocol(app.port()) {
+        Some(Protocol::Tcp) => false,
+        Some(_) => true,
+        None => detected != Detected::Opaque,
+    };
+    if http {
+        let st = state.clone();
+        let handler = move |req| handle(st.clone(), pool.clone(), None, req);
+        serve_http(&builder, io, activity, limits.idle_timeout, drain, handler).await;
+    } else if mesh.authz.allows_connection(None) {
+        relay(&state, io, activity, app).await;
+    } else {
+        tracing::info!(%app, "denied a plaintext TCP connection");
+    }
+}
+
+/// A connection from a peer proxy: mTLS, then what its ALPN says it carries.
+async fn mesh_connection(
+    state: Arc<State>,
+    builder: Arc<Builder>,
+    io: Prefixed<TcpStream>,
+    activity: Arc<Activity>,
+    app: SocketAddr,
+    pool: Arc<EndpointPool>,
+    drain: Drain,
+) {
+    let limits = &state.settings.limits;
+    let Some(configs) = state.identity.configs() else {
+        tracing::warn!("TLS connection before this workload has a certificate; closing");
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(configs.server.clone());
+    let tls = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(io)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "refused a TLS connection");
+            return;
         }
-        Some((_, prefix)) => {
-            let io = Prefixed::new(prefix, stream);
+        Err(_) => {
+            tracing::info!("TLS handshake timed out");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    let peer: Option<Arc<str>> = tls::peer_identity(conn.peer_certificates()).map(Arc::from);
+    match Carry::from_alpn(conn.alpn_protocol()) {
+        Some(Carry::H2 | Carry::Http1) => {
             let st = state.clone();
-            let handler = move |req| handle(st.clone(), pool.clone(), req);
-            serve_http(&builder, io, activity, limits.idle_timeout, drain, handler).await;
+            let handler = move |req| handle(st.clone(), pool.clone(), peer.clone(), req);
+            serve_http(&builder, tls, activity, limits.idle_timeout, drain, handler).await;
         }
+        Some(Carry::Tcp) => {
+            if state.mesh.load().authz.allows_connection(peer.as_deref()) {
+                relay(&state, tls, activity, app).await;
+            } else {
+                tracing::info!(peer = ?peer, "denied a TCP connection by authorization policy");
+            }
+        }
+        None => tracing::info!("TLS connection without a known ALPN protocol; closing"),
     }
 }
 
 async fn handle(
     state: Arc<State>,
     app: Arc<EndpointPool>,
-    req: Request<Incoming>,
+    peer: Option<Arc<str>>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let grpc = is_grpc(&req);
     let limits = &state.settings.limits;
     let result = match check_framing(&req) {
-        Ok(()) => forward(req, &app, limits.connect_timeout, limits.idle_timeout).await,
         Err(e) => Err(e),
+        Ok(()) if !state.mesh.load().authz.allows_request(peer.as_deref(), req.method(), req.uri().path()) => {
+            Err(ProxyError::new(
+                Cause::Denied,
+                format!("{} may not {} {}", peer.as_deref().unwrap_or("an unauthenticated caller"), req.method(), req.uri().path()),
+            ))
+        }
+        Ok(()) => {
+            restore_orig_proto(&mut req);
+            forward(req, &app, limits.connect_timeout, limits.idle_timeout).await
+        }
     };
     match result {
         Ok(resp) => resp,

@@ -3,13 +3,16 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod body;
 pub mod config;
+pub mod control_plane;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
 pub mod error;
 pub mod forward;
+pub mod identity;
 pub mod inbound;
 pub mod init;
 pub mod intercept;
@@ -22,3 +25,4 @@ pub mod run;
 pub mod serve;
 pub mod state;
 pub mod tcp;
+pub mod tls;

@@ -81,6 +81,8 @@ pub struct Mesh {
     addrs: HashMap<SocketAddr, Arc<Service>>,
     /// This proxy's own service, when the snapshot declares it.
     pub local: Option<Arc<Service>>,
+    /// Who may call this workload.
+    pub authz: crate::authz::Authz,
 }
 
 impl Mesh {
@@ -94,6 +96,7 @@ impl Mesh {
             hosts: HashMap::new(),
             addrs: HashMap::new(),
             local: None,
+            authz: crate::authz::Authz::default(),
         }
     }
 
@@ -171,7 +174,7 @@ impl Mesh {
                         .iter()
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
-                    pool: pools.get(addr),
+                    pool: pools.get(addr, crate::tls::server_name_for(&e.identity)),
                 }));
         }
         for list in endpoints.values_mut() {
@@ -228,6 +231,16 @@ impl Mesh {
             hosts: HashMap::new(),
             addrs: HashMap::new(),
             local: None,
+            authz: crate::authz::Authz::compile(
+                docs.get(&Kind::AuthorizationPolicy)
+                    .into_iter()
+                    .flatten()
+                    .filter(|d| d.metadata.namespace == own_ns)
+                    .filter_map(|d| match &d.spec {
+                        Spec::AuthorizationPolicy(p) if p.service == own_name => Some(p),
+                        _ => None,
+                    }),
+            ),
         };
         for key in keys {
             let (ns, name) = (&key.0, &key.1);

@@ -18,6 +18,7 @@ use crate::io::{Activity, Prefixed};
 use crate::mesh::{Endpoint, Mesh, Service};
 use crate::serve::{serve_http, Builder};
 use crate::state::State;
+use crate::tls::Carry;
 use crate::{detect, intercept, pool, tcp};
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
@@ -219,11 +220,10 @@ async fn connect_tunnel(
     })?;
     let endpoint = pick_any(svc)?;
     let limits = &state.settings.limits;
-    let upstream = pool::connect(
-        endpoint.addr,
-        svc.connect_timeout.unwrap_or(limits.connect_timeout),
-    )
-    .await?;
+    let upstream = endpoint
+        .pool
+        .open(Carry::Tcp, svc.connect_timeout.unwrap_or(limits.connect_timeout))
+        .await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let idle = limits.idle_timeout;
     tokio::spawn(async move {
@@ -252,9 +252,19 @@ async fn relay_to_service<I>(state: &State, io: I, activity: Arc<Activity>, svc:
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    match pick_any(svc) {
-        Ok(endpoint) => relay_to(state, io, activity, endpoint.addr).await,
-        Err(e) => tracing::debug!(error = %e, "outbound tcp: no endpoint"),
+    let endpoint = match pick_any(svc) {
+        Ok(e) => e,
+        Err(e) => return tracing::debug!(error = %e, "outbound tcp: no endpoint"),
+    };
+    let limits = &state.settings.limits;
+    let timeout = svc.connect_timeout.unwrap_or(limits.connect_timeout);
+    match endpoint.pool.open(Carry::Tcp, timeout).await {
+        Ok(upstream) => {
+            if let Err(e) = tcp::relay_tracked(io, upstream, activity, limits.idle_timeout).await {
+                tracing::debug!(error = %e, "outbound tcp ended");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "outbound tcp connect failed"),
     }
 }
 

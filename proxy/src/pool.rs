@@ -8,9 +8,16 @@
 //!
 //! Pools outlive configuration snapshots: [`Pools::get`] hands the same pool to
 //! every snapshot that names the address, so a config push keeps connections.
+//!
+//! A pool for a mesh endpoint (one with an expected identity) speaks mTLS:
+//! every HTTP request over one multiplexed HTTP/2 connection (ALPN `h2`),
+//! upgrades over HTTP/1.1 (ALPN `http/1.1`), opaque TCP with ALPN `remora-tcp`.
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
+use crate::identity::Identity;
+use crate::tls::Carry;
+use rustls::pki_types::ServerName;
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -29,6 +36,8 @@ const MAX_IDLE_AGE: Duration = Duration::from_secs(90);
 pub struct PoolSettings {
     pub max_idle_per_endpoint: usize,
     pub max_header_bytes: usize,
+    /// Also bounds the TLS handshake.
+    pub connect_timeout: Duration,
 }
 
 /// Which HTTP version to speak upstream.
@@ -42,26 +51,41 @@ pub enum Upstream {
 /// compiled, never per request.
 pub struct Pools {
     settings: PoolSettings,
-    pools: Mutex<HashMap<SocketAddr, Weak<EndpointPool>>>,
+    identity: Arc<Identity>,
+    pools: Mutex<HashMap<PoolKey, Weak<EndpointPool>>>,
 }
 
+type PoolKey = (SocketAddr, Option<ServerName<'static>>);
+
 impl Pools {
-    pub fn new(settings: PoolSettings) -> Arc<Pools> {
+    pub fn new(settings: PoolSettings, identity: Arc<Identity>) -> Arc<Pools> {
         Arc::new(Pools {
             settings,
+            identity,
             pools: Mutex::new(HashMap::new()),
         })
     }
 
-    pub fn get(&self, addr: SocketAddr) -> Arc<EndpointPool> {
+    /// The pool for `addr`; `peer` is the TLS server name carrying the
+    /// identity a mesh endpoint must prove (None: plaintext, e.g. the app).
+    pub fn get(&self, addr: SocketAddr, peer: Option<ServerName<'static>>) -> Arc<EndpointPool> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = pools.get(&addr).and_then(Weak::upgrade) {
+        let key = (addr, peer);
+        if let Some(p) = pools.get(&key).and_then(Weak::upgrade) {
             return p;
         }
         // Forget pools that no snapshot uses any more.
         pools.retain(|_, w| w.strong_count() > 0);
-        let p = Arc::new(EndpointPool::new(addr, self.settings.clone()));
-        pools.insert(addr, Arc::downgrade(&p));
+        let p = Arc::new(EndpointPool {
+            addr,
+            peer: key.1.clone(),
+            identity: self.identity.clone(),
+            settings: self.settings.clone(),
+            h1_idle: Mutex::new(Vec::new()),
+            h2: ArcSwapOption::empty(),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        });
+        pools.insert(key, Arc::downgrade(&p));
         p
     }
 }
@@ -74,6 +98,8 @@ struct IdleH1 {
 /// The connections to one upstream address.
 pub struct EndpointPool {
     addr: SocketAddr,
+    peer: Option<ServerName<'static>>,
+    identity: Arc<Identity>,
     settings: PoolSettings,
     h1_idle: Mutex<Vec<IdleH1>>,
     h2: ArcSwapOption<http2::SendRequest<ProxyBody>>,
@@ -89,14 +115,34 @@ impl std::fmt::Debug for EndpointPool {
 }
 
 impl EndpointPool {
-    fn new(addr: SocketAddr, settings: PoolSettings) -> Self {
-        EndpointPool {
-            addr,
-            settings,
-            h1_idle: Mutex::new(Vec::new()),
-            h2: ArcSwapOption::empty(),
-            h2_connecting: tokio::sync::Mutex::new(()),
+    /// Whether this is a mesh endpoint, reached over mTLS.
+    pub fn is_mesh(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// Opens a new connection: TCP, then mTLS for a mesh endpoint.
+    pub async fn open(&self, carry: Carry, connect_timeout: Duration) -> Result<Conn, ProxyError> {
+        let tcp = connect(self.addr, connect_timeout).await?;
+        let Some(peer) = &self.peer else {
+            return Ok(Conn::Plain(tcp));
+        };
+        let configs = self
+            .identity
+            .configs()
+            .ok_or_else(|| ProxyError::connect("no workload certificate yet"))?;
+        let connector = tokio_rustls::TlsConnector::from(configs.client(carry));
+        let tls = tokio::time::timeout(self.settings.connect_timeout, connector.connect(peer.clone(), tcp))
+            .await
+            .map_err(|_| ProxyError::connect(format!("{}: TLS handshake timed out", self.addr)))?
+            .map_err(|e| ProxyError::connect(format!("{}: TLS handshake: {e}", self.addr)))?;
+        if tls.get_ref().1.alpn_protocol() != Some(carry.alpn()) {
+            return Err(ProxyError::connect(format!(
+                "{}: the peer did not agree to {}",
+                self.addr,
+                String::from_utf8_lossy(carry.alpn())
+            )));
         }
+        Ok(Conn::Tls(Box::new(tls)))
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -185,7 +231,7 @@ impl EndpointPool {
         &self,
         connect_timeout: Duration,
     ) -> Result<http1::SendRequest<ProxyBody>, ProxyError> {
-        let io = connect(self.addr, connect_timeout).await?;
+        let io = self.open(Carry::Http1, connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
             .max_buf_size(
                 self.settings
@@ -246,7 +292,7 @@ impl EndpointPool {
                 return Ok(s.clone());
             }
         }
-        let io = connect(self.addr, connect_timeout).await?;
+        let io = self.open(Carry::H2, connect_timeout).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(20))
@@ -276,5 +322,76 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, P
         Err(_) => Err(ProxyError::connect(format!(
             "connect {addr}: timed out after {timeout:?}"
         ))),
+    }
+}
+
+/// An upstream connection: plaintext (the local app, a passthrough) or mTLS
+/// (a mesh peer).
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
     }
 }

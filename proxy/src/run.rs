@@ -79,6 +79,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         reload,
         current_log,
     ));
+    tokio::spawn(crate::identity::run(state.clone()));
     tokio::spawn(discovery::run(state.clone(), leave_rx));
     drop(drain);
 

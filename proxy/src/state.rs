@@ -3,6 +3,7 @@
 //! and the readiness flags.
 
 use crate::config::Settings;
+use crate::identity::Identity;
 use crate::mesh::Mesh;
 use crate::pool::{EndpointPool, PoolSettings, Pools};
 use arc_swap::ArcSwap;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 
 pub struct State {
     pub settings: Settings,
+    pub identity: Arc<Identity>,
     pub mesh: ArcSwap<Mesh>,
     pub pools: Arc<Pools>,
     /// The pool to the local application in explicit mode (127.0.0.1:app-port).
@@ -23,15 +25,21 @@ pub struct State {
 
 impl State {
     pub fn new(settings: Settings) -> Arc<State> {
-        let pools = Pools::new(PoolSettings {
-            max_idle_per_endpoint: settings.limits.pool_max_idle,
-            max_header_bytes: settings.limits.max_header_bytes,
-        });
+        let identity = Identity::new(&settings.namespace, &settings.service, &settings.trust_domain);
+        let pools = Pools::new(
+            PoolSettings {
+                max_idle_per_endpoint: settings.limits.pool_max_idle,
+                max_header_bytes: settings.limits.max_header_bytes,
+                connect_timeout: settings.limits.connect_timeout,
+            },
+            identity.clone(),
+        );
         let app_pool = settings
             .app_port
-            .map(|p| pools.get(SocketAddr::from((Ipv4Addr::LOCALHOST, p))));
+            .map(|p| pools.get(SocketAddr::from((Ipv4Addr::LOCALHOST, p)), None));
         Arc::new(State {
             settings,
+            identity,
             mesh: ArcSwap::from_pointee(Mesh::empty()),
             pools,
             app_pool,
@@ -47,9 +55,11 @@ impl State {
         self.has_snapshot.store(true, Ordering::Release);
     }
 
-    /// Ready: holds a snapshot and is not draining.
+    /// Ready: holds a certificate and a snapshot, and is not draining.
     pub fn is_ready(&self) -> bool {
-        self.has_snapshot.load(Ordering::Acquire) && !self.draining.load(Ordering::Acquire)
+        self.has_snapshot.load(Ordering::Acquire)
+            && self.identity.has_cert()
+            && !self.draining.load(Ordering::Acquire)
     }
 
     pub fn set_draining(&self) {

@@ -1,0 +1,193 @@
+//! Inbound authorization: who may call this workload, compiled from the
+//! AuthorizationPolicies that select its service.
+//!
+//! - No policy: mesh traffic is allowed, and plaintext too (permissive).
+//! - Once any policy selects the service, what no rule allows is denied.
+//! - `mtls: strict` (in any selecting policy) refuses plaintext connections;
+//!   `permissive` accepts them as unauthenticated callers.
+//! - A rule's `from` lists SPIFFE identities (empty: any authenticated peer;
+//!   `*`: anyone, plaintext included); its `to` lists methods and paths (empty:
+//!   everything). A path ending in `*` is a prefix.
+
+use http::Method;
+use remora_proto::policy::{AuthorizationPolicySpec, MtlsMode};
+
+#[derive(Debug, Default)]
+pub struct Authz {
+    /// Whether any policy selects this service.
+    pub present: bool,
+    pub strict: bool,
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug)]
+struct Rule {
+    from: Vec<String>,
+    any_caller: bool,
+    to: Vec<Operation>,
+}
+
+#[derive(Debug)]
+struct Operation {
+    methods: Vec<Method>,
+    paths: Vec<PathPattern>,
+}
+
+#[derive(Debug)]
+enum PathPattern {
+    Any,
+    Exact(String),
+    Prefix(String),
+}
+
+impl PathPattern {
+    fn parse(p: &str) -> PathPattern {
+        if p == "*" {
+            PathPattern::Any
+        } else if let Some(prefix) = p.strip_suffix('*') {
+            PathPattern::Prefix(prefix.to_string())
+        } else {
+            PathPattern::Exact(p.to_string())
+        }
+    }
+
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathPattern::Any => true,
+            PathPattern::Exact(p) => p == path,
+            PathPattern::Prefix(p) => path.starts_with(p.as_str()),
+        }
+    }
+}
+
+impl Authz {
+    pub fn compile<'a>(policies: impl IntoIterator<Item = &'a AuthorizationPolicySpec>) -> Authz {
+        let mut authz = Authz::default();
+        for p in policies {
+            authz.present = true;
+            authz.strict |= p.mtls == MtlsMode::Strict;
+            for r in &p.rules {
+                authz.rules.push(Rule {
+                    any_caller: r.from.iter().any(|f| f == "*"),
+                    from: r.from.iter().filter(|f| *f != "*").cloned().collect(),
+                    to: r
+                        .to
+                        .iter()
+                        .map(|t| Operation {
+                            methods: t
+                                .methods
+                                .iter()
+                                .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
+                                .collect(),
+                            paths: t.paths.iter().map(|p| PathPattern::parse(p)).collect(),
+                        })
+                        .collect(),
+                });
+            }
+        }
+        authz
+    }
+
+    /// Whether a plaintext (non-mesh) connection may be served at all.
+    pub fn allows_plaintext(&self) -> bool {
+        !self.strict
+    }
+
+    /// Whether `peer` (None: plaintext) may make this request.
+    pub fn allows_request(&self, peer: Option<&str>, method: &Method, path: &str) -> bool {
+        if !self.present {
+            return true;
+        }
+        self.rules.iter().any(|r| {
+            r.caller_matches(peer)
+                && (r.to.is_empty()
+                    || r.to.iter().any(|op| {
+                        (op.methods.is_empty() || op.methods.contains(method))
+                            && (op.paths.is_empty() || op.paths.iter().any(|p| p.matches(path)))
+                    }))
+        })
+    }
+
+    /// Whether `peer` may open an opaque TCP connection (rules with `to`
+    /// operations are about HTTP and do not allow TCP).
+    pub fn allows_connection(&self, peer: Option<&str>) -> bool {
+        !self.present || self.rules.iter().any(|r| r.to.is_empty() && r.caller_matches(peer))
+    }
+}
+
+impl Rule {
+    fn caller_matches(&self, peer: Option<&str>) -> bool {
+        if self.any_caller {
+            return true;
+        }
+        match peer {
+            None => false,
+            Some(id) => self.from.is_empty() || self.from.iter().any(|f| f == id),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use remora_proto::policy::{AuthorizationRule, AuthorizationTo};
+
+    const FRONTEND: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+    const OTHER: &str = "spiffe://cluster.local/ns/shop/sa/other";
+
+    fn policy(mtls: MtlsMode, rules: Vec<AuthorizationRule>) -> AuthorizationPolicySpec {
+        AuthorizationPolicySpec {
+            service: "backend".into(),
+            mtls,
+            rules,
+            rate_limit: None,
+        }
+    }
+
+    #[test]
+    fn no_policy_allows_everything() {
+        let a = Authz::compile([]);
+        assert!(a.allows_plaintext());
+        assert!(a.allows_request(None, &Method::GET, "/"));
+        assert!(a.allows_connection(Some(OTHER)));
+    }
+
+    #[test]
+    fn a_policy_denies_what_it_does_not_allow() {
+        let p = policy(
+            MtlsMode::Strict,
+            vec![AuthorizationRule {
+                from: vec![FRONTEND.into()],
+                to: vec![AuthorizationTo {
+                    methods: vec!["GET".into(), "post".into()],
+                    paths: vec!["/api/*".into()],
+                }],
+            }],
+        );
+        let a = Authz::compile([&p]);
+        assert!(!a.allows_plaintext());
+        assert!(a.allows_request(Some(FRONTEND), &Method::GET, "/api/orders"));
+        assert!(a.allows_request(Some(FRONTEND), &Method::POST, "/api/x"));
+        assert!(!a.allows_request(Some(FRONTEND), &Method::DELETE, "/api/x"));
+        assert!(!a.allows_request(Some(FRONTEND), &Method::GET, "/admin"));
+        assert!(!a.allows_request(Some(OTHER), &Method::GET, "/api/orders"));
+        assert!(!a.allows_request(None, &Method::GET, "/api/orders"));
+        assert!(!a.allows_connection(Some(FRONTEND)), "HTTP-only rules do not open TCP");
+    }
+
+    #[test]
+    fn permissive_star_admits_plaintext_callers() {
+        let p = policy(
+            MtlsMode::Permissive,
+            vec![AuthorizationRule { from: vec!["*".into()], to: vec![] }],
+        );
+        let a = Authz::compile([&p]);
+        assert!(a.allows_plaintext());
+        assert!(a.allows_request(None, &Method::GET, "/"));
+        assert!(a.allows_connection(None));
+        let empty_from = policy(MtlsMode::Permissive, vec![AuthorizationRule { from: vec![], to: vec![] }]);
+        let a = Authz::compile([&empty_from]);
+        assert!(a.allows_request(Some(OTHER), &Method::GET, "/"));
+        assert!(!a.allows_request(None, &Method::GET, "/"), "empty from = authenticated only");
+    }
+}

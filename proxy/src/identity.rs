@@ -1,0 +1,282 @@
+//! The workload's identity: a key pair made in memory (the private key never
+//! leaves the process and is never written to disk), a CSR for
+//! `spiffe://<trust-domain>/ns/<namespace>/sa/<service>` sent with the bootstrap
+//! token, and the certificate that comes back. Renewed at about 70% of its
+//! lifetime, at once when the control plane starts signing with a new root,
+//! and retried with jitter while the control plane is away, keeping the valid
+//! certificate meanwhile. New handshakes use the new certificate; open
+//! connections keep theirs.
+
+use crate::discovery::Backoff;
+use crate::tls::{self, TlsConfigs};
+use arc_swap::{ArcSwap, ArcSwapOption};
+use remora_proto::v1::identity_client::IdentityClient;
+use remora_proto::v1::CertifyRequest;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{watch, Notify};
+
+/// A certificate this workload holds, with its key (in memory only).
+pub struct WorkloadCert {
+    pub chain_pem: String,
+    key_pem: String,
+    pub certified: Arc<CertifiedKey>,
+    pub received: SystemTime,
+    pub not_after_unix: i64,
+    pub signer_id: String,
+}
+
+impl WorkloadCert {
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// When to renew: about 70% into the lifetime (from when it was received).
+    pub fn renew_at(&self) -> SystemTime {
+        let not_after = UNIX_EPOCH + Duration::from_secs(self.not_after_unix.max(0) as u64);
+        let lifetime = not_after
+            .duration_since(self.received)
+            .unwrap_or(Duration::ZERO);
+        self.received + lifetime.mul_f64(0.7)
+    }
+}
+
+impl std::fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadCert")
+            .field("not_after_unix", &self.not_after_unix)
+            .field("signer_id", &self.signer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// This workload's identity and the TLS configurations built from it.
+pub struct Identity {
+    pub spiffe_id: String,
+    pub trust_domain: String,
+    cert: ArcSwapOption<WorkloadCert>,
+    /// The latest trust bundle (PEM), from Certify or a snapshot.
+    bundle: ArcSwap<String>,
+    configs: ArcSwapOption<TlsConfigs>,
+    /// Bumped on every new certificate.
+    generation: watch::Sender<u64>,
+    renew_now: Notify,
+}
+
+impl Identity {
+    pub fn new(namespace: &str, service: &str, trust_domain: &str) -> Arc<Identity> {
+        Arc::new(Identity {
+            spiffe_id: format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service}"),
+            trust_domain: trust_domain.to_string(),
+            cert: ArcSwapOption::empty(),
+            bundle: ArcSwap::from_pointee(String::new()),
+            configs: ArcSwapOption::empty(),
+            generation: watch::channel(0).0,
+            renew_now: Notify::new(),
+        })
+    }
+
+    pub fn cert(&self) -> Option<Arc<WorkloadCert>> {
+        self.cert.load_full()
+    }
+
+    pub fn has_cert(&self) -> bool {
+        self.cert.load().is_some()
+    }
+
+    pub fn configs(&self) -> Option<Arc<TlsConfigs>> {
+        self.configs.load_full()
+    }
+
+    pub fn bundle_pem(&self) -> Arc<String> {
+        self.bundle.load_full()
+    }
+
+    /// Resolves once the workload holds a certificate.
+    pub async fn wait_for_cert(&self) {
+        let mut rx = self.generation.subscribe();
+        let _ = rx.wait_for(|g| *g > 0).await;
+    }
+
+    /// A new trust bundle from the control plane (root rotation).
+    pub fn set_bundle(&self, pem: &str) {
+        if pem.is_empty() || self.bundle.load().as_str() == pem {
+            return;
+        }
+        self.bundle.store(Arc::new(pem.to_string()));
+        if let Err(e) = self.rebuild() {
+            tracing::warn!(error = %e, "cannot use the new trust bundle; keeping the previous one");
+        } else {
+            tracing::info!("installed a new trust bundle");
+        }
+    }
+
+    /// The control plane signs with `signer_id` now: renew if ours is older.
+    pub fn check_signer(&self, signer_id: &str) {
+        if signer_id.is_empty() {
+            return;
+        }
+        if let Some(c) = self.cert.load().as_ref() {
+            if c.signer_id != signer_id {
+                tracing::info!(old = %c.signer_id, new = %signer_id, "signer changed; renewing now");
+                self.renew_now.notify_one();
+            }
+        }
+    }
+
+    fn install(&self, cert: WorkloadCert, bundle_pem: String) -> Result<(), String> {
+        let cert = Arc::new(cert);
+        let roots = tls::roots_from_pem(&bundle_pem)?;
+        let configs = TlsConfigs::build(cert.certified.clone(), Arc::new(roots), &self.trust_domain)?;
+        self.bundle.store(Arc::new(bundle_pem));
+        self.configs.store(Some(Arc::new(configs)));
+        self.cert.store(Some(cert));
+        self.generation.send_modify(|g| *g += 1);
+        Ok(())
+    }
+
+    fn rebuild(&self) -> Result<(), String> {
+        let Some(cert) = self.cert.load_full() else {
+            return Ok(());
+        };
+        let roots = tls::roots_from_pem(&self.bundle.load())?;
+        let configs = TlsConfigs::build(cert.certified.clone(), Arc::new(roots), &self.trust_domain)?;
+        self.configs.store(Some(Arc::new(configs)));
+        Ok(())
+    }
+}
+
+/// Makes a fresh key pair and a CSR for `spiffe_id`.
+pub fn make_csr(spiffe_id: &str) -> Result<(rcgen::KeyPair, String), String> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| format!("key generation: {e}"))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    let uri = rcgen::string::Ia5String::try_from(spiffe_id.to_string())
+        .map_err(|e| format!("identity {spiffe_id:?}: {e}"))?;
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+    let csr = params
+        .serialize_request(&key)
+        .map_err(|e| format!("csr: {e}"))?;
+    let pem = csr.pem().map_err(|e| format!("csr pem: {e}"))?;
+    Ok((key, pem))
+}
+
+/// One Certify call: a new key, a CSR, the token; a checked certificate back.
+pub async fn certify(
+    channel: tonic::transport::Channel,
+    identity: &Identity,
+    token: &str,
+    lifetime: Duration,
+) -> Result<(WorkloadCert, String), String> {
+    let (key, csr_pem) = make_csr(&identity.spiffe_id)?;
+    let resp = IdentityClient::new(channel)
+        .certify(CertifyRequest {
+            token: token.to_string(),
+            csr_pem,
+            lifetime_seconds: lifetime.as_secs(),
+        })
+        .await
+        .map_err(|s| format!("certificate refused: {} ({:?})", s.message(), s.code()))?
+        .into_inner();
+    let chain = tls::certs_from_pem(&resp.certificate_chain_pem);
+    let leaf = chain.first().ok_or("the control plane sent no certificate")?;
+    if !tls::spiffe_ids(leaf).contains(&identity.spiffe_id) {
+        return Err(format!(
+            "the certificate is not for {} (got {:?})",
+            identity.spiffe_id,
+            tls::spiffe_ids(leaf)
+        ));
+    }
+    let not_after_unix = tls::not_after_unix(leaf).unwrap_or(resp.not_after_unix);
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let signing = tls::provider()
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| format!("loading the key: {e}"))?;
+    let certified = Arc::new(CertifiedKey::new(chain, signing));
+    certified
+        .keys_match()
+        .map_err(|e| format!("the certificate does not match our key: {e}"))?;
+    Ok((
+        WorkloadCert {
+            chain_pem: resp.certificate_chain_pem,
+            key_pem: key.serialize_pem(),
+            certified,
+            received: SystemTime::now(),
+            not_after_unix,
+            signer_id: resp.signer_id,
+        },
+        resp.trust_bundle_pem,
+    ))
+}
+
+/// Keeps a valid certificate for as long as the process runs.
+pub async fn run(state: Arc<crate::state::State>) {
+    let identity = state.identity.clone();
+    let s = &state.settings;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
+    loop {
+        let attempt = async {
+            let token = match &s.token_file {
+                Some(path) => std::fs::read_to_string(path)
+                    .map_err(|e| format!("reading the token file {}: {e}", path.display()))?,
+                None => return Err("no --token-file: cannot prove this workload's identity".into()),
+            };
+            let channel = crate::control_plane::channel(&state, false).await?;
+            certify(channel, &identity, token.trim(), s.cert_lifetime).await
+        };
+        match attempt.await {
+            Ok((cert, bundle)) => {
+                let not_after = cert.not_after_unix;
+                let renew_at = cert.renew_at();
+                if let Err(e) = identity.install(cert, bundle) {
+                    tracing::error!(error = %e, "cannot use the new certificate");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                    continue;
+                }
+                backoff.reset();
+                tracing::info!(identity = %identity.spiffe_id, not_after, "certificate installed");
+                let wait = renew_at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = identity.renew_now.notified() => {}
+                }
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                if identity.has_cert() {
+                    tracing::warn!(error = %e, retry_in = ?delay, "renewal failed; keeping the current certificate");
+                } else {
+                    tracing::error!(error = %e, retry_in = ?delay, "no certificate yet; not ready");
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csr_names_the_identity_and_keeps_the_key_here() {
+        let (key, pem) = make_csr("spiffe://cluster.local/ns/shop/sa/backend").unwrap();
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+        assert!(!pem.contains("PRIVATE KEY"));
+        let parsed = rcgen::CertificateSigningRequestParams::from_pem(&pem).unwrap();
+        assert_eq!(
+            parsed.params.subject_alt_names,
+            vec![rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from("spiffe://cluster.local/ns/shop/sa/backend").unwrap()
+            )]
+        );
+        use rcgen::PublicKeyData;
+        assert_eq!(parsed.public_key.der_bytes(), key.der_bytes());
+    }
+}
