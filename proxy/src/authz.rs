@@ -77,7 +77,9 @@ impl Authz {
                             methods: t
                                 .methods
                                 .iter()
-                                .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
+                                .filter_map(|m| {
+                                    Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok()
+                                })
                                 .collect(),
                             paths: t.paths.iter().map(|p| PathPattern::parse(p)).collect(),
                         })
@@ -111,7 +113,11 @@ impl Authz {
     /// Whether `peer` may open an opaque TCP connection (rules with `to`
     /// operations are about HTTP and do not allow TCP).
     pub fn allows_connection(&self, peer: Option<&str>) -> bool {
-        !self.present || self.rules.iter().any(|r| r.to.is_empty() && r.caller_matches(peer))
+        !self.present
+            || self
+                .rules
+                .iter()
+                .any(|r| r.to.is_empty() && r.caller_matches(peer))
     }
 }
 
@@ -172,22 +178,37 @@ mod tests {
         assert!(!a.allows_request(Some(FRONTEND), &Method::GET, "/admin"));
         assert!(!a.allows_request(Some(OTHER), &Method::GET, "/api/orders"));
         assert!(!a.allows_request(None, &Method::GET, "/api/orders"));
-        assert!(!a.allows_connection(Some(FRONTEND)), "HTTP-only rules do not open TCP");
+        assert!(
+            !a.allows_connection(Some(FRONTEND)),
+            "HTTP-only rules do not open TCP"
+        );
     }
 
     #[test]
     fn permissive_star_admits_plaintext_callers() {
         let p = policy(
             MtlsMode::Permissive,
-            vec![AuthorizationRule { from: vec!["*".into()], to: vec![] }],
+            vec![AuthorizationRule {
+                from: vec!["*".into()],
+                to: vec![],
+            }],
         );
         let a = Authz::compile([&p]);
         assert!(a.allows_plaintext());
         assert!(a.allows_request(None, &Method::GET, "/"));
         assert!(a.allows_connection(None));
-        let empty_from = policy(MtlsMode::Permissive, vec![AuthorizationRule { from: vec![], to: vec![] }]);
+        let empty_from = policy(
+            MtlsMode::Permissive,
+            vec![AuthorizationRule {
+                from: vec![],
+                to: vec![],
+            }],
+        );
         let a = Authz::compile([&empty_from]);
         assert!(a.allows_request(Some(OTHER), &Method::GET, "/"));
-        assert!(!a.allows_request(None, &Method::GET, "/"), "empty from = authenticated only");
+        assert!(
+            !a.allows_request(None, &Method::GET, "/"),
+            "empty from = authenticated only"
+        );
     }
 }

@@ -14,6 +14,8 @@ pub enum ProxyBody {
     Incoming(Incoming),
     /// A complete body held in memory (the proxy's own answers).
     Full(Option<Bytes>),
+    /// A request body that a retry can send again.
+    Replay(crate::replay::ReplayBody),
 }
 
 impl ProxyBody {
@@ -48,6 +50,7 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Replay(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -55,6 +58,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Incoming(b) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Replay(b) => b.is_end_stream(),
         }
     }
 
@@ -62,6 +66,7 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Incoming(b) => b.size_hint(),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Replay(b) => b.size_hint(),
         }
     }
 }

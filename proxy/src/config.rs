@@ -259,7 +259,8 @@ impl Settings {
             advertise: pick!(advertise),
             token_file: pick!(token_file),
             ca_file: pick!(ca_file),
-            control_plane_name: pick!(control_plane_name).unwrap_or_else(|| "remora-control".into()),
+            control_plane_name: pick!(control_plane_name)
+                .unwrap_or_else(|| "remora-control".into()),
             trust_domain: pick!(trust_domain).unwrap_or_else(|| "cluster.local".into()),
             cert_lifetime: pick!(cert_lifetime).unwrap_or(Duration::from_secs(24 * 3600)),
             outbound_addr: SocketAddr::new(

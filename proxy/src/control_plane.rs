@@ -33,10 +33,7 @@ pub async fn channel(state: &State, client_cert: bool) -> Result<Channel, String
         .ca_certificate(Certificate::from_pem(ca))
         .domain_name(s.control_plane_name.clone());
     if client_cert {
-        let cert = state
-            .identity
-            .cert()
-            .ok_or("no workload certificate yet")?;
+        let cert = state.identity.cert().ok_or("no workload certificate yet")?;
         tls = tls.identity(tonic::transport::Identity::from_pem(
             &cert.chain_pem,
             cert.key_pem(),
@@ -67,7 +64,10 @@ pub async fn channel(state: &State, client_cert: bool) -> Result<Channel, String
 mod tests {
     #[test]
     fn urls_become_https() {
-        assert_eq!(super::https_url("127.0.0.1:15012"), "https://127.0.0.1:15012");
+        assert_eq!(
+            super::https_url("127.0.0.1:15012"),
+            "https://127.0.0.1:15012"
+        );
         assert_eq!(super::https_url("http://cp:1"), "https://cp:1");
         assert_eq!(super::https_url("https://cp:1"), "https://cp:1");
     }

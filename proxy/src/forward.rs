@@ -30,21 +30,6 @@ pub fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// HTTP/1 framing the proxy refuses rather than guess at: both
-/// `Content-Length` and `Transfer-Encoding` (request smuggling's favourite).
-pub fn check_framing<B>(req: &Request<B>) -> Result<(), ProxyError> {
-    if req.version() < Version::HTTP_2
-        && req.headers().contains_key(header::TRANSFER_ENCODING)
-        && req.headers().contains_key(header::CONTENT_LENGTH)
-    {
-        return Err(ProxyError::new(
-            Cause::BadRequest,
-            "both Content-Length and Transfer-Encoding",
-        ));
-    }
-    Ok(())
-}
-
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade`).
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -138,12 +123,18 @@ pub async fn forward(
                     .map(str::to_string)
             })
             .ok_or_else(|| ProxyError::new(Cause::BadRequest, "no Host header"))?;
-        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
         parts.uri = format!("http://{host}{pq}")
             .parse()
             .map_err(|_| ProxyError::new(Cause::BadRequest, "invalid Host or request target"))?;
         parts.headers.remove(header::HOST);
-        parts.headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        parts
+            .headers
+            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
         parts.version = Version::HTTP_2;
     }
     if version == Upstream::Http1 {
@@ -238,16 +229,5 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h[header::UPGRADE], "websocket");
         assert_eq!(h[header::CONNECTION], "upgrade");
-    }
-
-    #[test]
-    fn refuses_conflicting_framing() {
-        let req = Request::builder()
-            .header(header::CONTENT_LENGTH, "5")
-            .header(header::TRANSFER_ENCODING, "chunked")
-            .body(())
-            .unwrap();
-        let e = check_framing(&req).unwrap_err();
-        assert_eq!(e.cause, Cause::BadRequest);
     }
 }

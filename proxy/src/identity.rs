@@ -129,7 +129,8 @@ impl Identity {
     fn install(&self, cert: WorkloadCert, bundle_pem: String) -> Result<(), String> {
         let cert = Arc::new(cert);
         let roots = tls::roots_from_pem(&bundle_pem)?;
-        let configs = TlsConfigs::build(cert.certified.clone(), Arc::new(roots), &self.trust_domain)?;
+        let configs =
+            TlsConfigs::build(cert.certified.clone(), Arc::new(roots), &self.trust_domain)?;
         self.bundle.store(Arc::new(bundle_pem));
         self.configs.store(Some(Arc::new(configs)));
         self.cert.store(Some(cert));
@@ -142,7 +143,8 @@ impl Identity {
             return Ok(());
         };
         let roots = tls::roots_from_pem(&self.bundle.load())?;
-        let configs = TlsConfigs::build(cert.certified.clone(), Arc::new(roots), &self.trust_domain)?;
+        let configs =
+            TlsConfigs::build(cert.certified.clone(), Arc::new(roots), &self.trust_domain)?;
         self.configs.store(Some(Arc::new(configs)));
         Ok(())
     }
@@ -182,7 +184,9 @@ pub async fn certify(
         .map_err(|s| format!("certificate refused: {} ({:?})", s.message(), s.code()))?
         .into_inner();
     let chain = tls::certs_from_pem(&resp.certificate_chain_pem);
-    let leaf = chain.first().ok_or("the control plane sent no certificate")?;
+    let leaf = chain
+        .first()
+        .ok_or("the control plane sent no certificate")?;
     if !tls::spiffe_ids(leaf).contains(&identity.spiffe_id) {
         return Err(format!(
             "the certificate is not for {} (got {:?})",
@@ -273,7 +277,8 @@ mod tests {
         assert_eq!(
             parsed.params.subject_alt_names,
             vec![rcgen::SanType::URI(
-                rcgen::string::Ia5String::try_from("spiffe://cluster.local/ns/shop/sa/backend").unwrap()
+                rcgen::string::Ia5String::try_from("spiffe://cluster.local/ns/shop/sa/backend")
+                    .unwrap()
             )]
         );
         use rcgen::PublicKeyData;

@@ -12,13 +12,13 @@ use crate::body::ProxyBody;
 use crate::detect::{self, Detected};
 use crate::drain::Drain;
 use crate::error::{Cause, ProxyError};
-use crate::forward::{check_framing, forward, is_grpc, restore_orig_proto};
-use crate::tls::{self, Carry};
+use crate::forward::{forward, is_grpc, restore_orig_proto};
 use crate::intercept;
 use crate::io::{Activity, Prefixed};
 use crate::pool::{self, EndpointPool};
 use crate::serve::{serve_http, Builder};
 use crate::state::State;
+use crate::tls::{self, Carry};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use remora_proto::policy::Protocol;
@@ -56,7 +56,9 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
     let (app, pool) = match intercept::redirected_destination(&stream) {
         Some(dst) => (dst, state.pools.get(dst, None)),
         None => match (state.settings.app_port, &state.app_pool) {
-            (Some(port), Some(pool)) => (SocketAddr::from((Ipv4Addr::LOCALHOST, port)), pool.clone()),
+            (Some(port), Some(pool)) => {
+                (SocketAddr::from((Ipv4Addr::LOCALHOST, port)), pool.clone())
+            }
             _ => {
                 tracing::warn!("inbound connection but no --app-port and not redirected; closing");
                 return;
@@ -152,18 +154,25 @@ async fn handle(
 ) -> Response<ProxyBody> {
     let grpc = is_grpc(&req);
     let limits = &state.settings.limits;
-    let result = match check_framing(&req) {
-        Err(e) => Err(e),
-        Ok(()) if !state.mesh.load().authz.allows_request(peer.as_deref(), req.method(), req.uri().path()) => {
-            Err(ProxyError::new(
-                Cause::Denied,
-                format!("{} may not {} {}", peer.as_deref().unwrap_or("an unauthenticated caller"), req.method(), req.uri().path()),
-            ))
-        }
-        Ok(()) => {
-            restore_orig_proto(&mut req);
-            forward(req, &app, limits.connect_timeout, limits.idle_timeout).await
-        }
+    let allowed =
+        state
+            .mesh
+            .load()
+            .authz
+            .allows_request(peer.as_deref(), req.method(), req.uri().path());
+    let result = if allowed {
+        restore_orig_proto(&mut req);
+        forward(req, &app, limits.connect_timeout, limits.idle_timeout).await
+    } else {
+        Err(ProxyError::new(
+            Cause::Denied,
+            format!(
+                "{} may not {} {}",
+                peer.as_deref().unwrap_or("an unauthenticated caller"),
+                req.method(),
+                req.uri().path()
+            ),
+        ))
     };
     match result {
         Ok(resp) => resp,

@@ -20,6 +20,7 @@ pub mod io;
 pub mod mesh;
 pub mod outbound;
 pub mod pool;
+pub mod replay;
 pub mod route;
 pub mod run;
 pub mod serve;

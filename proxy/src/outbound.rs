@@ -13,7 +13,7 @@
 use crate::body::ProxyBody;
 use crate::drain::Drain;
 use crate::error::{Cause, ProxyError};
-use crate::forward::{check_framing, forward, is_grpc};
+use crate::forward::{forward, is_grpc};
 use crate::io::{Activity, Prefixed};
 use crate::mesh::{Endpoint, Mesh, Service};
 use crate::serve::{serve_http, Builder};
@@ -141,7 +141,6 @@ async fn route_and_forward(
     target: &Target,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    check_framing(&req)?;
     let mesh = state.mesh.load_full();
     if req.method() == http::Method::CONNECT {
         return connect_tunnel(state, &mesh, req).await;
@@ -222,7 +221,10 @@ async fn connect_tunnel(
     let limits = &state.settings.limits;
     let upstream = endpoint
         .pool
-        .open(Carry::Tcp, svc.connect_timeout.unwrap_or(limits.connect_timeout))
+        .open(
+            Carry::Tcp,
+            svc.connect_timeout.unwrap_or(limits.connect_timeout),
+        )
         .await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let idle = limits.idle_timeout;

@@ -17,11 +17,11 @@ use crate::body::ProxyBody;
 use crate::error::ProxyError;
 use crate::identity::Identity;
 use crate::tls::Carry;
-use rustls::pki_types::ServerName;
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
@@ -131,10 +131,13 @@ impl EndpointPool {
             .configs()
             .ok_or_else(|| ProxyError::connect("no workload certificate yet"))?;
         let connector = tokio_rustls::TlsConnector::from(configs.client(carry));
-        let tls = tokio::time::timeout(self.settings.connect_timeout, connector.connect(peer.clone(), tcp))
-            .await
-            .map_err(|_| ProxyError::connect(format!("{}: TLS handshake timed out", self.addr)))?
-            .map_err(|e| ProxyError::connect(format!("{}: TLS handshake: {e}", self.addr)))?;
+        let tls = tokio::time::timeout(
+            self.settings.connect_timeout,
+            connector.connect(peer.clone(), tcp),
+        )
+        .await
+        .map_err(|_| ProxyError::connect(format!("{}: TLS handshake timed out", self.addr)))?
+        .map_err(|e| ProxyError::connect(format!("{}: TLS handshake: {e}", self.addr)))?;
         if tls.get_ref().1.alpn_protocol() != Some(carry.alpn()) {
             return Err(ProxyError::connect(format!(
                 "{}: the peer did not agree to {}",

@@ -25,7 +25,11 @@ pub struct State {
 
 impl State {
     pub fn new(settings: Settings) -> Arc<State> {
-        let identity = Identity::new(&settings.namespace, &settings.service, &settings.trust_domain);
+        let identity = Identity::new(
+            &settings.namespace,
+            &settings.service,
+            &settings.trust_domain,
+        );
         let pools = Pools::new(
             PoolSettings {
                 max_idle_per_endpoint: settings.limits.pool_max_idle,

@@ -72,9 +72,10 @@ impl TlsConfigs {
         trust_domain: &str,
     ) -> Result<TlsConfigs, String> {
         let provider = provider();
-        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| format!("client verifier: {e}"))?;
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| format!("client verifier: {e}"))?;
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| e.to_string())?
@@ -146,9 +147,19 @@ pub fn parse_spiffe(id: &str) -> Option<(&str, &str, &str)> {
     let rest = id.strip_prefix("spiffe://")?;
     let (td, path) = rest.split_once('/')?;
     let mut parts = path.split('/');
-    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
         (Some("ns"), Some(ns), Some("sa"), Some(sa), None)
-            if !td.is_empty() && !ns.is_empty() && !sa.is_empty() && !ns.contains('.') && !sa.contains('.') =>
+            if !td.is_empty()
+                && !ns.is_empty()
+                && !sa.is_empty()
+                && !ns.contains('.')
+                && !sa.contains('.') =>
         {
             Some((td, ns, sa))
         }

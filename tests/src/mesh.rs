@@ -344,6 +344,38 @@ impl App {
 
 // ------------------------------------------------------------------ proxies
 
+/// Fills in a proxy's identity: a bootstrap token from the control plane
+/// (unless the test chose one) and the control plane's trust bundle.
+async fn with_identity(
+    cp: &ControlPlane,
+    mut opts: ProxyOpts,
+) -> (ProxyOpts, Option<tempfile::TempDir>) {
+    if opts.ca_file.is_none() {
+        opts.ca_file = Some(cp.data_dir().join("trust-bundle.pem"));
+    }
+    if opts.token_file.is_some() {
+        return (opts, None);
+    }
+    let token = cp
+        .cli_ok(&[
+            "token",
+            "create",
+            "--service",
+            &opts.service,
+            "--namespace",
+            &opts.namespace,
+        ])
+        .await;
+    let dir = tempfile::Builder::new()
+        .prefix("remora-identity-")
+        .tempdir()
+        .expect("a temp dir for the token");
+    let path = dir.path().join("token");
+    std::fs::write(&path, token.trim()).expect("writing the token");
+    opts.token_file = Some(path);
+    (opts, Some(dir))
+}
+
 /// What a `remora-proxy run` is started with, besides its ports.
 #[derive(Debug, Clone)]
 pub struct ProxyOpts {
@@ -352,6 +384,12 @@ pub struct ProxyOpts {
     pub labels: Vec<(String, String)>,
     pub app_port: u16,
     pub extra_args: Vec<String>,
+    /// The bootstrap token file; `Proxy::start` makes one with
+    /// `remora-control token create` when this is None.
+    pub token_file: Option<PathBuf>,
+    /// The trust bundle that verifies the control plane; defaults to the
+    /// control plane's `<data-dir>/trust-bundle.pem`.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl ProxyOpts {
@@ -362,7 +400,15 @@ impl ProxyOpts {
             labels: Vec::new(),
             app_port,
             extra_args: Vec::new(),
+            token_file: None,
+            ca_file: None,
         }
+    }
+
+    /// Starts the proxy with this token file (which may be missing or wrong).
+    pub fn token_file(mut self, path: &Path) -> ProxyOpts {
+        self.token_file = Some(path.to_path_buf());
+        self
     }
 
     pub fn label(mut self, key: &str, value: &str) -> ProxyOpts {
@@ -385,13 +431,25 @@ pub struct Proxy {
     admin: SocketAddr,
     health: SocketAddr,
     proc: Proc,
+    _identity_dir: Option<tempfile::TempDir>,
 }
 
 impl Proxy {
-    /// Starts a proxy of `cp` and waits until its `/ready` answers 200.
+    /// Starts a proxy of `cp` with a fresh bootstrap token for its identity
+    /// and waits until its `/ready` answers 200.
     pub async fn start(cp: &ControlPlane, opts: ProxyOpts) -> Proxy {
+        let (opts, dir) = with_identity(cp, opts).await;
         let mut proxy = Proxy::spawn(&cp.url(), opts);
+        proxy._identity_dir = dir;
         proxy.wait_ready().await;
+        proxy
+    }
+
+    /// Starts a proxy of `cp` (with a token, as `start`) without waiting.
+    pub async fn start_unready(cp: &ControlPlane, opts: ProxyOpts) -> Proxy {
+        let (opts, dir) = with_identity(cp, opts).await;
+        let mut proxy = Proxy::spawn(&cp.url(), opts);
+        proxy._identity_dir = dir;
         proxy
     }
 
@@ -411,8 +469,14 @@ impl Proxy {
             .args(["--advertise", &format!("127.0.0.1:{inbound}")])
             .args(["--outbound-port", &outbound.to_string()])
             .args(["--admin-port", &admin.to_string()])
-            .args(["--health-port", &health.to_string()])
-            .args(&opts.extra_args);
+            .args(["--health-port", &health.to_string()]);
+        if let Some(t) = &opts.token_file {
+            cmd.arg("--token-file").arg(t);
+        }
+        if let Some(c) = &opts.ca_file {
+            cmd.arg("--ca-file").arg(c);
+        }
+        cmd.args(&opts.extra_args);
         let local = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         Proxy {
             inbound: local(inbound),
@@ -420,6 +484,7 @@ impl Proxy {
             admin: local(admin),
             health: local(health),
             proc: Proc::spawn(&format!("remora-proxy-{}", opts.service), &mut cmd),
+            _identity_dir: None,
         }
     }
 

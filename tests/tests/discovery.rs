@@ -75,7 +75,7 @@ async fn a_joining_instance_gets_traffic_within_1s_of_ready() {
 
     let app = App::start("backend", "v3", Mode::Http).await;
     let opts = ProxyOpts::new("backend", "shop", app.port()).label("version", "v3");
-    let mut v3 = Proxy::spawn(&cp.url(), opts);
+    let mut v3 = Proxy::start_unready(&cp, opts).await;
     v3.wait_ready().await;
     let ready = Instant::now();
     let mut last: String;
