@@ -1,18 +1,26 @@
 //! The `remora.v1.Admin` gRPC service: apply, get, delete, history, diff,
-//! rollback and status. Authentication is the [`crate::auth::AdminAuth`]
+//! rollback and status, plus bootstrap tokens and root rotation (in
+//! [`crate::admin_identity`]). Authentication is the [`crate::auth::AdminAuth`]
 //! interceptor in front of it.
 //!
 //! Every change is validated whole, committed durably, and only then published
 //! to the proxies and answered.
 
+use crate::admin_identity;
+use crate::ca::Authority;
 use crate::changes::{self, Plan};
 use crate::registry::{resources_of, Registry};
+use crate::rotation::Rotation;
 use crate::store::{HistoryRecord, Store, StoreError};
+use crate::tokens::TokenStore;
 use remora_proto::policy::{parse_documents, Document, Kind, ResourceKey};
 use remora_proto::v1::admin_server::Admin;
 use remora_proto::v1::{
-    ApplyRequest, ApplyResponse, DeleteRequest, DiffRequest, DiffResponse, GetRequest, GetResponse,
-    HistoryEntry, HistoryRequest, HistoryResponse, RollbackRequest, StatusRequest, StatusResponse,
+    ApplyRequest, ApplyResponse, CreateTokenRequest, CreateTokenResponse, DeleteRequest,
+    DiffRequest, DiffResponse, GetRequest, GetResponse, HistoryEntry, HistoryRequest,
+    HistoryResponse, ListTokensRequest, ListTokensResponse, RevokeTokenRequest,
+    RevokeTokenResponse, RollbackRequest, RotateCaRequest, RotateCaResponse, StatusRequest,
+    StatusResponse,
 };
 use std::sync::Arc;
 use tokio::sync::Mutex;
@@ -23,11 +31,28 @@ use tonic::{Request, Response, Status};
 pub struct AdminService {
     store: Arc<Mutex<Store>>,
     registry: Arc<Registry>,
+    identity: AdminIdentity,
+}
+
+/// What the identity RPCs need.
+#[derive(Debug, Clone)]
+pub struct AdminIdentity {
+    pub tokens: Arc<TokenStore>,
+    pub rotation: Arc<Rotation>,
+    pub authority: Arc<Authority>,
 }
 
 impl AdminService {
-    pub fn new(store: Arc<Mutex<Store>>, registry: Arc<Registry>) -> AdminService {
-        AdminService { store, registry }
+    pub fn new(
+        store: Arc<Mutex<Store>>,
+        registry: Arc<Registry>,
+        identity: AdminIdentity,
+    ) -> AdminService {
+        AdminService {
+            store,
+            registry,
+            identity,
+        }
     }
 
     /// Runs `f` on the store, on the blocking pool (redb reads and fsyncs block),
@@ -255,10 +280,49 @@ impl Admin for AdminService {
         _request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let snapshot = self.registry.current_snapshot();
+        let ca = self.identity.authority.current();
         Ok(Response::new(StatusResponse {
             policy_version: snapshot.policy_version,
             snapshot_version: snapshot.version.clone(),
             proxies: self.registry.status(),
+            retiring_signer_id: ca.retiring.clone(),
+            signer_id: ca.signer.id.clone(),
         }))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        admin_identity::create_token(&self.identity.tokens, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<RevokeTokenResponse>, Status> {
+        admin_identity::revoke_token(&self.identity.tokens, request.into_inner().token_id)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        admin_identity::list_tokens(&self.identity.tokens)
+            .await
+            .map(Response::new)
+    }
+
+    async fn rotate_ca(
+        &self,
+        _request: Request<RotateCaRequest>,
+    ) -> Result<Response<RotateCaResponse>, Status> {
+        admin_identity::rotate_ca(&self.identity.rotation)
+            .await
+            .map(Response::new)
     }
 }

@@ -3,18 +3,26 @@
 //!
 //! | option | env | default |
 //! | --- | --- | --- |
-//! | `--server URL` | `REMORA_CONTROL_PLANE` | `http://127.0.0.1:15012` |
+//! | `--server URL` | `REMORA_CONTROL_PLANE` | `https://127.0.0.1:15012` (always TLS) |
 //! | `--admin-token TOKEN` | `REMORA_ADMIN_TOKEN` | read from `<data-dir>/admin.token` |
 //! | `--data-dir DIR` | `REMORA_DATA_DIR` | `./remora-data` |
+//! | `--ca-file FILE` | `REMORA_CA_FILE` | `<data-dir>/trust-bundle.pem` (serve writes it, clients verify with it) |
+//! | `--server-name NAME` | `REMORA_SERVER_NAME` | `remora-control` (serve: extra certificate names; clients: the name verified) |
 //! | `serve --listen ADDR` | `REMORA_LISTEN` | `127.0.0.1:15012` |
 //! | `serve --http-listen ADDR` | `REMORA_HTTP_LISTEN` | `127.0.0.1:15014` |
 //! | `serve --trust-domain NAME` | `REMORA_TRUST_DOMAIN` | `cluster.local` |
+//! | `serve --ca-cert F --ca-key F [--ca-bundle F]` | `REMORA_CA_CERT`, `REMORA_CA_KEY`, `REMORA_CA_BUNDLE` | a generated root |
+//! | `serve --cert-lifetime DUR` | `REMORA_CERT_LIFETIME` | `24h` |
+//! | `serve --max-cert-lifetime DUR` | `REMORA_MAX_CERT_LIFETIME` | `24h` |
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:15012";
+pub const DEFAULT_SERVER: &str = "https://127.0.0.1:15012";
+/// The name clients verify in the control plane's certificate by default.
+pub const DEFAULT_SERVER_NAME: &str = "remora-control";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,9 +39,25 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// The control plane's gRPC address (a bare host:port means http://host:port)
+    /// The control plane's gRPC address: https://host:port or host:port
+    /// (http://host:port is accepted too, but the connection always uses TLS)
     #[arg(long, global = true, env = "REMORA_CONTROL_PLANE", value_name = "URL")]
     pub server: Option<String>,
+    /// The trust bundle (PEM roots): serve writes it, the other commands verify
+    /// the server with it [default: <data-dir>/trust-bundle.pem]
+    #[arg(long, global = true, env = "REMORA_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// serve: an extra name (DNS or IP) for its certificate, repeatable;
+    /// other commands: the name to verify in the server's certificate
+    /// [default: remora-control]
+    #[arg(
+        long,
+        global = true,
+        env = "REMORA_SERVER_NAME",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub server_name: Vec<String>,
     /// The Admin API token (default: read <data-dir>/admin.token)
     #[arg(
         long,
@@ -78,8 +102,42 @@ pub enum Command {
         #[arg(value_name = "VERSION", value_parser = clap::value_parser!(u64).range(1..))]
         version: u64,
     },
-    /// Show the connected proxies, their acked versions and NACKs
+    /// Show the connected proxies, their acked versions, NACKs and certificates
     Status,
+    /// Bootstrap tokens: each proves one workload identity to Identity.Certify
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The certificate authority
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; prints only the token (`... > token-file` works)
+    Create {
+        #[arg(long, value_name = "S")]
+        service: String,
+        #[arg(short = 'n', long, value_name = "N")]
+        namespace: String,
+        /// How long the token may be used (e.g. 1h, 7d) [default: no expiry]
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Revoke a token: Identity.Certify refuses it from now on
+    Revoke {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// List every token (never their secrets)
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Start a root rotation: a new root signs from now on; the old one is
+    /// retired once every proxy runs a certificate from the new one
+    Rotate,
 }
 
 #[derive(Debug, Args)]
@@ -108,6 +166,44 @@ pub struct ServeArgs {
         value_parser = parse_trust_domain
     )]
     pub trust_domain: String,
+    /// Sign with the operator's CA certificate (a root, or an intermediate
+    /// optionally followed by the intermediates above it) instead of a
+    /// generated root
+    #[arg(long, env = "REMORA_CA_CERT", value_name = "FILE", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The --ca-cert's unencrypted PKCS#8 key
+    #[arg(long, env = "REMORA_CA_KEY", value_name = "FILE", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// The trusted root(s) above an intermediate --ca-cert [default: the --ca-cert itself]
+    #[arg(
+        long,
+        env = "REMORA_CA_BUNDLE",
+        value_name = "FILE",
+        requires = "ca_cert"
+    )]
+    pub ca_bundle: Option<PathBuf>,
+    /// The lifetime of a workload certificate whose request names none
+    #[arg(
+        long,
+        env = "REMORA_CERT_LIFETIME",
+        default_value = "24h",
+        value_name = "DUR",
+        value_parser = parse_duration
+    )]
+    pub cert_lifetime: Duration,
+    /// The longest workload certificate lifetime granted (at least 1m)
+    #[arg(
+        long,
+        env = "REMORA_MAX_CERT_LIFETIME",
+        default_value = "24h",
+        value_name = "DUR",
+        value_parser = parse_duration
+    )]
+    pub max_cert_lifetime: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 90s, 10m, 24h, 7d)"))
 }
 
 #[derive(Debug, Args)]
@@ -169,12 +265,23 @@ fn parse_trust_domain(s: &str) -> Result<String, String> {
     }
 }
 
-/// The server URL with a scheme (`host:port` becomes `http://host:port`).
-pub fn server_url(server: Option<&str>) -> String {
-    match server {
-        None => DEFAULT_SERVER.to_string(),
-        Some(s) if s.contains("://") => s.to_string(),
-        Some(s) => format!("http://{s}"),
+/// The server URL, always `https://`: `host:port` and `http://host:port`
+/// both become `https://host:port`.
+pub fn server_url(server: Option<&str>) -> Result<String, String> {
+    let Some(s) = server else {
+        return Ok(DEFAULT_SERVER.to_string());
+    };
+    let s = s.trim();
+    if let Some(rest) = s.strip_prefix("https://") {
+        Ok(format!("https://{rest}"))
+    } else if let Some(rest) = s.strip_prefix("http://") {
+        Ok(format!("https://{rest}"))
+    } else if s.contains("://") {
+        Err(format!(
+            "invalid --server {s:?}: use https://host:port or host:port"
+        ))
+    } else {
+        Ok(format!("https://{s}"))
     }
 }
 
@@ -189,10 +296,40 @@ mod tests {
     }
 
     #[test]
-    fn server_urls_get_a_scheme() {
-        assert_eq!(server_url(None), DEFAULT_SERVER);
-        assert_eq!(server_url(Some("cp:15012")), "http://cp:15012");
-        assert_eq!(server_url(Some("https://cp:15012")), "https://cp:15012");
+    fn server_urls_always_use_tls() {
+        assert_eq!(server_url(None).unwrap(), DEFAULT_SERVER);
+        assert_eq!(server_url(Some("cp:15012")).unwrap(), "https://cp:15012");
+        assert_eq!(
+            server_url(Some("http://cp:15012")).unwrap(),
+            "https://cp:15012"
+        );
+        assert_eq!(
+            server_url(Some("https://cp:15012")).unwrap(),
+            "https://cp:15012"
+        );
+        assert!(server_url(Some("ftp://cp")).is_err());
+    }
+
+    #[test]
+    fn token_and_ca_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "remora-control",
+            "token",
+            "create",
+            "--service",
+            "b",
+            "--namespace",
+            "shop",
+            "--ttl",
+            "1h",
+        ])
+        .unwrap();
+        let Command::Token(TokenCommand::Create { ttl, .. }) = cli.command else {
+            panic!("not token create")
+        };
+        assert_eq!(ttl, Some(Duration::from_secs(3600)));
+        assert!(Cli::try_parse_from(["remora-control", "ca", "rotate"]).is_ok());
+        assert!(Cli::try_parse_from(["remora-control", "serve", "--ca-key", "k"]).is_err());
     }
 
     #[test]

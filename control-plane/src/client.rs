@@ -4,7 +4,8 @@
 
 use crate::auth::{read_token, token_path};
 use crate::cli::{ApplyArgs, Command, DeleteArgs, GetArgs, GlobalArgs, Output};
-use crate::output;
+use crate::connect::{self, Target};
+use crate::{identity_commands, output};
 use anyhow::{anyhow, bail, Context as _};
 use remora_proto::v1::admin_client::AdminClient;
 use remora_proto::v1::{
@@ -13,20 +14,16 @@ use remora_proto::v1::{
 };
 use std::io::Read as _;
 use std::path::Path;
-use std::time::Duration;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
-
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 type Client = AdminClient<InterceptedService<Channel, BearerToken>>;
 
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
-struct BearerToken(AsciiMetadataValue);
+pub(crate) struct BearerToken(AsciiMetadataValue);
 
 impl tonic::service::Interceptor for BearerToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
@@ -38,14 +35,14 @@ impl tonic::service::Interceptor for BearerToken {
 }
 
 /// A connected Admin client, with what error messages need to say.
-struct Admin {
-    client: Client,
+pub(crate) struct Admin {
+    pub(crate) client: Client,
     url: String,
 }
 
 impl Admin {
     async fn connect(global: &GlobalArgs) -> anyhow::Result<Admin> {
-        let url = crate::cli::server_url(global.server.as_deref());
+        let target = Target::from_args(global)?;
         let token = match &global.admin_token {
             Some(token) => token.trim().to_string(),
             None => {
@@ -61,26 +58,20 @@ impl Admin {
         let bearer: AsciiMetadataValue = format!("Bearer {token}")
             .parse()
             .map_err(|_| anyhow!("the admin token has characters that cannot be sent"))?;
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| anyhow!("invalid --server URL {url:?}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| anyhow!("cannot reach the control plane at {url}: {}", chain(&e)))?;
+        let channel = connect::channel(&target).await?;
         Ok(Admin {
             client: AdminClient::with_interceptor(channel, BearerToken(bearer)),
-            url,
+            url: target.url,
         })
     }
 
     /// Turns a refusal into a message for the operator.
-    fn error(&self, action: &str, status: Status) -> anyhow::Error {
+    pub(crate) fn error(&self, action: &str, status: Status) -> anyhow::Error {
         let message = status.message();
         match status.code() {
             Code::InvalidArgument => anyhow!("{action} refused: {message}"),
             Code::NotFound => anyhow!("{action}: {message}"),
+            Code::FailedPrecondition => anyhow!("{action} refused: {message}"),
             Code::Unauthenticated => anyhow!(
                 "the control plane at {} refused the admin token: {message}",
                 self.url
@@ -91,18 +82,6 @@ impl Admin {
             code => anyhow!("{action} failed: {code:?}: {message}"),
         }
     }
-}
-
-/// An error and its sources, joined with ": ".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 /// Runs one operator command (everything but `serve`).
@@ -170,17 +149,11 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         Command::Status => {
             let response = admin.client.status(StatusRequest {}).await;
             let status = response.map_err(|s| admin.error("status", s))?.into_inner();
-            println!(
-                "policy version {} (snapshot {})",
-                status.policy_version, status.snapshot_version
-            );
-            if status.proxies.is_empty() {
-                println!("no proxies connected");
-            } else {
-                print!("{}", output::status_table(&status.proxies));
-            }
+            print!("{}", output::status(&status));
             Ok(())
         }
+        Command::Token(command) => identity_commands::token(&mut admin, command).await,
+        Command::Ca(command) => identity_commands::ca(&mut admin, command).await,
     }
 }
 

@@ -1,5 +1,11 @@
 //! The `remora.v1.Discovery` service: one bidirectional stream per proxy.
 //!
+//! The stream needs a client certificate (from `Identity.Certify`) whose URI
+//! SAN is exactly the SPIFFE ID of the service and namespace the Register
+//! names: no certificate is UNAUTHENTICATED, another identity is
+//! PERMISSION_DENIED. So only a workload that proved its identity can make
+//! itself an endpoint of its service.
+//!
 //! The proxy's first message registers it (and, with an address, its endpoint);
 //! the control plane answers with the current snapshot and then every new one.
 //! The proxy ACKs or NACKs each version. When the stream closes or fails —
@@ -9,7 +15,7 @@
 use crate::registry::{Registry, StreamId};
 use remora_proto::v1::discovery_request::Kind as RequestKind;
 use remora_proto::v1::discovery_server::Discovery;
-use remora_proto::v1::{DiscoveryRequest, Register, Snapshot};
+use remora_proto::v1::{Ack, DiscoveryRequest, Register, Snapshot};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -92,8 +98,20 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let Some(peer) = crate::tls::peer_spiffe_id(&request)? else {
+            tracing::warn!(peer = ?request.remote_addr(), "discovery stream without a client certificate refused");
+            return Err(Status::unauthenticated(
+                "a discovery stream needs a client certificate: get one from Identity.Certify \
+                 and present it in the TLS handshake",
+            ));
+        };
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        tokio::spawn(accept(self.registry.clone(), request.into_inner(), tx));
+        tokio::spawn(accept(
+            self.registry.clone(),
+            peer,
+            request.into_inner(),
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -123,11 +141,21 @@ async fn read_register(inbound: &mut Streaming<DiscoveryRequest>) -> Result<Regi
 /// Registers the proxy, serves it, and removes it when its stream ends.
 async fn accept(
     registry: Arc<Registry>,
+    peer: String,
     mut inbound: Streaming<DiscoveryRequest>,
     tx: mpsc::Sender<Result<Snapshot, Status>>,
 ) {
     let registered = tokio::select! {
-        r = read_register(&mut inbound) => r,
+        r = read_register(&mut inbound) => r.and_then(|register| {
+            let claimed = registry.identity(&register.namespace, &register.service);
+            if claimed == peer {
+                Ok(register)
+            } else {
+                Err(Status::permission_denied(format!(
+                    "the client certificate is for {peer}, but the Register claims {claimed}"
+                )))
+            }
+        }),
         _ = registry.closed() => Err(Status::unavailable("the control plane is shutting down")),
     };
     let register = match registered {
@@ -274,9 +302,15 @@ fn handle_message(
             } else {
                 tracing::warn!(stream = id, version = %ack.version, error = %ack.error, "snapshot refused (NACK)");
             }
-            let version: String = ack.version.chars().take(MAX_FIELD_LEN).collect();
-            let error: String = ack.error.chars().take(MAX_FIELD_LEN).collect();
-            registry.record_ack(id, &version, ack.ok, &error);
+            let clip = |s: &str| s.chars().take(MAX_FIELD_LEN).collect::<String>();
+            let ack = Ack {
+                version: clip(&ack.version),
+                ok: ack.ok,
+                error: clip(&ack.error),
+                cert_signer_id: clip(&ack.cert_signer_id),
+                cert_not_after_unix: ack.cert_not_after_unix,
+            };
+            registry.record_ack(id, &ack);
             None
         }
         Some(RequestKind::Deregister(_)) => {

@@ -1,6 +1,8 @@
 //! The control plane's small HTTP server (default 127.0.0.1:15014):
 //! `/live`, `/ready` and `/metrics` (Prometheus text).
 
+use crate::ca::Authority;
+use crate::identity::CertMetrics;
 use crate::registry::Registry;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -25,6 +27,8 @@ const MAX_CONNECTIONS: usize = 64;
 pub struct Health {
     pub ready: AtomicBool,
     pub registry: Arc<Registry>,
+    pub certs: Arc<CertMetrics>,
+    pub authority: Arc<Authority>,
 }
 
 /// Serves until `shutdown` resolves.
@@ -94,13 +98,14 @@ fn respond(health: &Health, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/ready" if health.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n".into()),
         "/ready" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into()),
-        "/metrics" => text(StatusCode::OK, metrics(&health.registry)),
+        "/metrics" => text(StatusCode::OK, metrics(health)),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
 
 /// The Prometheus text exposition of the control plane's metrics.
-pub fn metrics(registry: &Registry) -> String {
+pub fn metrics(health: &Health) -> String {
+    let registry = &health.registry;
     let mut out = String::new();
     let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
         let _ = writeln!(out, "# HELP {name} {help}");
@@ -131,5 +136,19 @@ pub fn metrics(registry: &Registry) -> String {
         "Snapshots refused by proxies.",
         registry.counters.nacks.load(Ordering::Relaxed),
     );
+    let ca = health.authority.current();
+    metric(
+        "remora_control_ca_rotation_in_progress",
+        "gauge",
+        "1 while an old root is being retired.",
+        u64::from(ca.rotating()),
+    );
+    metric(
+        "remora_control_ca_trusted_roots",
+        "gauge",
+        "Roots in the trust bundle.",
+        ca.roots.len() as u64,
+    );
+    health.certs.render(&mut out);
     out
 }

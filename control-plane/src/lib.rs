@@ -6,17 +6,33 @@
 //! - [`registry`]: connected proxies, endpoints and the current snapshot;
 //!   [`discovery`]: the Discovery stream each proxy holds open.
 //! - [`server`]: `serve`; [`http`]: `/live`, `/ready`, `/metrics`.
-//! - [`cli`], [`client`], [`output`]: the command line.
+//! - [`ca`]: the certificate authority; [`ca_store`]: where it comes from and
+//!   is kept; [`identity_db`]: tokens and the CA record (redb); [`pem`].
+//! - [`tokens`]: bootstrap tokens; [`identity`]: the Identity service (CSR
+//!   signing); [`admin_identity`]: the token and rotation Admin RPCs;
+//!   [`rotation`]: root rotation; [`tls`]: TLS on the gRPC port.
+//! - [`cli`], [`client`], [`connect`], [`output`]: the command line.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_identity;
 pub mod auth;
+pub mod ca;
+pub mod ca_store;
 pub mod changes;
 pub mod cli;
 pub mod client;
+pub mod connect;
 pub mod discovery;
 pub mod http;
+pub mod identity;
+mod identity_commands;
+pub mod identity_db;
 pub mod output;
+pub mod pem;
 pub mod registry;
+pub mod rotation;
 pub mod server;
 pub mod store;
+pub mod tls;
+pub mod tokens;

@@ -1,6 +1,7 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
+use remora_control::ca_store::OperatorCa;
 use remora_control::cli::{Cli, Command};
 use remora_control::{client, server};
 use std::io::IsTerminal as _;
@@ -25,11 +26,24 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => {
             init_logging("info");
+            let operator_ca = match (args.ca_cert, args.ca_key) {
+                (Some(cert), Some(key)) => Some(OperatorCa {
+                    cert,
+                    key,
+                    bundle: args.ca_bundle,
+                }),
+                _ => None,
+            };
             server::serve(server::ServeConfig {
                 listen: args.listen,
                 http_listen: args.http_listen,
                 data_dir: cli.global.data_dir,
                 trust_domain: args.trust_domain,
+                server_names: cli.global.server_name,
+                ca_file: cli.global.ca_file,
+                operator_ca,
+                cert_lifetime: args.cert_lifetime,
+                max_cert_lifetime: args.max_cert_lifetime,
             })
             .await
         }

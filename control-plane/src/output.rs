@@ -1,7 +1,7 @@
 //! How the CLI shows answers: aligned tables, documents as YAML or JSON.
 
 use remora_proto::policy::{Document, Kind, API_VERSION};
-use remora_proto::v1::{HistoryEntry, ProxyStatus, Resource};
+use remora_proto::v1::{HistoryEntry, ProxyStatus, Resource, StatusResponse, TokenInfo};
 use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -82,6 +82,76 @@ fn rfc3339(unix_ms: i64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// A Unix time in seconds as RFC 3339, or `none` for 0 and below.
+pub fn unix_time_or(secs: i64, none: &str) -> String {
+    match u64::try_from(secs) {
+        Ok(s) if s > 0 => {
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s)).to_string()
+        }
+        _ => none.to_string(),
+    }
+}
+
+/// The first 12 hex characters of a signer id, or `-`.
+fn short_id(id: &str) -> String {
+    or_dash(crate::rotation::short(id))
+}
+
+pub fn tokens_table(tokens: &[TokenInfo]) -> String {
+    let rows: Vec<Vec<String>> = tokens
+        .iter()
+        .map(|t| {
+            vec![
+                t.token_id.clone(),
+                t.spiffe_id.clone(),
+                unix_time_or(t.created_unix, "-"),
+                unix_time_or(t.expires_unix, "never"),
+                if t.revoked { "yes" } else { "no" }.to_string(),
+            ]
+        })
+        .collect();
+    table(&["ID", "IDENTITY", "CREATED", "EXPIRES", "REVOKED"], &rows)
+}
+
+/// `remora-control status`: the versions, the CA signer (and a rotation in
+/// progress), then a row per proxy.
+pub fn status(status: &StatusResponse) -> String {
+    let mut out = format!(
+        "policy version {} (snapshot {})\n",
+        status.policy_version, status.snapshot_version
+    );
+    out.push_str(&format!("CA signer {}\n", short_id(&status.signer_id)));
+    if !status.retiring_signer_id.is_empty() {
+        let (old, new) = (
+            short_id(&status.retiring_signer_id),
+            short_id(&status.signer_id),
+        );
+        let pending = status
+            .proxies
+            .iter()
+            .filter(|p| p.cert_signer_id != status.signer_id)
+            .count();
+        if status.proxies.is_empty() {
+            out.push_str(&format!(
+                "root rotation in progress: retiring {old}, signing with {new}; \
+                 waiting for proxies to connect and run certificates from the new root\n"
+            ));
+        } else {
+            out.push_str(&format!(
+                "root rotation in progress: retiring {old}, signing with {new}; \
+                 {pending} of {} connected proxies still run a certificate from another root\n",
+                status.proxies.len()
+            ));
+        }
+    }
+    if status.proxies.is_empty() {
+        out.push_str("no proxies connected\n");
+    } else {
+        out.push_str(&status_table(&status.proxies));
+    }
+    out
+}
+
 pub fn history_table(entries: &[HistoryEntry]) -> String {
     let rows: Vec<Vec<String>> = entries
         .iter()
@@ -139,6 +209,8 @@ pub fn status_table(proxies: &[ProxyStatus]) -> String {
                 address,
                 labels(&p.labels),
                 or_dash(&p.acked_version),
+                unix_time_or(p.cert_not_after_unix, "-"),
+                short_id(&p.cert_signer_id),
                 nack,
             ]
         })
@@ -151,6 +223,8 @@ pub fn status_table(proxies: &[ProxyStatus]) -> String {
             "ADDRESS",
             "LABELS",
             "ACKED",
+            "CERT-EXPIRES",
+            "SIGNER",
             "NACK",
         ],
         &rows,

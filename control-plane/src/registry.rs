@@ -7,11 +7,11 @@
 //! latest value, so a burst of changes reaches a slow proxy as one push.
 
 use crate::store::State;
-use remora_proto::v1::{Endpoint, ProxyStatus, Register, Resource, Snapshot};
+use remora_proto::v1::{Ack, Endpoint, ProxyStatus, Register, Resource, Snapshot};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{oneshot, watch, Notify};
 
 /// Identifies one discovery stream (not one instance: an instance that
 /// reconnects gets a new stream id).
@@ -32,6 +32,11 @@ struct Proxy {
     acked_version: String,
     last_nack_version: String,
     last_nack_error: String,
+    /// The generation of the last snapshot acked (0: none).
+    acked_generation: u64,
+    /// The proxy's certificate, as its last Ack reported it.
+    cert_signer_id: String,
+    cert_not_after_unix: i64,
     /// Dropped when a newer stream registers the same instance; the old stream
     /// task sees that and ends.
     _replaced: oneshot::Sender<()>,
@@ -40,8 +45,21 @@ struct Proxy {
 struct Inner {
     policy_version: u64,
     resources: Vec<Resource>,
+    trust: Trust,
     generation: u64,
     proxies: HashMap<StreamId, Proxy>,
+}
+
+/// What snapshots say about trust: the bundle and the current signer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    pub bundle_pem: String,
+    pub signer_id: String,
+}
+
+/// The generation of a snapshot version ("<policy>.<generation>").
+fn generation_of(version: &str) -> Option<u64> {
+    version.rsplit_once('.')?.1.parse().ok()
 }
 
 /// The registry and the snapshot publisher, shared by the discovery and admin
@@ -53,6 +71,8 @@ pub struct Registry {
     next_stream: AtomicU64,
     /// Set once when the server shuts down; every stream task then ends.
     closing: watch::Sender<bool>,
+    /// Woken on every Ack and every proxy that leaves (root rotation follows it).
+    proxy_changes: Notify,
     pub counters: Counters,
 }
 
@@ -65,20 +85,32 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// A registry serving `state` at `policy_version`.
+    /// A registry serving `state` at `policy_version`, with no trust bundle.
     pub fn new(trust_domain: &str, policy_version: u64, state: &State) -> Registry {
+        Registry::with_trust(trust_domain, policy_version, state, Trust::default())
+    }
+
+    /// A registry serving `state` at `policy_version` with `trust`.
+    pub fn with_trust(
+        trust_domain: &str,
+        policy_version: u64,
+        state: &State,
+        trust: Trust,
+    ) -> Registry {
         let (snapshots, _) = watch::channel(Arc::new(Snapshot::default()));
         let registry = Registry {
             trust_domain: trust_domain.to_string(),
             inner: Mutex::new(Inner {
                 policy_version,
                 resources: resources_of(state),
+                trust,
                 generation: 0,
                 proxies: HashMap::new(),
             }),
             snapshots,
             next_stream: AtomicU64::new(1),
             closing: watch::channel(false).0,
+            proxy_changes: Notify::new(),
             counters: Counters::default(),
         };
         registry.publish(&mut registry.lock());
@@ -139,6 +171,33 @@ impl Registry {
         self.publish(&mut inner);
     }
 
+    /// Publishes a new trust bundle and signer; returns the generation of the
+    /// snapshot that carries them.
+    pub fn set_trust(&self, trust: Trust) -> u64 {
+        let mut inner = self.lock();
+        inner.trust = trust;
+        self.publish(&mut inner);
+        inner.generation
+    }
+
+    /// Resolves at the next Ack or proxy departure (or at once if one
+    /// happened since the last call).
+    pub async fn proxy_changed(&self) {
+        self.proxy_changes.notified().await;
+    }
+
+    /// Whether at least one proxy is connected and every connected proxy has
+    /// acked a snapshot of generation `min_generation` or later and runs a
+    /// certificate from `signer_id`.
+    pub fn all_on_signer(&self, signer_id: &str, min_generation: u64) -> bool {
+        let inner = self.lock();
+        !inner.proxies.is_empty()
+            && inner
+                .proxies
+                .values()
+                .all(|p| p.acked_generation >= min_generation && p.cert_signer_id == signer_id)
+    }
+
     /// Adds a proxy. Another stream registered with the same instance id is
     /// replaced: its entry and endpoint go, and its stream is told to end.
     /// Returns the new stream's id and a receiver that fires when it is replaced.
@@ -165,6 +224,9 @@ impl Registry {
                 acked_version: String::new(),
                 last_nack_version: String::new(),
                 last_nack_error: String::new(),
+                acked_generation: 0,
+                cert_signer_id: String::new(),
+                cert_not_after_unix: 0,
                 _replaced: replaced_tx,
             },
         );
@@ -192,6 +254,7 @@ impl Registry {
             if proxy.endpoint_registered {
                 self.publish(&mut inner);
             }
+            self.proxy_changes.notify_one();
         }
     }
 
@@ -202,18 +265,31 @@ impl Registry {
         }
     }
 
-    pub fn record_ack(&self, id: StreamId, version: &str, ok: bool, error: &str) {
-        if !ok {
+    /// Records an ACK or NACK and the certificate it reports. Only versions
+    /// this control plane published count towards a rotation.
+    pub fn record_ack(&self, id: StreamId, ack: &Ack) {
+        if !ack.ok {
             self.counters.nacks.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(proxy) = self.lock().proxies.get_mut(&id) {
-            if ok {
-                proxy.acked_version = version.to_string();
+        let mut inner = self.lock();
+        let current = inner.generation;
+        if let Some(proxy) = inner.proxies.get_mut(&id) {
+            if ack.ok {
+                proxy.acked_version = ack.version.clone();
+                if let Some(g) = generation_of(&ack.version).filter(|g| *g <= current) {
+                    proxy.acked_generation = proxy.acked_generation.max(g);
+                }
             } else {
-                proxy.last_nack_version = version.to_string();
-                proxy.last_nack_error = error.to_string();
+                proxy.last_nack_version = ack.version.clone();
+                proxy.last_nack_error = ack.error.clone();
+            }
+            if !ack.cert_signer_id.is_empty() {
+                proxy.cert_signer_id = ack.cert_signer_id.clone();
+                proxy.cert_not_after_unix = ack.cert_not_after_unix;
             }
         }
+        drop(inner);
+        self.proxy_changes.notify_one();
     }
 
     /// Every connected proxy, sorted by namespace, service and instance.
@@ -234,8 +310,9 @@ impl Registry {
                 last_nack_version: p.last_nack_version.clone(),
                 last_nack_error: p.last_nack_error.clone(),
                 connected_since_unix_ms: p.connected_since_unix_ms,
-                cert_not_after_unix: 0,
+                cert_not_after_unix: p.cert_not_after_unix,
                 endpoint_registered: p.endpoint_registered,
+                cert_signer_id: p.cert_signer_id.clone(),
             })
             .collect();
         out.sort_by(|a, b| {
@@ -277,8 +354,9 @@ impl Registry {
             policy_version: inner.policy_version,
             resources: inner.resources.clone(),
             endpoints,
-            trust_bundle_pem: String::new(),
+            trust_bundle_pem: inner.trust.bundle_pem.clone(),
             trust_domain: self.trust_domain.clone(),
+            signer_id: inner.trust.signer_id.clone(),
         };
         self.snapshots.send_replace(Arc::new(snapshot));
     }
@@ -306,64 +384,5 @@ pub fn resources_of(state: &State) -> Vec<Resource> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn reg(instance: &str, address: &str) -> Register {
-        Register {
-            service: "backend".into(),
-            namespace: "shop".into(),
-            instance_id: instance.into(),
-            address: address.into(),
-            ..Register::default()
-        }
-    }
-
-    #[test]
-    fn registration_publishes_an_endpoint_with_its_identity() {
-        let registry = Registry::new("cluster.local", 0, &State::new());
-        let first = registry.current_snapshot();
-        assert_eq!(first.version, "0.1");
-        let (id, _replaced) = registry.register(reg("i1", "10.0.0.1:8080"), 1);
-        let snap = registry.current_snapshot();
-        assert_eq!(snap.version, "0.2");
-        assert_eq!(snap.endpoints.len(), 1);
-        assert_eq!(
-            snap.endpoints[0].identity,
-            "spiffe://cluster.local/ns/shop/sa/backend"
-        );
-        registry.deregister_endpoint(id);
-        assert!(registry.current_snapshot().endpoints.is_empty());
-        assert_eq!(registry.proxies_connected(), 1);
-        registry.remove(id);
-        assert_eq!(registry.proxies_connected(), 0);
-    }
-
-    #[test]
-    fn a_second_registration_of_an_instance_replaces_the_first() {
-        let registry = Registry::new("cluster.local", 0, &State::new());
-        let (old, mut old_replaced) = registry.register(reg("i1", "10.0.0.1:1"), 1);
-        let (new, _r) = registry.register(reg("i1", "10.0.0.2:1"), 2);
-        assert!(old_replaced
-            .try_recv()
-            .is_err_and(|e| e == oneshot::error::TryRecvError::Closed));
-        // The old stream ending must not remove the new registration.
-        registry.remove(old);
-        let snap = registry.current_snapshot();
-        assert_eq!(snap.endpoints.len(), 1);
-        assert_eq!(snap.endpoints[0].address, "10.0.0.2:1");
-        registry.record_ack(new, "0.3", false, "bad");
-        let status = registry.status();
-        assert_eq!(status[0].last_nack_error, "bad");
-        assert_eq!(registry.counters.nacks.load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn older_policy_versions_are_not_published() {
-        let registry = Registry::new("cluster.local", 5, &State::new());
-        registry.set_policy(4, &State::new());
-        assert_eq!(registry.current_snapshot().policy_version, 5);
-        registry.set_policy(6, &State::new());
-        assert_eq!(registry.current_snapshot().version, "6.2");
-    }
-}
+#[path = "registry_tests.rs"]
+mod tests;

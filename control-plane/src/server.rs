@@ -1,16 +1,25 @@
-//! `remora-control serve`: opens the store, binds the gRPC listener (Discovery,
-//! Admin, health, reflection) and the HTTP listener (`/live`, `/ready`,
-//! `/metrics`), and runs until told to stop.
+//! `remora-control serve`: opens the stores, loads (or creates) the CA, writes
+//! the trust bundle file, binds the gRPC listener over TLS (Discovery,
+//! Identity, Admin, health, reflection) and the HTTP listener (`/live`,
+//! `/ready`, `/metrics`), and runs until told to stop.
 
-use crate::admin::AdminService;
+use crate::admin::{AdminIdentity, AdminService};
 use crate::auth::{load_or_create_token, AdminAuth};
+use crate::ca::{Authority, LifetimePolicy, MIN_CERT_LIFETIME};
+use crate::ca_store::{self, OperatorCa};
 use crate::discovery::DiscoveryService;
 use crate::http::{self, Health};
+use crate::identity::{CertMetrics, IdentityService};
+use crate::identity_db::IdentityDb;
 use crate::registry::Registry;
+use crate::rotation::{trust_of, Rotation};
 use crate::store::Store;
+use crate::tls::ServerTls;
+use crate::tokens::TokenStore;
 use anyhow::Context as _;
 use remora_proto::v1::admin_server::AdminServer;
 use remora_proto::v1::discovery_server::DiscoveryServer;
+use remora_proto::v1::identity_server::IdentityServer;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -19,7 +28,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 /// HTTP/2 keepalive: a proxy that stops answering pings for this long is gone,
@@ -36,6 +44,57 @@ pub struct ServeConfig {
     pub http_listen: SocketAddr,
     pub data_dir: PathBuf,
     pub trust_domain: String,
+    /// Extra names (DNS or IP) in the server certificate, besides
+    /// `remora-control`, `localhost` and `127.0.0.1`.
+    pub server_names: Vec<String>,
+    /// Where the trust bundle is written (default `<data-dir>/trust-bundle.pem`).
+    pub ca_file: Option<PathBuf>,
+    /// The operator's CA; None: the generated one.
+    pub operator_ca: Option<OperatorCa>,
+    /// Workload certificates: the default and the longest lifetime.
+    pub cert_lifetime: Duration,
+    pub max_cert_lifetime: Duration,
+}
+
+/// The default workload certificate lifetime (and longest).
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+impl ServeConfig {
+    /// The defaults, on 127.0.0.1:15012 and :15014, over `data_dir`.
+    pub fn new(data_dir: &Path) -> ServeConfig {
+        ServeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15012)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 15014)),
+            data_dir: data_dir.to_path_buf(),
+            trust_domain: "cluster.local".into(),
+            server_names: Vec::new(),
+            ca_file: None,
+            operator_ca: None,
+            cert_lifetime: DEFAULT_CERT_LIFETIME,
+            max_cert_lifetime: DEFAULT_CERT_LIFETIME,
+        }
+    }
+
+    fn lifetimes(&self) -> anyhow::Result<LifetimePolicy> {
+        let human = |d: Duration| humantime::format_duration(d).to_string();
+        if self.max_cert_lifetime < MIN_CERT_LIFETIME || self.cert_lifetime < MIN_CERT_LIFETIME {
+            anyhow::bail!(
+                "certificate lifetimes must be at least {}",
+                human(MIN_CERT_LIFETIME)
+            );
+        }
+        if self.cert_lifetime > self.max_cert_lifetime {
+            anyhow::bail!(
+                "--cert-lifetime {} is longer than --max-cert-lifetime {}",
+                human(self.cert_lifetime),
+                human(self.max_cert_lifetime)
+            );
+        }
+        Ok(LifetimePolicy {
+            default: self.cert_lifetime,
+            max: self.max_cert_lifetime,
+        })
+    }
 }
 
 /// A running control plane.
@@ -47,9 +106,24 @@ pub struct Running {
     /// The admin token the Admin API expects.
     pub token: String,
     pub registry: Arc<Registry>,
+    /// Where the trust bundle is written.
+    pub ca_file: PathBuf,
+    pub authority: Arc<Authority>,
+    pub tls: Arc<ServerTls>,
+    pub rotation: Arc<Rotation>,
+    pub tokens: Arc<TokenStore>,
+    pub cert_metrics: Arc<CertMetrics>,
     shutdown: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<()>,
+    rotation_task: JoinHandle<()>,
+}
+
+impl Running {
+    /// The trust bundle in force (every trusted root, PEM).
+    pub fn trust_bundle_pem(&self) -> String {
+        self.authority.current().bundle_pem()
+    }
 }
 
 impl Running {
@@ -58,6 +132,7 @@ impl Running {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.shutdown.send_replace(true);
         self.registry.close();
+        self.rotation_task.abort();
         let grpc_abort = self.grpc.abort_handle();
         let http_abort = self.http.abort_handle();
         let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -98,9 +173,31 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} ({what})"))
 }
 
+/// Loads the CA (the operator's, or the generated one, created on first use).
+async fn load_ca(config: &ServeConfig, db: &IdentityDb) -> anyhow::Result<crate::ca::CaState> {
+    let operator = config.operator_ca.clone();
+    let db = db.clone();
+    let trust_domain = config.trust_domain.clone();
+    let state = tokio::task::spawn_blocking(move || match operator {
+        Some(files) => ca_store::load_operator(&files),
+        None => ca_store::load_or_generate(&db, &trust_domain),
+    })
+    .await
+    .context("CA task failed")??;
+    tracing::info!(
+        signer_id = %state.signer.id,
+        roots = state.roots.len(),
+        operator = state.operator,
+        rotating = state.rotating(),
+        "CA loaded"
+    );
+    Ok(state)
+}
+
 /// Starts the control plane and returns once both listeners are bound and it
 /// is ready.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
+    let lifetimes = config.lifetimes()?;
     let data_dir = config.data_dir.clone();
     create_data_dir(&data_dir)?;
     let token = load_or_create_token(&data_dir).with_context(|| {
@@ -123,13 +220,43 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         documents = store.current().len(),
         "policy store open"
     );
+    let identity_dir = config.data_dir.clone();
+    let identity_db = tokio::task::spawn_blocking(move || IdentityDb::open(&identity_dir))
+        .await
+        .context("identity database task failed")?
+        .with_context(|| {
+            format!(
+                "cannot open the identity database in {}",
+                config.data_dir.display()
+            )
+        })?;
+    let ca = load_ca(&config, &identity_db).await?;
+    let ca_file = config
+        .ca_file
+        .clone()
+        .unwrap_or_else(|| ca_store::default_bundle_path(&config.data_dir));
+    ca_store::write_bundle_file(&ca_file, &ca.bundle_pem())?;
+    let tls = Arc::new(
+        ServerTls::new(&ca, &config.server_names).context("cannot set up TLS for the gRPC port")?,
+    );
 
-    let registry = Arc::new(Registry::new(
+    let registry = Arc::new(Registry::with_trust(
         &config.trust_domain,
         store.version(),
         &store.current(),
+        trust_of(&ca),
     ));
     let store = Arc::new(Mutex::new(store));
+    let authority = Arc::new(Authority::new(ca, &config.trust_domain, lifetimes));
+    let tokens = Arc::new(TokenStore::new(identity_db.clone(), &config.trust_domain));
+    let rotation = Arc::new(Rotation::new(
+        authority.clone(),
+        registry.clone(),
+        tls.clone(),
+        identity_db,
+        ca_file.clone(),
+    ));
+    let cert_metrics = Arc::new(CertMetrics::default());
 
     let grpc_listener = bind(config.listen, "gRPC").await?;
     let http_listener = bind(config.http_listen, "HTTP").await?;
@@ -139,6 +266,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<DiscoveryServer<DiscoveryService>>()
+        .await;
+    reporter
+        .set_serving::<IdentityServer<IdentityService>>()
         .await;
     reporter
         .set_service_status("remora.v1.Admin", ServingStatus::Serving)
@@ -161,6 +291,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
+    let identity = IdentityService::new(tokens.clone(), authority.clone(), cert_metrics.clone());
+    let admin = AdminService::new(
+        store,
+        registry.clone(),
+        AdminIdentity {
+            tokens: tokens.clone(),
+            rotation: rotation.clone(),
+            authority: authority.clone(),
+        },
+    );
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
@@ -170,23 +310,22 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         .add_service(DiscoveryServer::new(DiscoveryService::new(
             registry.clone(),
         )))
-        .add_service(AdminServer::with_interceptor(
-            AdminService::new(store, registry.clone()),
-            AdminAuth::new(&token),
-        ));
-    let incoming = TcpIncoming::from(grpc_listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(30)));
+        .add_service(IdentityServer::new(identity))
+        .add_service(AdminServer::with_interceptor(admin, AdminAuth::new(&token)));
+    let incoming = tls.incoming(grpc_listener);
     let grpc_shutdown = signal(shutdown_rx.clone());
     let grpc = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(incoming, grpc_shutdown)
             .await
     });
+    let rotation_task = tokio::spawn(rotation.clone().run(signal(shutdown_rx.clone())));
 
     let health = Arc::new(Health {
         ready: Default::default(),
         registry: registry.clone(),
+        certs: cert_metrics.clone(),
+        authority: authority.clone(),
     });
     let http = tokio::spawn(http::serve(
         http_listener,
@@ -200,16 +339,27 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         http_addr,
         token,
         registry,
+        ca_file,
+        authority,
+        tls,
+        rotation,
+        tokens,
+        cert_metrics,
         shutdown,
         grpc,
         http,
+        rotation_task,
     })
 }
 
 /// Runs the control plane until SIGTERM or SIGINT.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let running = start(config).await?;
-    eprintln!("remora-control listening on {}", running.grpc_addr);
+    eprintln!(
+        "remora-control listening on {} (TLS; trust bundle in {})",
+        running.grpc_addr,
+        running.ca_file.display()
+    );
     tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, "ready");
     wait_for_signal().await?;
     tracing::info!("shutting down");

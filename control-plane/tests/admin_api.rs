@@ -346,11 +346,7 @@ async fn admin_calls_need_the_right_token() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 
-    let channel = tonic::transport::Channel::from_shared(url(&running))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = channel(&running).await;
     let mut anonymous = remora_proto::v1::admin_client::AdminClient::new(channel);
     let err = anonymous.history(HistoryRequest {}).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);

@@ -4,44 +4,6 @@
 mod common;
 
 use common::*;
-use std::path::Path;
-use std::process::Stdio;
-use tokio::io::AsyncWriteExt;
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-async fn run(args: &[&str], stdin: Option<&str>) -> Out {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_remora-control"));
-    cmd.args(args)
-        .env_remove("REMORA_CONTROL_PLANE")
-        .env_remove("REMORA_ADMIN_TOKEN")
-        .env_remove("REMORA_DATA_DIR")
-        .env_remove("REMORA_LOG")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap();
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).await.unwrap();
-    }
-    drop(input);
-    let output = child.wait_with_output().await.unwrap();
-    Out {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-fn dir_arg(p: &Path) -> String {
-    p.display().to_string()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_get_history_diff_rollback_and_status() {
@@ -187,8 +149,17 @@ async fn a_wrong_token_is_refused_with_exit_1() {
     let data = tempfile::tempdir().unwrap();
     let running = start_in(data.path()).await;
     let url = url(&running);
+    let ca_file = running.ca_file.display().to_string();
     let out = run(
-        &["status", "--server", &url, "--admin-token", "wrong"],
+        &[
+            "status",
+            "--server",
+            &url,
+            "--ca-file",
+            &ca_file,
+            "--admin-token",
+            "wrong",
+        ],
         None,
     )
     .await;
@@ -208,11 +179,28 @@ async fn an_unreachable_server_is_a_clear_error() {
         l.local_addr().unwrap().port()
     };
     let server = format!("127.0.0.1:{port}");
-    let out = run(&["status", "--server", &server, "--admin-token", "t"], None).await;
+    let data = tempfile::tempdir().unwrap();
+    let root = remora_control::ca::generate_root("cluster.local", 0).unwrap();
+    let ca_file = data.path().join("bundle.pem");
+    std::fs::write(&ca_file, remora_control::pem::cert_pem(&root.cert)).unwrap();
+    let ca_file = dir_arg(&ca_file);
+    let out = run(
+        &[
+            "status",
+            "--server",
+            &server,
+            "--ca-file",
+            &ca_file,
+            "--admin-token",
+            "t",
+        ],
+        None,
+    )
+    .await;
     assert_eq!(out.code, 1);
     assert!(
         out.stderr.starts_with(&format!(
-            "error: cannot reach the control plane at http://{server}: "
+            "error: cannot reach the control plane at https://{server}: "
         )),
         "{}",
         out.stderr
@@ -226,7 +214,7 @@ async fn usage_errors_exit_2_and_help_lists_every_command() {
     let help = run(&["--help"], None).await;
     assert_eq!(help.code, 0);
     for cmd in [
-        "serve", "apply", "get", "delete", "history", "diff", "rollback", "status",
+        "serve", "apply", "get", "delete", "history", "diff", "rollback", "status", "token", "ca",
     ] {
         assert!(
             help.stdout.contains(cmd),

@@ -107,6 +107,7 @@ async fn a_registered_proxy_gets_its_endpoint_and_acks_show_in_status() {
         version: first.version.clone(),
         ok: true,
         error: String::new(),
+        ..Ack::default()
     }))
     .await;
     // An apply pushes a new snapshot with the new policy version.
@@ -125,6 +126,7 @@ async fn a_registered_proxy_gets_its_endpoint_and_acks_show_in_status() {
         version: pushed.version.clone(),
         ok: false,
         error: "cannot use it".into(),
+        ..Ack::default()
     }))
     .await;
 
@@ -250,7 +252,7 @@ async fn the_register_may_follow_the_call() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_in(dir.path()).await;
     let (tx, rx) = mpsc::channel(1);
-    let mut responses = discovery(&running)
+    let mut responses = discovery_as(&running, "shop", "late")
         .await
         .stream(ReceiverStream::new(rx))
         .await

@@ -35,6 +35,10 @@ async fn health_and_metrics() {
         "remora_control_pushes_total 0",
         "remora_control_nacks_total 0",
         "# TYPE remora_control_pushes_total counter",
+        "remora_control_certificates_issued_total 0",
+        "remora_control_certificates_refused_total{reason=\"token_unknown\"} 0",
+        "remora_control_ca_rotation_in_progress 0",
+        "remora_control_ca_trusted_roots 1",
     ] {
         assert!(metrics.contains(line), "{line} missing in {metrics}");
     }
@@ -54,7 +58,12 @@ async fn grpc_health_and_reflection_answer() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_in(dir.path()).await;
     let mut health = HealthClient::new(channel(&running).await);
-    for service in ["", "remora.v1.Discovery", "remora.v1.Admin"] {
+    for service in [
+        "",
+        "remora.v1.Discovery",
+        "remora.v1.Identity",
+        "remora.v1.Admin",
+    ] {
         let status = health
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -84,6 +93,7 @@ async fn grpc_health_and_reflection_answer() {
     for name in [
         "remora.v1.Admin",
         "remora.v1.Discovery",
+        "remora.v1.Identity",
         "grpc.health.v1.Health",
     ] {
         assert!(
@@ -92,12 +102,4 @@ async fn grpc_health_and_reflection_answer() {
         );
     }
     running.shutdown().await.unwrap();
-}
-
-async fn channel(running: &remora_control::server::Running) -> tonic::transport::Channel {
-    tonic::transport::Channel::from_shared(url(running))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
 }

@@ -1,0 +1,100 @@
+//! The Admin RPCs about identity: bootstrap tokens and root rotation.
+//! [`crate::admin::AdminService`] delegates to these.
+
+use crate::rotation::{Rotation, RotationError};
+use crate::tokens::{TokenError, TokenRecord, TokenStore};
+use remora_proto::v1::{
+    CreateTokenRequest, CreateTokenResponse, ListTokensResponse, RevokeTokenResponse,
+    RotateCaResponse, TokenInfo,
+};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::Status;
+
+fn token_status(e: TokenError) -> Status {
+    match e {
+        TokenError::NotFound(_) => Status::not_found(e.to_string()),
+        TokenError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        other => {
+            tracing::error!(error = %other, "token store failure");
+            Status::internal(other.to_string())
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, TokenError> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("token store task failed: {e}")))?
+        .map_err(token_status)
+}
+
+fn info(store: &TokenStore, r: TokenRecord) -> TokenInfo {
+    TokenInfo {
+        spiffe_id: store.spiffe_id(&r.namespace, &r.service),
+        token_id: r.id,
+        created_unix: r.created_unix,
+        expires_unix: r.expires_unix,
+        revoked: r.revoked,
+    }
+}
+
+pub async fn create_token(
+    tokens: &Arc<TokenStore>,
+    req: CreateTokenRequest,
+) -> Result<CreateTokenResponse, Status> {
+    let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(req.ttl_seconds));
+    let store = tokens.clone();
+    let (token, record) = blocking(move || store.create(&req.namespace, &req.service, ttl)).await?;
+    let spiffe_id = tokens.spiffe_id(&record.namespace, &record.service);
+    tracing::info!(token_id = %record.id, %spiffe_id, "bootstrap token created");
+    Ok(CreateTokenResponse {
+        token,
+        token_id: record.id,
+        spiffe_id,
+        expires_unix: record.expires_unix,
+    })
+}
+
+pub async fn revoke_token(
+    tokens: &Arc<TokenStore>,
+    token_id: String,
+) -> Result<RevokeTokenResponse, Status> {
+    // Accept a whole token too: its id is what precedes the dot.
+    let id = token_id
+        .split_once('.')
+        .map_or(token_id.as_str(), |(id, _)| id)
+        .trim()
+        .to_string();
+    if id.is_empty() {
+        return Err(Status::invalid_argument("revoke: a token id is required"));
+    }
+    let store = tokens.clone();
+    let record = blocking(move || store.revoke(&id)).await?;
+    tracing::info!(token_id = %record.id, "bootstrap token revoked");
+    Ok(RevokeTokenResponse {})
+}
+
+pub async fn list_tokens(tokens: &Arc<TokenStore>) -> Result<ListTokensResponse, Status> {
+    let store = tokens.clone();
+    let records = blocking(move || store.list()).await?;
+    Ok(ListTokensResponse {
+        tokens: records.into_iter().map(|r| info(tokens, r)).collect(),
+    })
+}
+
+pub async fn rotate_ca(rotation: &Arc<Rotation>) -> Result<RotateCaResponse, Status> {
+    match rotation.rotate().await {
+        Ok((old_signer_id, new_signer_id)) => Ok(RotateCaResponse {
+            old_signer_id,
+            new_signer_id,
+        }),
+        Err(RotationError::Refused(message)) => Err(Status::failed_precondition(message)),
+        Err(RotationError::Failed(message)) => {
+            tracing::error!(error = %message, "root rotation failed");
+            Err(Status::internal(format!("root rotation failed: {message}")))
+        }
+    }
+}

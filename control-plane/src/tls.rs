@@ -1,0 +1,225 @@
+//! TLS on the gRPC port: TLS 1.3 only, ALPN `h2`, a server certificate issued
+//! by the CA, and client certificates optional at the TLS layer but verified
+//! against the current trust bundle when presented.
+//!
+//! The `rustls::ServerConfig` sits behind an `ArcSwap`: a root rotation (or
+//! the server certificate's renewal) builds a new one and every later
+//! handshake uses it, without a restart and without touching open
+//! connections. Handshakes run in their own tasks (bounded in number and
+//! time) and finished `tokio_rustls` streams feed tonic's
+//! `serve_with_incoming`, whose `Connected` impl for them puts the peer's
+//! certificates in each request (`Request::peer_certs`).
+
+use crate::ca::{self, CaState, ServerCert};
+use arc_swap::ArcSwap;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Status};
+
+/// The names every server certificate carries, besides `--server-name`s.
+pub const DEFAULT_SERVER_NAMES: [&str; 3] = ["remora-control", "localhost", "127.0.0.1"];
+/// How long a client has to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; more connections wait in the accept queue.
+const MAX_HANDSHAKES: usize = 256;
+/// Finished connections waiting for the gRPC server to take them.
+const ACCEPTED_QUEUE: usize = 64;
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The gRPC port's TLS: the current config, and the certificate in it.
+pub struct ServerTls {
+    names: Vec<String>,
+    config: ArcSwap<ServerConfig>,
+    /// Serializes rebuilds, and keeps the certificate when only trust changes.
+    cert: Mutex<ServerCert>,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+fn build_config(state: &CaState, cert: &ServerCert) -> Result<Arc<ServerConfig>, TlsError> {
+    let rustls_err = |e: &dyn std::fmt::Display| TlsError::Rustls(e.to_string());
+    let mut roots = RootCertStore::empty();
+    for root in &state.roots {
+        roots.add(root.clone()).map_err(|e| rustls_err(&e))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| rustls_err(&e))?;
+    let key = PrivateKeyDer::Pkcs8(cert.key.clone_key());
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| rustls_err(&e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(cert.chain.clone(), key)
+        .map_err(|e| rustls_err(&e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+impl ServerTls {
+    /// Issues the server certificate for the default names plus `extra_names`.
+    pub fn new(state: &CaState, extra_names: &[String]) -> Result<ServerTls, TlsError> {
+        let mut names: Vec<String> = DEFAULT_SERVER_NAMES.map(String::from).to_vec();
+        for name in extra_names {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        let cert = state
+            .signer
+            .sign_server(&names, crate::tokens::now_unix())?;
+        let config = build_config(state, &cert)?;
+        Ok(ServerTls {
+            names,
+            config: ArcSwap::new(config),
+            cert: Mutex::new(cert),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ServerCert> {
+        self.cert.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Follows a new CA state: reissues the certificate when the signer
+    /// changed or a third of its lifetime is left, and trusts `state.roots`.
+    /// Returns whether the certificate was reissued.
+    pub fn reload(&self, state: &CaState) -> Result<bool, TlsError> {
+        let now = crate::tokens::now_unix();
+        let mut cert = self.lock();
+        let left = cert.not_after_unix - now;
+        let lifetime = (cert.not_after_unix - cert.not_before_unix).max(1);
+        let reissue = cert.signer_id != state.signer.id || left * 3 < lifetime;
+        let next = if reissue {
+            Some(state.signer.sign_server(&self.names, now)?)
+        } else {
+            None
+        };
+        let config = build_config(state, next.as_ref().unwrap_or(&cert))?;
+        if let Some(next) = next {
+            tracing::info!(signer_id = %next.signer_id, "issued a new server certificate");
+            *cert = next;
+        }
+        self.config.store(config);
+        Ok(reissue)
+    }
+
+    /// The server's current leaf certificate.
+    pub fn leaf(&self) -> Option<CertificateDer<'static>> {
+        self.lock().chain.first().cloned()
+    }
+
+    /// The names in the server certificate.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// Accepts TCP connections and completes their TLS handshakes; yields
+    /// the finished streams. Ends (closing the listener) when the stream is
+    /// dropped.
+    pub fn incoming(
+        self: &Arc<Self>,
+        listener: TcpListener,
+    ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+        let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
+        tokio::spawn(accept_loop(self.clone(), listener, tx));
+        ReceiverStream::new(rx)
+    }
+}
+
+type Accepted = mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>;
+
+async fn accept_loop(tls: Arc<ServerTls>, listener: TcpListener, tx: Accepted) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let permit = tokio::select! {
+            _ = tx.closed() => return,
+            permit = handshakes.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = tx.closed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        configure_tcp(&tcp);
+        let acceptor = TlsAcceptor::from(tls.config.load_full());
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            handshake(acceptor, tcp, peer, tx).await;
+            drop(permit);
+        });
+    }
+}
+
+fn configure_tcp(tcp: &TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+    let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
+}
+
+async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr, tx: Accepted) {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            let _ = tx.send(Ok(stream)).await;
+        }
+        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// The SPIFFE ID in the client certificate of a request: `None` when the
+/// client presented no certificate. The TLS layer already verified the chain
+/// against the trust bundle; a certificate without exactly one URI SAN is
+/// refused.
+pub fn peer_spiffe_id<T>(request: &Request<T>) -> Result<Option<String>, Status> {
+    let Some(certs) = request.peer_certs() else {
+        return Ok(None);
+    };
+    let Some(leaf) = certs.first() else {
+        return Ok(None);
+    };
+    let uris = ca::uri_sans(leaf)
+        .map_err(|e| Status::unauthenticated(format!("cannot read the client certificate: {e}")))?;
+    match uris.as_slice() {
+        [one] if one.starts_with("spiffe://") => Ok(Some(one.clone())),
+        _ => Err(Status::unauthenticated(format!(
+            "the client certificate must carry exactly one spiffe:// URI SAN (it has {uris:?})"
+        ))),
+    }
+}
