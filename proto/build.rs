@@ -3,10 +3,7 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
-        "remora/v1/remora.proto",
-        "remora/examples/v1/echo.proto",
-    ];
+    let files = ["remora/v1/remora.proto", "remora/examples/v1/echo.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

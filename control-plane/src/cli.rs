@@ -110,6 +110,25 @@ pub enum Command {
     /// The certificate authority
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Print a Kubernetes manifest with the mesh added (init container,
+    /// native-sidecar proxy, volumes); works offline
+    Inject(InjectArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InjectArgs {
+    /// The manifest (multi-document YAML), or - for stdin
+    #[arg(short = 'f', long = "filename", value_name = "FILE|-")]
+    pub file: String,
+    /// The proxy image (also runs the init container)
+    #[arg(long, value_name = "IMAGE")]
+    pub proxy_image: Option<String>,
+    /// The control plane the injected proxies dial
+    #[arg(long, value_name = "HOST:PORT")]
+    pub control_plane_address: Option<String>,
+    /// OTLP/gRPC collector for the proxies' spans
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -28,6 +28,7 @@ pub mod http;
 pub mod identity;
 mod identity_commands;
 pub mod identity_db;
+pub mod inject;
 pub mod output;
 pub mod pem;
 pub mod registry;

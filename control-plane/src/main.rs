@@ -47,6 +47,7 @@ async fn main() -> ExitCode {
             })
             .await
         }
+        Command::Inject(args) => inject(&args),
         command => {
             init_logging("warn");
             client::run(&cli.global, command).await
@@ -59,4 +60,33 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `inject -f FILE`: offline, so no server connection.
+fn inject(args: &remora_control::cli::InjectArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use std::io::Read as _;
+    let (name, text) = if args.file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the manifest from stdin")?;
+        ("<stdin>".to_string(), s)
+    } else {
+        let text = std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading {}", args.file))?;
+        (args.file.clone(), text)
+    };
+    let mut opts = remora_control::inject::InjectOptions::default();
+    if let Some(i) = &args.proxy_image {
+        opts.proxy_image = i.clone();
+    }
+    if let Some(c) = &args.control_plane_address {
+        opts.control_plane = c.clone();
+    }
+    opts.otlp_endpoint = args.otlp_endpoint.clone();
+    let out =
+        remora_control::inject::inject(&text, &opts).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+    print!("{out}");
+    Ok(())
 }

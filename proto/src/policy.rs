@@ -245,7 +245,11 @@ pub struct RouteRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub matches: Vec<RouteMatch>,
     pub backends: Vec<Backend>,
-    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
@@ -312,7 +316,11 @@ fn default_weight() -> u32 {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryPolicy {
     pub attempts: u32,
-    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub per_try_timeout: Option<Duration>,
     /// Conditions: names from [`RETRY_ON`] or HTTP status codes (`503` or `"503"`).
     #[serde(
@@ -406,7 +414,11 @@ pub struct DestinationPolicySpec {
     pub service: String,
     #[serde(default)]
     pub load_balancer: LoadBalancer,
-    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub connect_timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
@@ -425,11 +437,19 @@ pub struct CircuitBreaker {
     pub failure_rate: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_requests: Option<u32>,
-    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub window: Option<Duration>,
     #[serde(with = "duration")]
     pub open_for: Duration,
-    #[serde(default, with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_open_for: Option<Duration>,
     #[serde(default = "one")]
     pub half_open_requests: u32,
@@ -510,6 +530,10 @@ pub struct RateLimit {
     /// Separate buckets per source identity.
     #[serde(default, skip_serializing_if = "is_false")]
     pub per_identity: bool,
+    /// Only requests to these paths (`/api/*` prefixes allowed) count against
+    /// this limit: a per-route limit. Empty: every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -584,9 +608,7 @@ pub fn parse_documents(file: &str, content: &str) -> Result<Vec<Document>, Valid
             }
             None => return Err(err("", "apiVersion", "missing".into())),
         }
-        let kind_s = raw
-            .kind
-            .ok_or_else(|| err("", "kind", "missing".into()))?;
+        let kind_s = raw.kind.ok_or_else(|| err("", "kind", "missing".into()))?;
         let kind = Kind::ALL
             .into_iter()
             .find(|k| k.as_str() == kind_s)
@@ -602,9 +624,8 @@ pub fn parse_documents(file: &str, content: &str) -> Result<Vec<Document>, Valid
             })?;
         let metadata: Metadata = match raw.metadata {
             None => return Err(err("", "metadata", "missing".into())),
-            Some(m) => serde_path_to_error::deserialize(m).map_err(|e| {
-                err("", &format!("metadata.{}", e.path()), e.inner().to_string())
-            })?,
+            Some(m) => serde_path_to_error::deserialize(m)
+                .map_err(|e| err("", &format!("metadata.{}", e.path()), e.inner().to_string()))?,
         };
         let what = format!(" ({kind} {}/{})", metadata.namespace, metadata.name);
         let spec = raw
@@ -656,8 +677,7 @@ fn parse_spec(kind: Kind, spec: serde_json::Value) -> Result<Spec, String> {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
@@ -716,9 +736,17 @@ pub fn validate(doc: &Document) -> Result<(), String> {
 }
 
 fn validate_service(s: &ServiceSpec) -> Result<(), String> {
-    check(!s.ports.is_empty(), || "spec.ports".into(), "at least one port is required")?;
+    check(
+        !s.ports.is_empty(),
+        || "spec.ports".into(),
+        "at least one port is required",
+    )?;
     for (i, p) in s.ports.iter().enumerate() {
-        check(p.port != 0, || format!("spec.ports[{i}].port"), "must be 1-65535")?;
+        check(
+            p.port != 0,
+            || format!("spec.ports[{i}].port"),
+            "must be 1-65535",
+        )?;
         check(
             p.target_port != Some(0),
             || format!("spec.ports[{i}].targetPort"),
@@ -740,14 +768,26 @@ fn validate_backend(b: &Backend, field: &str) -> Result<(), String> {
         "must name a service (a DNS label)",
     )?;
     if let Some(ns) = &b.namespace {
-        check(is_dns_label(ns), || format!("{field}.namespace"), "must be a DNS label")?;
+        check(
+            is_dns_label(ns),
+            || format!("{field}.namespace"),
+            "must be a DNS label",
+        )?;
     }
     Ok(())
 }
 
 fn validate_route(r: &HttpRouteSpec) -> Result<(), String> {
-    check(is_dns_label(&r.service), || "spec.service".into(), "must name a service")?;
-    check(!r.rules.is_empty(), || "spec.rules".into(), "at least one rule is required")?;
+    check(
+        is_dns_label(&r.service),
+        || "spec.service".into(),
+        "must name a service",
+    )?;
+    check(
+        !r.rules.is_empty(),
+        || "spec.rules".into(),
+        "at least one rule is required",
+    )?;
     for (i, rule) in r.rules.iter().enumerate() {
         let at = format!("spec.rules[{i}]");
         for (j, m) in rule.matches.iter().enumerate() {
@@ -759,7 +799,11 @@ fn validate_route(r: &HttpRouteSpec) -> Result<(), String> {
                     "exactly one of exact or prefix is required",
                 )?;
                 let s = p.exact.as_deref().or(p.prefix.as_deref()).unwrap_or("/");
-                check(s.starts_with('/'), || format!("{mat}.path"), "must start with '/'")?;
+                check(
+                    s.starts_with('/'),
+                    || format!("{mat}.path"),
+                    "must start with '/'",
+                )?;
             }
             for (k, h) in m.headers.iter().enumerate() {
                 check(
@@ -769,7 +813,11 @@ fn validate_route(r: &HttpRouteSpec) -> Result<(), String> {
                 )?;
             }
             if let Some(method) = &m.method {
-                check(is_token(method), || format!("{mat}.method"), "not a valid method")?;
+                check(
+                    is_token(method),
+                    || format!("{mat}.method"),
+                    "not a valid method",
+                )?;
             }
         }
         check(
@@ -781,7 +829,11 @@ fn validate_route(r: &HttpRouteSpec) -> Result<(), String> {
             validate_backend(b, &format!("{at}.backends[{j}]"))?;
         }
         check(
-            rule.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>() > 0,
+            rule.backends
+                .iter()
+                .map(|b| u64::from(b.weight))
+                .sum::<u64>()
+                > 0,
             || format!("{at}.backends"),
             "the weights must not all be 0",
         )?;
@@ -789,7 +841,11 @@ fn validate_route(r: &HttpRouteSpec) -> Result<(), String> {
             validate_backend(fb, &format!("{at}.fallback"))?;
         }
         if let Some(t) = rule.timeout {
-            check(!t.is_zero(), || format!("{at}.timeout"), "must be more than 0")?;
+            check(
+                !t.is_zero(),
+                || format!("{at}.timeout"),
+                "must be more than 0",
+            )?;
         }
         if let Some(retry) = &rule.retry {
             check(
@@ -838,7 +894,11 @@ fn http_header_name_ok(s: &str) -> bool {
 }
 
 fn validate_destination(d: &DestinationPolicySpec) -> Result<(), String> {
-    check(is_dns_label(&d.service), || "spec.service".into(), "must name a service")?;
+    check(
+        is_dns_label(&d.service),
+        || "spec.service".into(),
+        "must name a service",
+    )?;
     if let Some(cb) = &d.circuit_breaker {
         check(
             cb.consecutive_failures.is_some() || cb.failure_rate.is_some(),
@@ -895,7 +955,11 @@ fn validate_destination(d: &DestinationPolicySpec) -> Result<(), String> {
 }
 
 fn validate_authorization(a: &AuthorizationPolicySpec) -> Result<(), String> {
-    check(is_dns_label(&a.service), || "spec.service".into(), "must name a service")?;
+    check(
+        is_dns_label(&a.service),
+        || "spec.service".into(),
+        "must name a service",
+    )?;
     for (i, rule) in a.rules.iter().enumerate() {
         for (j, from) in rule.from.iter().enumerate() {
             check(
@@ -1007,13 +1071,8 @@ spec:
         assert_eq!(r.rules[1].timeout, Some(Duration::from_secs(2)));
         assert_eq!(r.rules[1].backends[0].weight, 90);
         // Round trip through the snapshot form.
-        let again = Document::from_parts(
-            Kind::HttpRoute,
-            "shop",
-            "backend",
-            &docs[1].spec_json(),
-        )
-        .unwrap();
+        let again =
+            Document::from_parts(Kind::HttpRoute, "shop", "backend", &docs[1].spec_json()).unwrap();
         assert_eq!(again.spec, docs[1].spec);
     }
 
@@ -1037,7 +1096,10 @@ spec:
         assert_eq!(e.field, "spec.rules[0].matches[0].path");
         let bad = GOOD.replace("protocol: http}", "protocol: smtp}");
         let e = parse_documents("x.yaml", &bad).unwrap_err();
-        assert_eq!((e.document, e.field.as_str()), (1, "spec.ports[0].protocol"));
+        assert_eq!(
+            (e.document, e.field.as_str()),
+            (1, "spec.ports[0].protocol")
+        );
     }
 
     #[test]

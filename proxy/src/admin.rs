@@ -67,32 +67,13 @@ pub async fn serve_health(state: Arc<State>, listener: TcpListener) {
                 "/metrics" => reply(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",
-                    metrics_text(&state),
+                    state.telemetry.render_metrics(),
                 ),
                 _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
             }
         }
     })
     .await
-}
-
-/// The gauges known so far; request metrics come with the telemetry work.
-fn metrics_text(state: &State) -> String {
-    let mesh = state.mesh.load();
-    format!(
-        "# HELP remora_config_version The policy version of the snapshot in force.\n\
-         # TYPE remora_config_version gauge\n\
-         remora_config_version {}\n\
-         # HELP remora_control_plane_connected 1 while the discovery stream is up.\n\
-         # TYPE remora_control_plane_connected gauge\n\
-         remora_control_plane_connected {}\n\
-         # HELP remora_ready 1 when the proxy is ready.\n\
-         # TYPE remora_ready gauge\n\
-         remora_ready {}\n",
-        mesh.policy_version,
-        u8::from(state.control_plane_connected()),
-        u8::from(state.is_ready()),
-    )
 }
 
 /// Changes the log filter at run time.

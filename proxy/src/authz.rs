@@ -18,6 +18,42 @@ pub struct Authz {
     pub present: bool,
     pub strict: bool,
     rules: Vec<Rule>,
+    /// Rate limits, each for some paths (or all).
+    limits: Vec<(Vec<PathPattern>, std::sync::Arc<RateLimiter>)>,
+}
+
+/// A token bucket for the whole service, or one per source identity.
+#[derive(Debug)]
+pub enum RateLimiter {
+    Service(remora_resilience::TokenBucket),
+    PerIdentity(remora_resilience::KeyedRateLimiter<String>),
+}
+
+impl RateLimiter {
+    pub fn new(spec: &remora_proto::policy::RateLimit) -> Result<RateLimiter, String> {
+        let burst = spec
+            .burst
+            .unwrap_or_else(|| spec.requests_per_second.ceil().max(1.0) as u32);
+        if spec.per_identity {
+            remora_resilience::KeyedRateLimiter::new(
+                spec.requests_per_second,
+                burst,
+                remora_resilience::ratelimit::DEFAULT_MAX_KEYS,
+            )
+            .map(RateLimiter::PerIdentity)
+        } else {
+            remora_resilience::TokenBucket::new(spec.requests_per_second, burst)
+                .map(RateLimiter::Service)
+        }
+        .map_err(|e| format!("rateLimit: {e}"))
+    }
+
+    fn try_acquire(&self, peer: Option<&str>) -> Result<(), std::time::Duration> {
+        match self {
+            RateLimiter::Service(b) => b.try_acquire(),
+            RateLimiter::PerIdentity(k) => k.try_acquire(peer.unwrap_or("")),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -61,10 +97,21 @@ impl PathPattern {
 }
 
 impl Authz {
-    pub fn compile<'a>(policies: impl IntoIterator<Item = &'a AuthorizationPolicySpec>) -> Authz {
+    /// `limiter` makes (or reuses, across snapshots) the bucket of a rate limit.
+    pub fn compile<'a>(
+        policies: impl IntoIterator<Item = &'a AuthorizationPolicySpec>,
+        mut limiter: impl FnMut(&remora_proto::policy::RateLimit) -> Option<std::sync::Arc<RateLimiter>>,
+    ) -> Authz {
         let mut authz = Authz::default();
         for p in policies {
             authz.present = true;
+            if let Some(rl) = &p.rate_limit {
+                if let Some(l) = limiter(rl) {
+                    authz
+                        .limits
+                        .push((rl.paths.iter().map(|p| PathPattern::parse(p)).collect(), l));
+                }
+            }
             authz.strict |= p.mtls == MtlsMode::Strict;
             for r in &p.rules {
                 authz.rules.push(Rule {
@@ -88,6 +135,17 @@ impl Authz {
             }
         }
         authz
+    }
+
+    /// Takes a token from every rate limit that covers `path`; on refusal,
+    /// how long until one is available (for `Retry-After`).
+    pub fn rate_limit(&self, peer: Option<&str>, path: &str) -> Result<(), std::time::Duration> {
+        for (paths, limiter) in &self.limits {
+            if paths.is_empty() || paths.iter().any(|p| p.matches(path)) {
+                limiter.try_acquire(peer)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether a plaintext (non-mesh) connection may be served at all.
@@ -151,8 +209,35 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_apply_to_their_paths_and_identities() {
+        let spec = remora_proto::policy::RateLimit {
+            requests_per_second: 1.0,
+            burst: Some(2),
+            per_identity: true,
+            paths: vec!["/api/*".into()],
+        };
+        let mut p = policy(MtlsMode::Permissive, vec![]);
+        p.rate_limit = Some(spec);
+        let a = Authz::compile([&p], |rl| {
+            RateLimiter::new(rl).ok().map(std::sync::Arc::new)
+        });
+        assert!(a.rate_limit(Some(FRONTEND), "/api/a").is_ok());
+        assert!(a.rate_limit(Some(FRONTEND), "/api/b").is_ok());
+        let wait = a.rate_limit(Some(FRONTEND), "/api/c").unwrap_err();
+        assert!(wait > std::time::Duration::ZERO);
+        assert!(
+            a.rate_limit(Some(OTHER), "/api/a").is_ok(),
+            "buckets are per identity"
+        );
+        assert!(
+            a.rate_limit(Some(FRONTEND), "/health").is_ok(),
+            "other paths are not limited"
+        );
+    }
+
+    #[test]
     fn no_policy_allows_everything() {
-        let a = Authz::compile([]);
+        let a = Authz::compile([], |_| None);
         assert!(a.allows_plaintext());
         assert!(a.allows_request(None, &Method::GET, "/"));
         assert!(a.allows_connection(Some(OTHER)));
@@ -170,7 +255,7 @@ mod tests {
                 }],
             }],
         );
-        let a = Authz::compile([&p]);
+        let a = Authz::compile([&p], |_| None);
         assert!(!a.allows_plaintext());
         assert!(a.allows_request(Some(FRONTEND), &Method::GET, "/api/orders"));
         assert!(a.allows_request(Some(FRONTEND), &Method::POST, "/api/x"));
@@ -193,7 +278,7 @@ mod tests {
                 to: vec![],
             }],
         );
-        let a = Authz::compile([&p]);
+        let a = Authz::compile([&p], |_| None);
         assert!(a.allows_plaintext());
         assert!(a.allows_request(None, &Method::GET, "/"));
         assert!(a.allows_connection(None));
@@ -204,7 +289,7 @@ mod tests {
                 to: vec![],
             }],
         );
-        let a = Authz::compile([&empty_from]);
+        let a = Authz::compile([&empty_from], |_| None);
         assert!(a.allows_request(Some(OTHER), &Method::GET, "/"));
         assert!(
             !a.allows_request(None, &Method::GET, "/"),

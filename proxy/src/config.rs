@@ -126,6 +126,16 @@ pub struct RunArgs {
     #[arg(long, env = "REMORA_DRAIN_GRACE", value_parser = parse_duration)]
     #[serde(default, with = "remora_proto::policy::opt_duration")]
     pub drain_grace: Option<Duration>,
+    /// OTLP/gRPC collector for trace spans, e.g. http://jaeger:4317 (none: no spans).
+    #[arg(long, env = "REMORA_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Trace sampling rate for requests without a sampled parent, until a
+    /// TelemetryPolicy sets one (default 0.01).
+    #[arg(long, env = "REMORA_TRACE_SAMPLING")]
+    pub trace_sampling: Option<f64>,
+    /// JSON access logs on stdout (default true; a TelemetryPolicy may change it).
+    #[arg(long, env = "REMORA_ACCESS_LOG")]
+    pub access_log: Option<bool>,
     /// Log filter, as RUST_LOG (default info).
     #[arg(long, env = "REMORA_LOG")]
     pub log: Option<String>,
@@ -157,6 +167,9 @@ pub struct Settings {
     pub limits: Limits,
     pub drain_delay: Duration,
     pub drain_grace: Duration,
+    pub otlp_endpoint: Option<String>,
+    pub trace_sampling: f64,
+    pub access_log: bool,
     pub log: String,
 }
 
@@ -279,6 +292,9 @@ impl Settings {
             limits,
             drain_delay: pick!(drain_delay).unwrap_or(Duration::from_secs(1)),
             drain_grace: pick!(drain_grace).unwrap_or(Duration::from_secs(10)),
+            otlp_endpoint: pick!(otlp_endpoint).filter(|e| !e.is_empty()),
+            trace_sampling: pick!(trace_sampling).unwrap_or(0.01).clamp(0.0, 1.0),
+            access_log: pick!(access_log).unwrap_or(true),
             log: pick!(log).unwrap_or_else(|| "info".into()),
         })
     }

@@ -111,6 +111,7 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
     let own = (s.namespace.as_str(), s.service.as_str());
     let mut got_one = false;
     let mut leave_open = true;
+    let mut certs = state.identity.generations();
     loop {
         tokio::select! {
             msg = snapshots.message() => {
@@ -123,7 +124,7 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
                 let version = snapshot.version.clone();
                 state.identity.set_bundle(&snapshot.trust_bundle_pem);
                 state.identity.check_signer(&snapshot.signer_id);
-                let mut ack = match Mesh::compile(snapshot, own, &state.pools) {
+                let mut ack = match Mesh::compile(snapshot, own, &state.pools, &state.registry) {
                     Ok(mesh) => {
                         state.install(mesh);
                         tracing::info!(%version, "applied snapshot");
@@ -140,6 +141,24 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
                 }
                 if tx.send(send(discovery_request::Kind::Ack(ack))).await.is_err() {
                     return Err(lost(got_one, "stream closed".into()));
+                }
+            }
+            r = certs.changed() => {
+                // A renewed certificate: tell the control plane (a root
+                // rotation finishes once every proxy reports the new signer).
+                if r.is_ok() && got_one {
+                    if let Some(cert) = state.identity.cert() {
+                        let ack = Ack {
+                            version: state.mesh.load().version.clone(),
+                            ok: true,
+                            cert_signer_id: cert.signer_id.clone(),
+                            cert_not_after_unix: cert.not_after_unix,
+                            ..Default::default()
+                        };
+                        if tx.send(send(discovery_request::Kind::Ack(ack))).await.is_err() {
+                            return Err(lost(got_one, "stream closed".into()));
+                        }
+                    }
                 }
             }
             r = leave.changed(), if leave_open => {

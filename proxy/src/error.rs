@@ -65,8 +65,12 @@ impl Cause {
 pub enum RetryClass {
     /// Never sent: the connection could not be made (safe for any method).
     ConnectFailure,
+    /// The peer refused the stream before processing it (HTTP/2 REFUSED_STREAM).
+    RefusedStream,
     /// Sent, or maybe sent, then the connection failed.
     Reset,
+    /// The attempt ran out of time.
+    Timeout,
     /// Not worth retrying.
     Never,
 }
@@ -77,6 +81,8 @@ pub struct ProxyError {
     pub cause: Cause,
     pub retry: RetryClass,
     detail: String,
+    /// For `rate-limited`: when to come back (`Retry-After`).
+    retry_after: Option<std::time::Duration>,
 }
 
 impl ProxyError {
@@ -85,6 +91,7 @@ impl ProxyError {
             cause,
             retry: RetryClass::Never,
             detail: detail.into(),
+            retry_after: None,
         }
     }
 
@@ -93,7 +100,40 @@ impl ProxyError {
             cause: Cause::UpstreamFailure,
             retry: RetryClass::ConnectFailure,
             detail: detail.into(),
+            retry_after: None,
         }
+    }
+
+    pub fn refused(detail: impl Into<String>) -> Self {
+        ProxyError {
+            cause: Cause::UpstreamFailure,
+            retry: RetryClass::RefusedStream,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn timeout(detail: impl Into<String>) -> Self {
+        ProxyError {
+            cause: Cause::Timeout,
+            retry: RetryClass::Timeout,
+            detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    /// A rate limit's refusal; `wait` becomes `Retry-After`.
+    pub fn rate_limited(wait: std::time::Duration) -> Self {
+        ProxyError {
+            cause: Cause::RateLimited,
+            retry: RetryClass::Never,
+            detail: format!(
+                "rate limited; retry after {}s",
+                remora_resilience::retry_after_secs(wait)
+            ),
+            retry_after: None,
+        }
+        .with_retry_after(wait)
     }
 
     pub fn upstream(detail: impl Into<String>) -> Self {
@@ -101,6 +141,7 @@ impl ProxyError {
             cause: Cause::UpstreamFailure,
             retry: RetryClass::Reset,
             detail: detail.into(),
+            retry_after: None,
         }
     }
 
@@ -108,10 +149,22 @@ impl ProxyError {
         &self.detail
     }
 
+    fn with_retry_after(mut self, wait: std::time::Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+
     /// The answer the proxy makes itself: an HTTP error with `x-remora-error`,
     /// or a trailers-only gRPC answer for a gRPC request.
     pub fn to_response(&self, grpc: bool) -> Response<ProxyBody> {
-        local_response(self.cause, grpc, &self.detail)
+        let mut resp = local_response(self.cause, grpc, &self.detail);
+        if let Some(wait) = self.retry_after {
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(remora_resilience::retry_after_secs(wait)),
+            );
+        }
+        resp
     }
 }
 

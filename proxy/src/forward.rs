@@ -7,7 +7,6 @@ use crate::error::{Cause, ProxyError};
 use crate::pool::{EndpointPool, Upstream};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,7 +93,7 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("remora-orig-proto");
 /// HTTP/2 (one multiplexed mTLS connection), an HTTP/1 request marked with
 /// `remora-orig-proto`; otherwise the downstream's HTTP version is kept.
 pub async fn forward(
-    mut req: Request<Incoming>,
+    mut req: Request<ProxyBody>,
     pool: &Arc<EndpointPool>,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -159,7 +158,7 @@ pub async fn forward(
     if version == Upstream::Http1 {
         parts.version = Version::HTTP_11;
     }
-    let up = Request::from_parts(parts, ProxyBody::Incoming(body));
+    let up = Request::from_parts(parts, body);
     let mut resp = pool.send(up, version, connect_timeout).await?;
 
     if let Some(down) = downstream_upgrade {

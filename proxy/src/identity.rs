@@ -94,6 +94,11 @@ impl Identity {
         self.bundle.load_full()
     }
 
+    /// Changes with every new certificate.
+    pub fn generations(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
     /// Resolves once the workload holds a certificate.
     pub async fn wait_for_cert(&self) {
         let mut rx = self.generation.subscribe();
@@ -242,6 +247,9 @@ pub async fn run(state: Arc<crate::state::State>) {
                     continue;
                 }
                 backoff.reset();
+                remora_telemetry::metrics::set_cert_expiry(
+                    UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64),
+                );
                 tracing::info!(identity = %identity.spiffe_id, not_after, "certificate installed");
                 let wait = renew_at
                     .duration_since(SystemTime::now())

@@ -15,6 +15,7 @@ use crate::error::{Cause, ProxyError};
 use crate::forward::{forward, is_grpc, restore_orig_proto};
 use crate::intercept;
 use crate::io::{Activity, Prefixed};
+use crate::observe::{Observed, TcpObserved};
 use crate::pool::{self, EndpointPool};
 use crate::serve::{serve_http, Builder};
 use crate::state::State;
@@ -22,6 +23,7 @@ use crate::tls::{self, Carry};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use remora_proto::policy::Protocol;
+use remora_telemetry::{RequestMetrics, SpanKind, INBOUND};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -91,10 +93,11 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
     };
     if http {
         let st = state.clone();
-        let handler = move |req| handle(st.clone(), pool.clone(), None, req);
+        let metrics = connection_metrics(&state, None);
+        let handler = move |req| handle(st.clone(), pool.clone(), None, metrics.clone(), req);
         serve_http(&builder, io, activity, limits.idle_timeout, drain, handler).await;
     } else if mesh.authz.allows_connection(None) {
-        relay(&state, io, activity, app).await;
+        relay(&state, io, activity, app, None).await;
     } else {
         tracing::info!(%app, "denied a plaintext TCP connection");
     }
@@ -132,12 +135,14 @@ async fn mesh_connection(
     match Carry::from_alpn(conn.alpn_protocol()) {
         Some(Carry::H2 | Carry::Http1) => {
             let st = state.clone();
-            let handler = move |req| handle(st.clone(), pool.clone(), peer.clone(), req);
+            let metrics = connection_metrics(&state, peer.as_deref());
+            let handler =
+                move |req| handle(st.clone(), pool.clone(), peer.clone(), metrics.clone(), req);
             serve_http(&builder, tls, activity, limits.idle_timeout, drain, handler).await;
         }
         Some(Carry::Tcp) => {
             if state.mesh.load().authz.allows_connection(peer.as_deref()) {
-                relay(&state, tls, activity, app).await;
+                relay(&state, tls, activity, app, peer).await;
             } else {
                 tracing::info!(peer = ?peer, "denied a TCP connection by authorization policy");
             }
@@ -146,57 +151,104 @@ async fn mesh_connection(
     }
 }
 
+/// Metrics for the requests of one inbound connection, labelled with its
+/// peer (bounded: identities of the mesh's services).
+fn connection_metrics(state: &State, peer: Option<&str>) -> Arc<RequestMetrics> {
+    let s = &state.settings;
+    Arc::new(RequestMetrics::new(
+        INBOUND,
+        &format!("{}.{}", s.service, s.namespace),
+        "inbound",
+        peer.unwrap_or("unauthenticated"),
+    ))
+}
+
+/// One inbound request: authorize, rate-limit, then deliver to the application.
 async fn handle(
     state: Arc<State>,
     app: Arc<EndpointPool>,
     peer: Option<Arc<str>>,
+    metrics: Arc<RequestMetrics>,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let tel = &state.telemetry;
+    let mut obs = Observed::begin(tel, SpanKind::Server, INBOUND, &mut req);
+    obs.peer = peer.clone();
+    obs.upstream = Some(app.addr());
+    obs.routed(&req, "inbound", metrics);
     let grpc = is_grpc(&req);
     let limits = &state.settings.limits;
-    let allowed =
-        state
-            .mesh
-            .load()
+    let decision = {
+        let mesh = state.mesh.load();
+        let path = req.uri().path();
+        if !mesh
             .authz
-            .allows_request(peer.as_deref(), req.method(), req.uri().path());
-    let result = if allowed {
-        restore_orig_proto(&mut req);
-        forward(req, &app, limits.connect_timeout, limits.idle_timeout).await
-    } else {
-        Err(ProxyError::new(
-            Cause::Denied,
-            format!(
-                "{} may not {} {}",
-                peer.as_deref().unwrap_or("an unauthenticated caller"),
-                req.method(),
-                req.uri().path()
-            ),
-        ))
+            .allows_request(peer.as_deref(), req.method(), path)
+        {
+            Err(ProxyError::new(
+                Cause::Denied,
+                format!(
+                    "{} may not {} {path}",
+                    peer.as_deref().unwrap_or("an unauthenticated caller"),
+                    req.method(),
+                ),
+            ))
+        } else {
+            mesh.authz
+                .rate_limit(peer.as_deref(), path)
+                .map_err(|wait| ProxyError::rate_limited(wait))
+        }
     };
-    match result {
+    let result = match decision {
+        Ok(()) => {
+            restore_orig_proto(&mut req);
+            let started = std::time::Instant::now();
+            let r = forward(
+                req.map(ProxyBody::Incoming),
+                &app,
+                limits.connect_timeout,
+                limits.idle_timeout,
+            )
+            .await;
+            obs.upstream_time = Some(started.elapsed());
+            r
+        }
+        Err(e) => Err(e),
+    };
+    let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
             tracing::debug!(error = %e, "inbound request failed");
+            obs.error = Some(e.cause);
             e.to_response(grpc)
         }
-    }
+    };
+    obs.finish(tel, &resp);
+    resp
 }
 
-async fn relay<I>(state: &State, io: I, activity: Arc<Activity>, app: SocketAddr)
-where
+async fn relay<I>(
+    state: &State,
+    io: I,
+    activity: Arc<Activity>,
+    app: SocketAddr,
+    peer: Option<Arc<str>>,
+) where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let limits = &state.settings.limits;
-    let upstream = match pool::connect(app, limits.connect_timeout).await {
-        Ok(s) => s,
-        Err(e) => {
-            let e: ProxyError = e;
-            tracing::debug!(error = %e, "inbound tcp: application unreachable");
-            return;
+    let s = &state.settings;
+    let mut obs = TcpObserved::begin(INBOUND, &format!("{}.{}", s.service, s.namespace));
+    obs.upstream = Some(app);
+    obs.peer = peer;
+    match pool::connect(app, limits.connect_timeout).await {
+        Ok(upstream) => {
+            let r = crate::tcp::relay_tracked(io, upstream, activity, limits.idle_timeout).await;
+            crate::outbound::finish_tcp(state, obs, r);
         }
-    };
-    if let Err(e) = crate::tcp::relay_tracked(io, upstream, activity, limits.idle_timeout).await {
-        tracing::debug!(error = %e, "inbound tcp ended");
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound tcp: application unreachable");
+            obs.finish(&state.telemetry, 0, 0, Some(e.to_string()));
+        }
     }
 }

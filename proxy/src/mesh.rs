@@ -6,11 +6,11 @@ use crate::pool::{EndpointPool, Pools};
 use crate::route::{Backends, Rule};
 use remora_proto::policy::{self, Document, Kind, Protocol, ServicePort, Spec};
 use remora_proto::v1::Snapshot;
+use remora_telemetry::RequestMetrics;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// One instance of a service.
 #[derive(Debug)]
@@ -20,6 +20,19 @@ pub struct Endpoint {
     pub identity: String,
     pub labels: BTreeMap<String, String>,
     pub pool: Arc<EndpointPool>,
+    /// Outlier detection, when the service's DestinationPolicy asks for it.
+    pub breaker: Option<remora_resilience::Breaker>,
+    pub breaker_gauge: Option<remora_telemetry::CircuitBreakerGauge>,
+}
+
+impl remora_resilience::Balanced for Endpoint {
+    fn load(&self) -> &remora_resilience::Load {
+        &self.pool.load
+    }
+
+    fn available(&self) -> bool {
+        self.breaker.as_ref().is_none_or(|b| b.is_available())
+    }
 }
 
 /// The endpoints a backend (a service, or a subset of it) resolves to.
@@ -32,7 +45,7 @@ pub struct EndpointSet {
 }
 
 impl EndpointSet {
-    /// Round robin over the endpoints (the balancer of this first version).
+    /// Round robin over the endpoints, ignoring breakers (opaque TCP).
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
         if self.endpoints.is_empty() {
             return None;
@@ -58,7 +71,11 @@ pub struct Service {
     pub rules: Vec<Rule>,
     /// Every endpoint of the service.
     pub all: Backends,
-    pub connect_timeout: Option<Duration>,
+    pub dest: Arc<crate::destination::Destination>,
+    /// The SPIFFE identity its endpoints carry (the `peer_identity` label).
+    pub identity: Arc<str>,
+    /// Metrics of requests that no HTTPRoute governs.
+    pub default_metrics: Arc<RequestMetrics>,
 }
 
 impl Service {
@@ -83,6 +100,8 @@ pub struct Mesh {
     pub local: Option<Arc<Service>>,
     /// Who may call this workload.
     pub authz: crate::authz::Authz,
+    /// The TelemetryPolicy of this proxy's namespace, if any.
+    pub telemetry: Option<policy::TelemetryPolicySpec>,
 }
 
 impl Mesh {
@@ -97,6 +116,7 @@ impl Mesh {
             addrs: HashMap::new(),
             local: None,
             authz: crate::authz::Authz::default(),
+            telemetry: None,
         }
     }
 
@@ -138,7 +158,12 @@ impl Mesh {
     /// Compiles a snapshot. An invalid policy document fails the whole snapshot
     /// (the proxy NACKs it and keeps the previous one); an endpoint with an
     /// unusable address is skipped with a warning.
-    pub fn compile(snapshot: Snapshot, own: (&str, &str), pools: &Pools) -> Result<Mesh, String> {
+    pub fn compile(
+        snapshot: Snapshot,
+        own: (&str, &str),
+        pools: &Pools,
+        registry: &crate::destination::Registry,
+    ) -> Result<Mesh, String> {
         let (own_ns, own_name) = own;
         let mut docs: BTreeMap<Kind, Vec<Document>> = BTreeMap::new();
         for r in &snapshot.resources {
@@ -151,6 +176,30 @@ impl Mesh {
             docs.entry(kind).or_default().push(doc);
         }
 
+        let dest_policies: HashMap<(String, String), &policy::DestinationPolicySpec> = docs
+            .get(&Kind::DestinationPolicy)
+            .into_iter()
+            .flatten()
+            .filter_map(|d| match &d.spec {
+                Spec::DestinationPolicy(p) => {
+                    Some(((d.metadata.namespace.clone(), p.service.clone()), p))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut destinations = HashMap::new();
+        let mut dest_for =
+            |ns: &str, name: &str| -> Result<Arc<crate::destination::Destination>, String> {
+                let key = (ns.to_string(), name.to_string());
+                if let Some(d) = destinations.get(&key) {
+                    return Ok(Arc::clone(d));
+                }
+                let d = registry
+                    .destination(&format!("{name}.{ns}"), dest_policies.get(&key).copied())?;
+                destinations.insert(key, d.clone());
+                Ok(d)
+            };
+
         // Endpoints by service.
         let mut endpoints: HashMap<(String, String), Vec<Arc<Endpoint>>> = HashMap::new();
         for e in &snapshot.endpoints {
@@ -162,6 +211,13 @@ impl Mesh {
                     continue;
                 }
             };
+            let dest = dest_for(&e.namespace, &e.service)?;
+            let fqdn = format!("{}.{}", e.service, e.namespace);
+            let breaker = dest
+                .breaker
+                .as_ref()
+                .and_then(|cfg| registry.breaker(addr, &fqdn, cfg));
+            let breaker_gauge = breaker.as_ref().map(|_| dest.metrics.circuit_breaker(addr));
             endpoints
                 .entry((e.namespace.clone(), e.service.clone()))
                 .or_default()
@@ -175,6 +231,8 @@ impl Mesh {
                         .map(|(k, v)| (k.clone(), v.clone()))
                         .collect(),
                     pool: pools.get(addr, crate::tls::server_name_for(&e.identity)),
+                    breaker,
+                    breaker_gauge,
                 }));
         }
         for list in endpoints.values_mut() {
@@ -185,17 +243,6 @@ impl Mesh {
             endpoints: &endpoints,
             cache: HashMap::new(),
         };
-        let dest_policies: HashMap<(String, String), &policy::DestinationPolicySpec> = docs
-            .get(&Kind::DestinationPolicy)
-            .into_iter()
-            .flatten()
-            .filter_map(|d| match &d.spec {
-                Spec::DestinationPolicy(p) => {
-                    Some(((d.metadata.namespace.clone(), p.service.clone()), p))
-                }
-                _ => None,
-            })
-            .collect();
         let mut routes: HashMap<(String, String), Vec<&Document>> = HashMap::new();
         for d in docs.get(&Kind::HttpRoute).into_iter().flatten() {
             if let Spec::HttpRoute(r) = &d.spec {
@@ -240,10 +287,27 @@ impl Mesh {
                         Spec::AuthorizationPolicy(p) if p.service == own_name => Some(p),
                         _ => None,
                     }),
+                |rl| registry.rate_limiter(rl),
             ),
+            telemetry: docs
+                .get(&Kind::TelemetryPolicy)
+                .into_iter()
+                .flatten()
+                .filter(|d| d.metadata.namespace == own_ns)
+                .find_map(|d| match &d.spec {
+                    Spec::TelemetryPolicy(t) => Some(t.clone()),
+                    _ => None,
+                }),
+        };
+        let trust_domain = if snapshot.trust_domain.is_empty() {
+            "cluster.local"
+        } else {
+            snapshot.trust_domain.as_str()
         };
         for key in keys {
             let (ns, name) = (&key.0, &key.1);
+            let fqdn = format!("{name}.{ns}");
+            let identity = format!("spiffe://{trust_domain}/ns/{ns}/sa/{name}");
             let mut rules = Vec::new();
             for d in routes.get(&key).into_iter().flatten() {
                 let Spec::HttpRoute(r) = &d.spec else {
@@ -254,17 +318,30 @@ impl Mesh {
                         .name
                         .clone()
                         .unwrap_or_else(|| format!("{}#{i}", d.metadata.name));
-                    rules.push(Rule::compile(rule, rule_name, ns, &mut sets)?);
+                    let metrics = Arc::new(RequestMetrics::new(
+                        remora_telemetry::OUTBOUND,
+                        &fqdn,
+                        &rule_name,
+                        &identity,
+                    ));
+                    rules.push(Rule::compile(rule, rule_name, ns, &mut sets, metrics)?);
                 }
             }
             let svc = Arc::new(Service {
                 name: name.clone(),
                 namespace: ns.clone(),
-                fqdn: format!("{name}.{ns}").into(),
+                default_metrics: Arc::new(RequestMetrics::new(
+                    remora_telemetry::OUTBOUND,
+                    &fqdn,
+                    "default",
+                    &identity,
+                )),
+                identity: identity.into(),
+                fqdn: fqdn.into(),
                 ports: declared.get(&key).cloned().unwrap_or_default(),
                 rules,
                 all: Backends::single(sets.get(ns, name, &BTreeMap::new())),
-                connect_timeout: dest_policies.get(&key).and_then(|p| p.connect_timeout),
+                dest: dest_for(ns, name)?,
             });
             for host in [
                 format!("{name}.{ns}"),
@@ -291,6 +368,9 @@ impl Mesh {
             }
             mesh.services.insert(key, svc);
         }
+        let in_use: std::collections::HashSet<String> =
+            mesh.services.values().map(|s| s.fqdn.to_string()).collect();
+        registry.retain(&in_use);
         mesh.snapshot = snapshot;
         Ok(mesh)
     }

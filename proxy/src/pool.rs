@@ -84,6 +84,12 @@ impl Pools {
             h1_idle: Mutex::new(Vec::new()),
             h2: ArcSwapOption::empty(),
             h2_connecting: tokio::sync::Mutex::new(()),
+            // An endpoint with no sample yet looks fast, so a new instance is tried
+            // promptly; its first response sets its real estimate.
+            load: remora_resilience::Load::with_config(
+                Duration::ZERO,
+                remora_resilience::load::DEFAULT_DECAY,
+            ),
         });
         pools.insert(key, Arc::downgrade(&p));
         p
@@ -104,6 +110,8 @@ pub struct EndpointPool {
     h1_idle: Mutex<Vec<IdleH1>>,
     h2: ArcSwapOption<http2::SendRequest<ProxyBody>>,
     h2_connecting: tokio::sync::Mutex<()>,
+    /// In-flight requests and peak-EWMA latency, for the balancer.
+    pub load: remora_resilience::Load,
 }
 
 impl std::fmt::Debug for EndpointPool {
@@ -187,13 +195,7 @@ impl EndpointPool {
                         .await
                         .map_err(|e| ProxyError::upstream(format!("{}: {e}", self.addr)))?
                 }
-                _ => {
-                    return Err(ProxyError::upstream(format!(
-                        "{}: {}",
-                        self.addr,
-                        e.into_error()
-                    )))
-                }
+                _ => return Err(exchange_error(self.addr, e.into_error())),
             },
         };
         if !upgrade && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
@@ -268,13 +270,9 @@ impl EndpointPool {
                     sender
                         .send_request(req)
                         .await
-                        .map_err(|e| ProxyError::upstream(format!("{}: {e}", self.addr)))
+                        .map_err(|e| exchange_error(self.addr, e))
                 }
-                None => Err(ProxyError::upstream(format!(
-                    "{}: {}",
-                    self.addr,
-                    e.into_error()
-                ))),
+                None => Err(exchange_error(self.addr, e.into_error())),
             },
         }
     }
@@ -311,6 +309,20 @@ impl EndpointPool {
         });
         self.h2.store(Some(Arc::new(sender.clone())));
         Ok(sender)
+    }
+}
+
+/// An error from an upstream exchange, classified for retries: a stream the
+/// server refused (HTTP/2 REFUSED_STREAM) was never processed.
+fn exchange_error(addr: SocketAddr, e: hyper::Error) -> ProxyError {
+    let refused = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason)
+        == Some(h2::Reason::REFUSED_STREAM);
+    if refused {
+        ProxyError::refused(format!("{addr}: stream refused"))
+    } else {
+        ProxyError::upstream(format!("{addr}: {e}"))
     }
 }
 

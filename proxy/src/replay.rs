@@ -45,7 +45,7 @@ impl<B> Clone for Replay<B> {
         Replay {
             shared: self.shared.clone(),
             cap: self.cap,
-            size_hint: self.size_hint.clone(),
+            size_hint: self.size_hint,
         }
     }
 }
@@ -173,7 +173,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for ReplayBody<B> {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.replay.size_hint.clone()
+        self.replay.size_hint
     }
 }
 
@@ -183,10 +183,11 @@ mod tests {
     use http_body_util::{BodyExt, Full, StreamBody};
     use std::convert::Infallible;
 
-    fn stream(
-        chunks: &[&'static str],
-    ) -> StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>
-    {
+    type Chunks = StreamBody<
+        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>,
+    >;
+
+    fn stream(chunks: &[&'static str]) -> Chunks {
         let frames: Vec<Result<Frame<Bytes>, Infallible>> = chunks
             .iter()
             .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))

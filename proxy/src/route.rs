@@ -13,6 +13,13 @@ pub struct Rule {
     matches: Vec<Match>,
     pub backends: Backends,
     pub timeout: Option<Duration>,
+    pub metrics: Arc<remora_telemetry::RequestMetrics>,
+    pub retry: Option<crate::destination::Retry>,
+    pub fault: Option<remora_resilience::Fault>,
+    /// Uses the destination's reserved capacity.
+    pub critical: bool,
+    /// Used when the chosen backend has no available endpoint.
+    pub fallback: Option<Arc<EndpointSet>>,
 }
 
 #[derive(Debug)]
@@ -34,6 +41,7 @@ impl Rule {
         name: String,
         namespace: &str,
         sets: &mut SetCache<'_>,
+        metrics: Arc<remora_telemetry::RequestMetrics>,
     ) -> Result<Rule, String> {
         let mut matches = Vec::new();
         for m in &rule.matches {
@@ -69,10 +77,26 @@ impl Rule {
             list.push((b.weight, sets.get(ns, &b.service, &b.subset)));
         }
         Ok(Rule {
-            name: name.into(),
+            name: name.clone().into(),
             matches,
             backends: Backends::weighted(list),
             timeout: rule.timeout,
+            metrics,
+            retry: rule
+                .retry
+                .as_ref()
+                .map(crate::destination::Retry::compile)
+                .transpose()
+                .map_err(|e| format!("{name}: {e}"))?,
+            fault: rule.fault.as_ref().map(crate::destination::compile_fault),
+            critical: rule.critical,
+            fallback: rule.fallback.as_ref().map(|b| {
+                sets.get(
+                    b.namespace.as_deref().unwrap_or(namespace),
+                    &b.service,
+                    &b.subset,
+                )
+            }),
         })
     }
 

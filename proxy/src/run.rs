@@ -53,7 +53,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         admin = %settings.admin_addr, health = %settings.health_addr,
         "remora-proxy starting"
     );
-    let state = State::new(settings);
+    let telemetry = start_telemetry(&settings);
+    let state = State::new(settings, telemetry);
     let builder = Arc::new(serve::builder(&state.settings.limits));
     let (drainer, drain) = Drainer::new();
     let shutdown = Arc::new(Notify::new());
@@ -106,4 +107,37 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     drop(leave_tx);
     Ok(())
+}
+
+fn start_telemetry(s: &Settings) -> crate::observe::Telemetry {
+    use remora_telemetry::{AccessLog, Exporter, ExporterConfig, Metrics, RequestMetrics, Sampler};
+    let metrics = Metrics::install()
+        .map_err(|e| tracing::warn!(error = %e, "metrics disabled"))
+        .ok();
+    let exporter = s.otlp_endpoint.as_ref().and_then(|endpoint| {
+        Exporter::start(ExporterConfig {
+            endpoint: endpoint.clone(),
+            service_name: s.service.clone(),
+            namespace: s.namespace.clone(),
+            instance_id: s.instance_id.clone(),
+            ..Default::default()
+        })
+        .map_err(|e| tracing::warn!(error = %e, %endpoint, "trace export disabled"))
+        .ok()
+    });
+    let access_log = AccessLog::start(s.access_log, remora_telemetry::access_log::DEFAULT_CAPACITY)
+        .map_err(|e| tracing::warn!(error = %e, "access logs disabled"))
+        .ok();
+    crate::observe::Telemetry {
+        metrics,
+        exporter,
+        access_log,
+        sampler: Sampler::new(s.trace_sampling),
+        unrouted: std::sync::Arc::new(RequestMetrics::new(
+            remora_telemetry::OUTBOUND,
+            "unknown",
+            "unknown",
+            "unknown",
+        )),
+    }
 }

@@ -5,6 +5,7 @@
 use crate::config::Settings;
 use crate::identity::Identity;
 use crate::mesh::Mesh;
+use crate::observe::Telemetry;
 use crate::pool::{EndpointPool, PoolSettings, Pools};
 use arc_swap::ArcSwap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -16,6 +17,9 @@ pub struct State {
     pub identity: Arc<Identity>,
     pub mesh: ArcSwap<Mesh>,
     pub pools: Arc<Pools>,
+    /// Breaker, budget and bulkhead state kept across snapshots.
+    pub registry: crate::destination::Registry,
+    pub telemetry: Telemetry,
     /// The pool to the local application in explicit mode (127.0.0.1:app-port).
     pub app_pool: Option<Arc<EndpointPool>>,
     has_snapshot: AtomicBool,
@@ -24,7 +28,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(settings: Settings) -> Arc<State> {
+    pub fn new(settings: Settings, telemetry: Telemetry) -> Arc<State> {
         let identity = Identity::new(
             &settings.namespace,
             &settings.service,
@@ -46,6 +50,8 @@ impl State {
             identity,
             mesh: ArcSwap::from_pointee(Mesh::empty()),
             pools,
+            registry: crate::destination::Registry::default(),
+            telemetry,
             app_pool,
             has_snapshot: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -55,6 +61,18 @@ impl State {
 
     /// Installs a compiled snapshot; from now on the proxy may be ready.
     pub fn install(&self, mesh: Mesh) {
+        let t = mesh.telemetry.as_ref();
+        self.telemetry.sampler.set_rate(
+            t.and_then(|t| t.sampling_rate)
+                .unwrap_or(self.settings.trace_sampling),
+        );
+        if let Some(log) = &self.telemetry.access_log {
+            log.set_enabled(
+                t.and_then(|t| t.access_logs)
+                    .unwrap_or(self.settings.access_log),
+            );
+        }
+        remora_telemetry::metrics::set_config_version(mesh.policy_version);
         self.mesh.store(Arc::new(mesh));
         self.has_snapshot.store(true, Ordering::Release);
     }
@@ -75,6 +93,7 @@ impl State {
     }
 
     pub fn set_control_plane_connected(&self, up: bool) {
+        remora_telemetry::metrics::set_control_plane_connected(up);
         self.control_plane_connected.store(up, Ordering::Release);
     }
 

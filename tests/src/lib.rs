@@ -15,6 +15,7 @@
 
 pub mod clients;
 pub mod mesh;
+pub mod netns;
 pub mod process;
 pub mod raw_http;
 

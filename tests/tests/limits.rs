@@ -205,6 +205,11 @@ async fn a_rapid_reset_flood_gets_the_connection_closed() {
 async fn time_to_banner(addr: SocketAddr, expected: &str) -> Duration {
     let start = Instant::now();
     let stream = TcpStream::connect(addr).await.unwrap();
+    banner_after(start, stream, expected).await
+}
+
+/// How long after `start` the banner arrives on `stream`.
+async fn banner_after(start: Instant, stream: TcpStream, expected: &str) -> Duration {
     let mut stream = BufReader::new(stream);
     let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_line(&mut line))
@@ -229,8 +234,8 @@ async fn server_first_protocols_wait_for_detection_unless_declared_tcp() {
     let cp = ControlPlane::start().await;
     let undeclared = App::start("banner-raw", "v1", Mode::Banner).await;
     let declared = App::start("banner-tcp", "v1", Mode::Banner).await;
-    // Only banner-tcp has a Service (declared tcp). Both accept plaintext from
-    // outside the mesh, which is what the raw client below is.
+    // Only banner-tcp has a Service (declared tcp). banner-raw accepts
+    // plaintext from outside the mesh, which is what the raw client below is.
     cp.apply_ok(&format!(
         r#"
 apiVersion: remora.dev/v1
@@ -245,6 +250,7 @@ metadata: {{name: banner-tcp, namespace: shop}}
 spec:
   service: banner-tcp
   mtls: permissive
+  rules: [{{from: ["*"]}}]
 ---
 apiVersion: remora.dev/v1
 kind: AuthorizationPolicy
@@ -252,6 +258,7 @@ metadata: {{name: banner-raw, namespace: shop}}
 spec:
   service: banner-raw
   mtls: permissive
+  rules: [{{from: ["*"]}}]
 "#,
         port = declared.port()
     ))
@@ -274,11 +281,27 @@ spec:
         "an undeclared protocol's banner came after {waited:?}, expected about the 500 ms \
          detect timeout"
     );
-    let waited = time_to_banner(tcp_proxy.inbound(), "220 banner-tcp/v1 ready\r\n").await;
+    // Through the mesh: a client's sidecar tunnels to the declared-tcp service
+    // over mTLS. The peer proxy sees the TLS ClientHello at once and protocol
+    // detection is skipped, so the server-first banner is not held up.
+    let client_app = App::start("client", "v1", Mode::Http).await;
+    let client = Proxy::start(
+        &cp,
+        ProxyOpts::new("client", "shop", client_app.port()).args(&detect),
+    )
+    .await;
+    let start = Instant::now();
+    let tunnel = connect_tunnel(
+        client.outbound(),
+        &format!("banner-tcp.shop:{}", declared.port()),
+    )
+    .await;
+    let waited = banner_after(start, tunnel, "220 banner-tcp/v1 ready\r\n").await;
     assert!(
         waited < Duration::from_millis(300),
         "a declared tcp service's banner came after {waited:?}: detection was not skipped"
     );
+    drop(tcp_proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

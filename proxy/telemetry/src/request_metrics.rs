@@ -90,3 +90,9 @@ impl RequestMetrics {
         counter!(RETRIES_TOTAL, labels)
     }
 }
+
+impl std::fmt::Debug for RequestMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestMetrics").finish_non_exhaustive()
+    }
+}

@@ -61,3 +61,16 @@ impl CircuitBreakerGauge {
         self.gauge.set(if open { 1.0 } else { 0.0 });
     }
 }
+
+impl std::fmt::Debug for ServiceMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceMetrics").finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for CircuitBreakerGauge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CircuitBreakerGauge")
+            .finish_non_exhaustive()
+    }
+}

@@ -6,31 +6,42 @@
 //!    proxy itself (explicit mode: absolute-form HTTP/1, h2c, `CONNECT`);
 //! 2. route: the destination service (by Host/`:authority` or by original
 //!    destination), then the HTTPRoute rule, then a weighted backend;
-//! 3. policy: the rule's timeout (resilience policies plug in here);
-//! 4. balance: an endpoint of the chosen backend;
-//! 5. connect: a pooled upstream connection to the peer's inbound side.
+//! 3. policy: fault injection, the deadline (route timeout and `grpc-timeout`),
+//!    the destination's bulkhead, then retries within the budget;
+//! 4. balance: an endpoint of the chosen backend whose circuit is not open
+//!    (P2C over peak-EWMA by default), or the route's fallback;
+//! 5. connect: a pooled mTLS connection to the peer's inbound side.
+//!
+//! This file holds the accept loop, interception and opaque TCP; `http.rs`
+//! the HTTP request path (2–3) and `retry.rs` the attempts (3–5).
+
+mod http;
+mod retry;
+
+use self::http::handle;
 
 use crate::body::ProxyBody;
 use crate::drain::Drain;
 use crate::error::{Cause, ProxyError};
-use crate::forward::{forward, is_grpc};
 use crate::io::{Activity, Prefixed};
 use crate::mesh::{Endpoint, Mesh, Service};
+use crate::observe::TcpObserved;
 use crate::serve::{serve_http, Builder};
 use crate::state::State;
 use crate::tls::Carry;
 use crate::{detect, intercept, pool, tcp};
-use http::{header, Request, Response, StatusCode};
+use ::http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use remora_proto::policy::Protocol;
+use remora_telemetry::OUTBOUND;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
 /// Where the requests of one connection go.
 #[derive(Clone)]
-enum Target {
+pub(crate) enum Target {
     /// Explicit mode: each request names its service in Host/`:authority`.
     ByHost,
     /// Transparent mode: the connection was for this service ("name.namespace").
@@ -123,92 +134,13 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, stream: TcpStream,
     }
 }
 
-/// One request: route and forward it, or make the proxy's own answer.
-async fn handle(state: Arc<State>, target: Target, req: Request<Incoming>) -> Response<ProxyBody> {
-    let grpc = is_grpc(&req);
-    match route_and_forward(&state, &target, req).await {
-        Ok(resp) => resp,
-        Err(e) => {
-            tracing::debug!(error = %e, "outbound request failed");
-            e.to_response(grpc)
-        }
-    }
-}
-
-/// The request path: route → policy → balance → connect.
-async fn route_and_forward(
-    state: &State,
-    target: &Target,
-    req: Request<Incoming>,
-) -> Result<Response<ProxyBody>, ProxyError> {
-    let mesh = state.mesh.load_full();
-    if req.method() == http::Method::CONNECT {
-        return connect_tunnel(state, &mesh, req).await;
-    }
-    // Route: the service, then the rule.
-    let svc = match target {
-        Target::ByHost => {
-            let authority = authority(&req)
-                .ok_or_else(|| ProxyError::new(Cause::BadRequest, "no Host or :authority"))?;
-            mesh.by_host(authority).ok_or_else(|| {
-                ProxyError::new(
-                    Cause::NoEndpoints,
-                    format!("no service for host {authority}"),
-                )
-            })?
-        }
-        Target::Service(fqdn) => mesh.by_host(fqdn).ok_or_else(|| {
-            ProxyError::new(Cause::NoEndpoints, format!("service {fqdn} is gone"))
-        })?,
-    };
-    let (backends, timeout) = if svc.rules.is_empty() {
-        (&svc.all, None)
-    } else {
-        let rule = svc
-            .rules
-            .iter()
-            .find(|r| r.matches(req.method(), req.uri().path(), req.headers()))
-            .ok_or_else(|| {
-                ProxyError::new(
-                    Cause::NoEndpoints,
-                    format!("no route of {} matches", svc.fqdn),
-                )
-            })?;
-        (&rule.backends, rule.timeout)
-    };
-    // Balance.
-    let endpoint = backends.pick().and_then(|set| set.pick()).ok_or_else(|| {
-        ProxyError::new(Cause::NoEndpoints, format!("no endpoints for {}", svc.fqdn))
-    })?;
-    // Connect and forward, within the route's timeout.
-    let limits = &state.settings.limits;
-    let connect_timeout = svc.connect_timeout.unwrap_or(limits.connect_timeout);
-    let fut = forward(req, &endpoint.pool, connect_timeout, limits.idle_timeout);
-    match timeout {
-        Some(t) => tokio::time::timeout(t, fut).await.unwrap_or_else(|_| {
-            Err(ProxyError::new(
-                Cause::Timeout,
-                format!("{} did not answer within {t:?}", svc.fqdn),
-            ))
-        }),
-        None => fut.await,
-    }
-}
-
-fn authority<B>(req: &Request<B>) -> Option<&str> {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
-}
-
 /// `CONNECT host:port` in explicit mode: an opaque TCP tunnel to the service.
-async fn connect_tunnel(
-    state: &State,
+pub(crate) async fn connect_tunnel(
+    state: &Arc<State>,
     mesh: &Mesh,
     mut req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let authority = authority(&req)
+    let authority = self::http::authority(&req)
         .ok_or_else(|| ProxyError::new(Cause::BadRequest, "CONNECT without a target"))?
         .to_string();
     let svc = mesh.by_host(&authority).ok_or_else(|| {
@@ -223,17 +155,20 @@ async fn connect_tunnel(
         .pool
         .open(
             Carry::Tcp,
-            svc.connect_timeout.unwrap_or(limits.connect_timeout),
+            svc.dest.connect_timeout.unwrap_or(limits.connect_timeout),
         )
         .await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let idle = limits.idle_timeout;
+    let mut obs = TcpObserved::begin(OUTBOUND, &svc.fqdn);
+    obs.upstream = Some(endpoint.addr);
+    obs.peer = Some(svc.identity.clone());
+    let state = state.clone();
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(up) => {
-                if let Err(e) = tcp::relay(TokioIo::new(up), upstream, idle).await {
-                    tracing::debug!(error = %e, "tunnel ended");
-                }
+                let r = tcp::relay(TokioIo::new(up), upstream, idle).await;
+                finish_tcp(&state, obs, r);
             }
             Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
         }
@@ -243,7 +178,7 @@ async fn connect_tunnel(
     Ok(resp)
 }
 
-fn pick_any(svc: &Service) -> Result<&Arc<Endpoint>, ProxyError> {
+pub(crate) fn pick_any(svc: &Service) -> Result<&Arc<Endpoint>, ProxyError> {
     svc.all.pick().and_then(|s| s.pick()).ok_or_else(|| {
         ProxyError::new(Cause::NoEndpoints, format!("no endpoints for {}", svc.fqdn))
     })
@@ -259,14 +194,19 @@ where
         Err(e) => return tracing::debug!(error = %e, "outbound tcp: no endpoint"),
     };
     let limits = &state.settings.limits;
-    let timeout = svc.connect_timeout.unwrap_or(limits.connect_timeout);
+    let timeout = svc.dest.connect_timeout.unwrap_or(limits.connect_timeout);
+    let mut obs = TcpObserved::begin(OUTBOUND, &svc.fqdn);
+    obs.upstream = Some(endpoint.addr);
+    obs.peer = Some(svc.identity.clone());
     match endpoint.pool.open(Carry::Tcp, timeout).await {
         Ok(upstream) => {
-            if let Err(e) = tcp::relay_tracked(io, upstream, activity, limits.idle_timeout).await {
-                tracing::debug!(error = %e, "outbound tcp ended");
-            }
+            let r = tcp::relay_tracked(io, upstream, activity, limits.idle_timeout).await;
+            finish_tcp(state, obs, r);
         }
-        Err(e) => tracing::debug!(error = %e, "outbound tcp connect failed"),
+        Err(e) => {
+            tracing::debug!(error = %e, "outbound tcp connect failed");
+            obs.finish(&state.telemetry, 0, 0, Some(e.to_string()));
+        }
     }
 }
 
@@ -275,12 +215,27 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let limits = &state.settings.limits;
+    let mut obs = TcpObserved::begin(OUTBOUND, "passthrough");
+    obs.upstream = Some(addr);
     match pool::connect(addr, limits.connect_timeout).await {
         Ok(upstream) => {
-            if let Err(e) = tcp::relay_tracked(io, upstream, activity, limits.idle_timeout).await {
-                tracing::debug!(error = %e, %addr, "outbound tcp ended");
-            }
+            let r = tcp::relay_tracked(io, upstream, activity, limits.idle_timeout).await;
+            finish_tcp(state, obs, r);
         }
-        Err(e) => tracing::debug!(error = %e, "outbound tcp connect failed"),
+        Err(e) => {
+            tracing::debug!(error = %e, "outbound tcp connect failed");
+            obs.finish(&state.telemetry, 0, 0, Some(e.to_string()));
+        }
+    }
+}
+
+/// Records a relayed connection's end: `(a→b, b→a)` bytes from `tcp::relay`.
+pub(crate) fn finish_tcp(state: &State, obs: TcpObserved, r: std::io::Result<(u64, u64)>) {
+    match r {
+        Ok((from_client, to_client)) => obs.finish(&state.telemetry, to_client, from_client, None),
+        Err(e) => {
+            tracing::debug!(error = %e, "tcp relay ended");
+            obs.finish(&state.telemetry, 0, 0, Some(e.to_string()));
+        }
     }
 }

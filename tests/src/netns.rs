@@ -1,0 +1,570 @@
+//! Pods as network namespaces (root only), for the transparent-mode tests.
+//!
+//! A [`Cluster`] is a "node" namespace holding a bridge (`br0`, with the
+//! node's address `10.213.X.1/24`) and one namespace per [`Pod`], joined to
+//! the bridge by a veth pair (`vethN` on the node, `eth0` in the pod, address
+//! `10.213.X.(10+N)`, default route via the node). Nothing touches the host's
+//! own interfaces: the bridge, the veths and the addresses exist only inside
+//! namespaces the test created, and dropping the cluster deletes them all.
+//!
+//! The control plane runs in the node namespace ([`NsControlPlane`]); each
+//! meshed pod runs `remora-proxy init`, its app, and `remora-proxy run` as UID
+//! 1337 (which the iptables rules exempt), through
+//! `ip netns exec POD setpriv --reuid=1337 --regid=1337 --clear-groups`.
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::process::{bin, Proc};
+
+/// The UID and GID the proxy runs as.
+pub const PROXY_UID: u32 = 1337;
+
+/// Why the namespace tests cannot run here (not root, a tool missing, no
+/// permission to create namespaces), or `None` when they can. `tools` are
+/// checked on `PATH` besides `ip`, `iptables` and `setpriv`.
+pub fn skip_reason(tools: &[&str]) -> Option<String> {
+    if !is_root() {
+        return Some("not running as root (network namespaces and iptables need it)".into());
+    }
+    let mut missing: Vec<&str> = ["ip", "iptables", "setpriv"]
+        .iter()
+        .chain(tools)
+        .copied()
+        .filter(|t| !on_path(t))
+        .collect();
+    missing.dedup();
+    if !missing.is_empty() {
+        return Some(format!(
+            "missing {} (Debian: apt-get install -y iproute2 iptables util-linux tcpdump redis-server redis-tools curl)",
+            missing.join(", ")
+        ));
+    }
+    // Creating a namespace also needs CAP_SYS_ADMIN, which a container may lack.
+    let probe = format!("remora-probe-{}", std::process::id());
+    let ok = quiet(Command::new("ip").args(["netns", "add", &probe]));
+    let _ = quiet(Command::new("ip").args(["netns", "del", &probe]));
+    if !ok {
+        return Some("`ip netns add` is not permitted here".into());
+    }
+    None
+}
+
+/// Prints why a test is skipped; `true` when it is.
+pub fn skip(test: &str, tools: &[&str]) -> bool {
+    match skip_reason(tools) {
+        Some(reason) => {
+            eprintln!("SKIPPED {test}: {reason}");
+            true
+        }
+        None => false,
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        || ["/usr/sbin", "/sbin"]
+            .iter()
+            .any(|d| Path::new(d).join(tool).is_file())
+}
+
+fn quiet(cmd: &mut Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `cmd`, panicking with its output unless it succeeds; its stdout.
+pub fn must(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `check` every 100 ms until it is true, or panics after `timeout`
+/// naming `what` and showing `logs()`.
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+    logs: impl Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The node namespace, its bridge, and the pods attached to it.
+#[derive(Debug)]
+pub struct Cluster {
+    prefix: String,
+    subnet: u8,
+    node: String,
+    pods: Vec<String>,
+}
+
+impl Cluster {
+    /// A node `remora-<test>-node` with a bridge on `10.213.<subnet>.0/24`.
+    /// `test` must be short (a few letters) and unique among concurrent tests.
+    pub fn new(test: &str, subnet: u8) -> Cluster {
+        let prefix = format!("remora-{test}");
+        let node = format!("{prefix}-node");
+        // Leftovers of an earlier, killed run of this test.
+        for entry in std::fs::read_dir("/var/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&format!("{prefix}-")) {
+                let _ = quiet(Command::new("ip").args(["netns", "del", &name]));
+            }
+        }
+        let cluster = Cluster {
+            prefix,
+            subnet,
+            node: node.clone(),
+            pods: Vec::new(),
+        };
+        must(Command::new("ip").args(["netns", "add", &node]));
+        let ip = |args: &[&str]| must(Command::new("ip").args(["-n", &node]).args(args));
+        ip(&["link", "set", "lo", "up"]);
+        ip(&["link", "add", "br0", "type", "bridge"]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", cluster.node_ip()),
+            "dev",
+            "br0",
+        ]);
+        ip(&["link", "set", "br0", "up"]);
+        cluster
+    }
+
+    /// The node's address on the bridge: `10.213.X.1`.
+    pub fn node_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 213, self.subnet, 1)
+    }
+
+    /// The node namespace's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// A command run in the node namespace.
+    pub fn node_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        in_ns(&self.node, program)
+    }
+
+    /// Adds pod number `len + 1`: namespace `remora-<test>-<n>`, `eth0` at
+    /// `10.213.X.(10+n)`, `lo` up, default route via the node.
+    pub fn add_pod(&mut self) -> Pod {
+        let n = self.pods.len() + 1;
+        let ns = format!("{}-{n}", self.prefix);
+        let veth = format!("veth{n}");
+        let ip = Ipv4Addr::new(10, 213, self.subnet, 10 + n as u8);
+        must(Command::new("ip").args(["netns", "add", &ns]));
+        self.pods.push(ns.clone());
+        let on_node = |args: &[&str]| must(Command::new("ip").args(["-n", &self.node]).args(args));
+        on_node(&[
+            "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        on_node(&["link", "set", &veth, "master", "br0"]);
+        on_node(&["link", "set", &veth, "up"]);
+        let in_pod = |args: &[&str]| must(Command::new("ip").args(["-n", &ns]).args(args));
+        in_pod(&["link", "set", "lo", "up"]);
+        in_pod(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        in_pod(&["link", "set", "eth0", "up"]);
+        in_pod(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &self.node_ip().to_string(),
+        ]);
+        Pod { ns, ip, veth }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its veth end, and so the pair.
+        for ns in self.pods.iter().chain(std::iter::once(&self.node)) {
+            let _ = quiet(Command::new("ip").args(["netns", "del", ns]));
+        }
+    }
+}
+
+/// A pod: a network namespace with one address.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    /// The namespace's name.
+    pub ns: String,
+    /// The pod's address on `eth0`.
+    pub ip: Ipv4Addr,
+    /// The node's end of the pod's veth pair (in the node namespace).
+    pub veth: String,
+}
+
+impl Pod {
+    /// `ip netns exec NS PROGRAM`, as root.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        in_ns(&self.ns, program)
+    }
+
+    /// `ip netns exec NS setpriv --reuid=UID --regid=UID --clear-groups PROGRAM`.
+    pub fn command_as(&self, uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, "setpriv"])
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .arg("--clear-groups")
+            .arg(program);
+        cmd
+    }
+
+    /// Runs `program args` in the pod as root and returns its output.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        self.command(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program} in {}: {e}", self.ns))
+    }
+
+    /// `iptables -t nat -S` in the pod.
+    pub fn nat_rules(&self) -> String {
+        must(self.command("iptables").args(["-t", "nat", "-S"]))
+    }
+}
+
+fn in_ns(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(program);
+    cmd
+}
+
+// ------------------------------------------------------------------ the mesh
+
+/// `remora-control serve` in the node namespace, on the node's address.
+#[derive(Debug)]
+pub struct NsControlPlane {
+    node: String,
+    ip: Ipv4Addr,
+    data: tempfile::TempDir,
+    proc: Proc,
+}
+
+pub const CONTROL_PLANE_PORT: u16 = 15012;
+pub const CONTROL_PLANE_HTTP_PORT: u16 = 15014;
+
+impl NsControlPlane {
+    pub fn start(cluster: &Cluster) -> NsControlPlane {
+        let data = tempfile::Builder::new()
+            .prefix("remora-ns-cp-")
+            .tempdir()
+            .expect("a data dir");
+        let ip = cluster.node_ip();
+        let proc = Proc::spawn(
+            "remora-control",
+            cluster
+                .node_command(bin("remora-control"))
+                .arg("serve")
+                .args(["--listen", &format!("{ip}:{CONTROL_PLANE_PORT}")])
+                .args(["--http-listen", &format!("{ip}:{CONTROL_PLANE_HTTP_PORT}")])
+                .arg("--data-dir")
+                .arg(data.path()),
+        );
+        let cp = NsControlPlane {
+            node: cluster.node().to_owned(),
+            ip,
+            data,
+            proc,
+        };
+        let url = format!("http://{ip}:{CONTROL_PLANE_HTTP_PORT}/ready");
+        wait_until(
+            Duration::from_secs(20),
+            "the control plane's /ready",
+            || {
+                let out = in_ns(&cp.node, "curl")
+                    .args([
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--max-time",
+                        "1",
+                        &url,
+                    ])
+                    .stdin(Stdio::null())
+                    .output();
+                out.is_ok_and(|o| o.stdout == b"200")
+            },
+            || cp.proc.logs(),
+        );
+        let mut cp = cp;
+        assert!(
+            cp.proc.running(),
+            "the control plane exited\n{}",
+            cp.proc.logs()
+        );
+        cp
+    }
+
+    /// What proxies dial: `https://10.213.X.1:15012`.
+    pub fn url(&self) -> String {
+        format!("https://{}:{CONTROL_PLANE_PORT}", self.ip)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    /// `remora-control --server URL --data-dir DIR ARGS...` in the node
+    /// namespace; its stdout, or a panic with its stderr.
+    pub fn cli(&self, args: &[&str]) -> String {
+        must(
+            in_ns(&self.node, bin("remora-control"))
+                .args(["--server", &self.url()])
+                .arg("--data-dir")
+                .arg(self.data.path())
+                .args(args)
+                .env_remove("REMORA_CONTROL_PLANE")
+                .env_remove("REMORA_ADMIN_TOKEN"),
+        )
+    }
+
+    /// Applies `yaml` (through a file); the CLI's answer.
+    pub fn apply(&self, yaml: &str) -> String {
+        let file = self
+            .data
+            .path()
+            .join(format!("apply-{}.yaml", fastrand::u64(..)));
+        std::fs::write(&file, yaml).expect("writing the policy file");
+        let out = self.cli(&["apply", "-f", &file.to_string_lossy()]);
+        let _ = std::fs::remove_file(&file);
+        out
+    }
+
+    /// A directory the proxy's UID can read, holding a fresh bootstrap token
+    /// for `service` (`token`) and the trust bundle (`ca.pem`).
+    pub fn identity(&self, service: &str, namespace: &str) -> Identity {
+        let token = self.cli(&[
+            "token",
+            "create",
+            "--service",
+            service,
+            "--namespace",
+            namespace,
+        ]);
+        let dir = tempfile::Builder::new()
+            .prefix("remora-ns-identity-")
+            .tempdir()
+            .expect("a temp dir");
+        let bundle = std::fs::read(self.data.path().join("trust-bundle.pem"))
+            .expect("the control plane's trust-bundle.pem");
+        let token_file = dir.path().join("token");
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&token_file, token.trim()).expect("writing the token");
+        std::fs::write(&ca_file, bundle).expect("writing the trust bundle");
+        for (path, mode) in [(dir.path(), 0o755), (&token_file, 0o644), (&ca_file, 0o644)] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+        Identity {
+            token_file,
+            ca_file,
+            _dir: dir,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.proc.logs()
+    }
+}
+
+/// A proxy's bootstrap credential and trust bundle, readable by UID 1337.
+#[derive(Debug)]
+pub struct Identity {
+    pub token_file: PathBuf,
+    pub ca_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// How a meshed pod's app is started.
+#[derive(Debug, Clone)]
+pub enum AppSpec {
+    /// `sample-app --name SERVICE --version V --listen ADDR:8080`, on the
+    /// pod's IP (`any = false`) or on 0.0.0.0 (`any = true`).
+    Sample { version: &'static str, any: bool },
+    /// `redis-server` on 0.0.0.0:6379, nothing saved.
+    Redis,
+    /// `sample-app --mode banner` on 0.0.0.0:7000: the server speaks first
+    /// (`220 SERVICE/v1 ready`), then echoes lines.
+    Banner,
+}
+
+impl AppSpec {
+    pub fn port(&self) -> u16 {
+        match self {
+            AppSpec::Sample { .. } => 8080,
+            AppSpec::Redis => 6379,
+            AppSpec::Banner => 7000,
+        }
+    }
+}
+
+/// A pod with its app and, unless started bare, its init rules and proxy.
+#[derive(Debug)]
+pub struct MeshedPod {
+    pub pod: Pod,
+    pub service: String,
+    // Dropped (killed) before the identity dir goes.
+    pub proxy: Option<Proc>,
+    pub app: Option<Proc>,
+    _identity: Option<Identity>,
+    _scratch: tempfile::TempDir,
+}
+
+impl MeshedPod {
+    /// `remora-proxy init`, the app, then `remora-proxy run` as UID 1337
+    /// advertising `<pod IP>:<app port>`; waits until the proxy is ready.
+    pub fn start(
+        cp: &NsControlPlane,
+        pod: Pod,
+        service: &str,
+        namespace: &str,
+        app: Option<AppSpec>,
+    ) -> MeshedPod {
+        must(pod.command(bin("remora-proxy")).arg("init"));
+        let mut meshed = MeshedPod::bare(pod, service, app.clone());
+        let identity = cp.identity(service, namespace);
+        let mut cmd = meshed.pod.command_as(PROXY_UID, bin("remora-proxy"));
+        cmd.arg("run")
+            .args(["--control-plane", &cp.url()])
+            .args(["--service", service, "--namespace", namespace])
+            .args(["--outbound-bind", "127.0.0.1", "--inbound-bind", "0.0.0.0"])
+            .arg("--token-file")
+            .arg(&identity.token_file)
+            .arg("--ca-file")
+            .arg(&identity.ca_file);
+        if let Some(app) = &app {
+            cmd.args(["--advertise", &format!("{}:{}", meshed.pod.ip, app.port())]);
+            if let AppSpec::Sample { version, .. } = app {
+                cmd.args(["--label", &format!("version={version}")]);
+            }
+        }
+        let proxy = Proc::spawn(&format!("remora-proxy-{service}"), &mut cmd);
+        meshed.proxy = Some(proxy);
+        meshed._identity = Some(identity);
+        let ready = meshed
+            .pod
+            .command(bin("remora-proxy"))
+            .args([
+                "wait-ready",
+                "--health",
+                "127.0.0.1:15020",
+                "--timeout",
+                "30s",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("running remora-proxy wait-ready");
+        assert!(
+            ready.status.success(),
+            "the proxy of {service} in {} was not ready: {}\n{}",
+            meshed.pod.ns,
+            String::from_utf8_lossy(&ready.stderr),
+            meshed.logs()
+        );
+        meshed
+    }
+
+    /// A pod with only its app (no rules, no proxy), or nothing at all.
+    pub fn bare(pod: Pod, service: &str, app: Option<AppSpec>) -> MeshedPod {
+        let scratch = tempfile::Builder::new()
+            .prefix("remora-ns-pod-")
+            .tempdir()
+            .expect("a temp dir");
+        let app = app.map(|spec| {
+            let mut cmd = match spec {
+                AppSpec::Sample { version, any } => {
+                    let host = if any { Ipv4Addr::UNSPECIFIED } else { pod.ip };
+                    let mut c = pod.command(bin("sample-app"));
+                    c.args(["--name", service, "--version", version])
+                        .args(["--listen", &format!("{host}:8080")]);
+                    c
+                }
+                AppSpec::Banner => {
+                    let mut c = pod.command(bin("sample-app"));
+                    c.args(["--name", service, "--version", "v1", "--mode", "banner"])
+                        .args(["--listen", "0.0.0.0:7000"]);
+                    c
+                }
+                AppSpec::Redis => {
+                    let mut c = pod.command("redis-server");
+                    c.args([
+                        "--port",
+                        "6379",
+                        "--bind",
+                        "0.0.0.0",
+                        "--protected-mode",
+                        "no",
+                    ])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .arg("--dir")
+                    .arg(scratch.path());
+                    c
+                }
+            };
+            Proc::spawn(&format!("{service}-app"), &mut cmd)
+        });
+        MeshedPod {
+            pod,
+            service: service.to_owned(),
+            proxy: None,
+            app,
+            _identity: None,
+            _scratch: scratch,
+        }
+    }
+
+    /// The app's and the proxy's output.
+    pub fn logs(&self) -> String {
+        let mut text = String::new();
+        for p in [&self.app, &self.proxy].into_iter().flatten() {
+            text.push_str(&p.logs());
+        }
+        text
+    }
+}
