@@ -196,7 +196,7 @@ async fn handle(
         } else {
             mesh.authz
                 .rate_limit(peer.as_deref(), path)
-                .map_err(|wait| ProxyError::rate_limited(wait))
+                .map_err(ProxyError::rate_limited)
         }
     };
     let result = match decision {
