@@ -105,9 +105,36 @@ async fn run(args: &Args, mesh: &mut Mesh) -> anyhow::Result<()> {
     let applied = run_with_stdin(control(&["apply", "-f", "-"]), SHOP_YAML)?;
     print!("{}", indent(&applied));
 
-    let backend_v1 = mesh.start_sidecar(&cp_url, "backend", "v1")?;
-    let backend_v2 = mesh.start_sidecar(&cp_url, "backend", "v2")?;
-    let frontend = mesh.start_sidecar(&cp_url, "frontend", "v1")?;
+    // Each workload proves who it is with a bootstrap token; its proxy makes
+    // its key in memory and gets a certificate for it.
+    let mut identity = Vec::new();
+    for service in ["backend", "frontend"] {
+        let token = command_output(control(&[
+            "token",
+            "create",
+            "--service",
+            service,
+            "--namespace",
+            "shop",
+        ]))?;
+        let path = mesh.dir.path().join(format!("{service}.token"));
+        std::fs::write(&path, token.trim())?;
+        identity.push((service, path));
+    }
+    let token_of = |service: &str| {
+        identity
+            .iter()
+            .find(|(s, _)| *s == service)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_default()
+    };
+    let ca_file = data_dir.join("trust-bundle.pem");
+    let backend_v1 =
+        mesh.start_sidecar(&cp_url, &token_of("backend"), &ca_file, "backend", "v1")?;
+    let backend_v2 =
+        mesh.start_sidecar(&cp_url, &token_of("backend"), &ca_file, "backend", "v2")?;
+    let frontend =
+        mesh.start_sidecar(&cp_url, &token_of("frontend"), &ca_file, "frontend", "v1")?;
     let sidecars = [&frontend, &backend_v1, &backend_v2];
     for s in sidecars {
         probe::wait_for_200(s.health, "/ready", READY_TIMEOUT)
@@ -143,6 +170,31 @@ async fn run(args: &Args, mesh: &mut Mesh) -> anyhow::Result<()> {
         &String::from_utf8_lossy(&status.stdout),
         &sidecars,
     );
+    // What the frontend's sidecar counted, straight from its /metrics.
+    let metrics = http_get_text(frontend.health, "/metrics")
+        .await
+        .unwrap_or_default();
+    println!("\nfrontend sidecar, remora_requests_total (outbound):");
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("remora_requests_total{") && l.contains("outbound"))
+    {
+        println!("  {line}");
+    }
+    println!(
+        "\naccess logs (one JSON line per request; kept while --hold runs): {}/frontend-v1-proxy.log",
+        mesh.logs.display()
+    );
+    match std::env::var("REMORA_OTLP_ENDPOINT") {
+        Ok(e) if !e.is_empty() => println!(
+            "traces: exported to {e}; open Jaeger (http://localhost:16686) and pick service \"frontend\""
+        ),
+        _ => println!(
+            "traces: run Jaeger (docker run -p 16686:16686 -p 4317:4317 jaegertracing/all-in-one) \
+             and start the demo with REMORA_OTLP_ENDPOINT=http://127.0.0.1:4317 to see every call as \
+             a client and a server span; docker/compose.yaml wires this up for you"
+        ),
+    }
 
     if args.hold {
         println!(
@@ -323,6 +375,8 @@ impl Mesh {
     fn start_sidecar(
         &mut self,
         cp_url: &str,
+        token_file: &std::path::Path,
+        ca_file: &std::path::Path,
         service: &str,
         version: &str,
     ) -> anyhow::Result<Sidecar> {
@@ -347,7 +401,14 @@ impl Mesh {
                 .args(["--advertise", &inbound.to_string()])
                 .args(["--outbound-port", &outbound.port().to_string()])
                 .args(["--admin-port", &admin.port().to_string()])
-                .args(["--health-port", &health.port().to_string()]),
+                .args(["--health-port", &health.port().to_string()])
+                .arg("--token-file")
+                .arg(token_file)
+                .arg("--ca-file")
+                .arg(ca_file)
+                // Every request is traced when a collector is configured
+                // (REMORA_OTLP_ENDPOINT, e.g. Jaeger's http://127.0.0.1:4317).
+                .args(["--trace-sampling", "1"]),
         )?;
         Ok(Sidecar {
             name,
@@ -447,4 +508,34 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
 
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// Runs a CLI command and returns its stdout, or an error with its stderr.
+fn command_output(mut cmd: Command) -> anyhow::Result<String> {
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{:?} failed: {}",
+            cmd,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A plain HTTP/1.1 GET, for the sidecar's own endpoints.
+async fn http_get_text(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
 }
