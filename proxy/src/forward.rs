@@ -97,6 +97,7 @@ pub async fn forward(
     pool: &Arc<EndpointPool>,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    limit: Option<&crate::pool::ConnLimit<'_>>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let upgrade = is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -159,7 +160,7 @@ pub async fn forward(
         parts.version = Version::HTTP_11;
     }
     let up = Request::from_parts(parts, body);
-    let mut resp = pool.send(up, version, connect_timeout).await?;
+    let mut resp = pool.send(up, version, connect_timeout, limit).await?;
 
     if let Some(down) = downstream_upgrade {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {

@@ -208,6 +208,7 @@ async fn handle(
                 &app,
                 limits.connect_timeout,
                 limits.idle_timeout,
+                None,
             )
             .await;
             obs.upstream_time = Some(started.elapsed());

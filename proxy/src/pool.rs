@@ -160,16 +160,19 @@ impl EndpointPool {
         self.addr
     }
 
-    /// Sends `req` and returns the response head; the body streams on.
+    /// Sends `req` and returns the response head; the body streams on. A new
+    /// connection, if one is needed, first takes a permit from `limit` (the
+    /// destination's `maxConnections`), held until the connection closes.
     pub async fn send(
         self: &Arc<Self>,
         req: http::Request<ProxyBody>,
         version: Upstream,
         connect_timeout: Duration,
+        limit: Option<&ConnLimit<'_>>,
     ) -> Result<http::Response<Incoming>, ProxyError> {
         match version {
-            Upstream::Http1 => self.send_h1(req, connect_timeout).await,
-            Upstream::Http2 => self.send_h2(req, connect_timeout).await,
+            Upstream::Http1 => self.send_h1(req, connect_timeout, limit).await,
+            Upstream::Http2 => self.send_h2(req, connect_timeout, limit).await,
         }
     }
 
@@ -177,19 +180,20 @@ impl EndpointPool {
         self: &Arc<Self>,
         req: http::Request<ProxyBody>,
         connect_timeout: Duration,
+        limit: Option<&ConnLimit<'_>>,
     ) -> Result<http::Response<Incoming>, ProxyError> {
         let upgrade = req.headers().contains_key(http::header::UPGRADE)
             || req.method() == http::Method::CONNECT;
         let (mut sender, pooled) = match self.checkout_h1() {
             Some(s) => (s, true),
-            None => (self.connect_h1(connect_timeout).await?, false),
+            None => (self.connect_h1(connect_timeout, limit).await?, false),
         };
         let resp = match sender.try_send_request(req).await {
             Ok(resp) => resp,
             Err(mut e) => match e.take_message() {
                 // Never written: the pooled connection was closing. Try a new one.
                 Some(req) if pooled => {
-                    sender = self.connect_h1(connect_timeout).await?;
+                    sender = self.connect_h1(connect_timeout, limit).await?;
                     sender
                         .send_request(req)
                         .await
@@ -235,7 +239,9 @@ impl EndpointPool {
     async fn connect_h1(
         &self,
         connect_timeout: Duration,
+        limit: Option<&ConnLimit<'_>>,
     ) -> Result<http1::SendRequest<ProxyBody>, ProxyError> {
+        let permit = acquire(limit)?;
         let io = self.open(Carry::Http1, connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
             .max_buf_size(
@@ -247,6 +253,7 @@ impl EndpointPool {
             .await
             .map_err(|e| ProxyError::connect(format!("{}: handshake: {e}", self.addr)))?;
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream http/1 connection ended");
             }
@@ -258,15 +265,16 @@ impl EndpointPool {
         &self,
         req: http::Request<ProxyBody>,
         connect_timeout: Duration,
+        limit: Option<&ConnLimit<'_>>,
     ) -> Result<http::Response<Incoming>, ProxyError> {
-        let mut sender = self.h2_sender(connect_timeout).await?;
+        let mut sender = self.h2_sender(connect_timeout, limit).await?;
         match sender.try_send_request(req).await {
             Ok(resp) => Ok(resp),
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     // The shared connection went away before the request was sent.
                     self.h2.store(None);
-                    let mut sender = self.h2_sender(connect_timeout).await?;
+                    let mut sender = self.h2_sender(connect_timeout, limit).await?;
                     sender
                         .send_request(req)
                         .await
@@ -280,6 +288,7 @@ impl EndpointPool {
     async fn h2_sender(
         &self,
         connect_timeout: Duration,
+        limit: Option<&ConnLimit<'_>>,
     ) -> Result<http2::SendRequest<ProxyBody>, ProxyError> {
         if let Some(s) = self.h2.load().as_deref() {
             if !s.is_closed() {
@@ -293,6 +302,7 @@ impl EndpointPool {
                 return Ok(s.clone());
             }
         }
+        let permit = acquire(limit)?;
         let io = self.open(Carry::H2, connect_timeout).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -303,12 +313,34 @@ impl EndpointPool {
             .await
             .map_err(|e| ProxyError::connect(format!("{}: h2 handshake: {e}", self.addr)))?;
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream h2 connection ended");
             }
         });
         self.h2.store(Some(Arc::new(sender.clone())));
         Ok(sender)
+    }
+}
+
+/// The destination's connection limit, for the connection a request may open.
+pub struct ConnLimit<'a> {
+    pub bulkhead: &'a remora_resilience::Bulkhead,
+    pub critical: bool,
+}
+
+fn acquire(
+    limit: Option<&ConnLimit<'_>>,
+) -> Result<Option<remora_resilience::ConnPermit>, ProxyError> {
+    match limit {
+        None => Ok(None),
+        Some(l) => l
+            .bulkhead
+            .try_acquire_connection(l.critical)
+            .map(Some)
+            .map_err(|e| {
+                ProxyError::new(crate::error::Cause::Overloaded, format!("connections: {e}"))
+            }),
     }
 }
 

@@ -11,6 +11,7 @@ use crate::error::{Cause, ProxyError, RetryClass};
 use crate::forward::{forward, is_upgrade};
 use crate::mesh::{Endpoint, Service};
 use crate::observe::Observed;
+use crate::pool::ConnLimit;
 use crate::replay::{Replay, DEFAULT_CAP};
 use crate::route::Rule;
 use crate::state::State;
@@ -88,11 +89,16 @@ pub(super) async fn attempts(
             .map(|t| deadline.map_or(t, |d| d.attempt_timeout(Some(t))));
         let in_flight = endpoint.pool.load.start();
         let started = Instant::now();
+        let conn_limit = dest.bulkhead.as_ref().map(|bulkhead| ConnLimit {
+            bulkhead,
+            critical: rule.is_some_and(|r| r.critical),
+        });
         let send = forward(
             Request::from_parts(head, this_body),
             &endpoint.pool,
             connect_timeout,
             limits.idle_timeout,
+            conn_limit.as_ref(),
         );
         let result = match per_try {
             Some(t) => tokio::time::timeout(t, send).await.unwrap_or_else(|_| {
