@@ -10,8 +10,10 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +40,11 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let upkeep = tokio::spawn(upkeep(vec![
+        health.registry.metrics.handle(),
+        health.certs.handle(),
+    ]));
+    let _stop_upkeep = AbortOnDrop(upkeep);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -77,6 +84,15 @@ pub async fn serve(
     }
 }
 
+/// Aborts a task when dropped (when `serve` returns or is aborted).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -104,51 +120,59 @@ fn respond(health: &Health, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 }
 
 /// The Prometheus text exposition of the control plane's metrics.
+///
+/// Each part of one control plane records on its own `metrics` recorder (the
+/// registry, the Identity service), never the process-global one, so several
+/// control planes in one process (tests) count apart; the parts' metric names
+/// are disjoint, so their texts concatenate into one valid exposition.
 pub fn metrics(health: &Health) -> String {
-    let registry = &health.registry;
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}");
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        let _ = writeln!(out, "{name} {value}");
-    };
-    metric(
-        "remora_control_proxies_connected",
-        "gauge",
-        "Proxies with an open discovery stream.",
-        registry.proxies_connected() as u64,
-    );
-    metric(
-        "remora_config_version",
-        "gauge",
-        "The policy version in force.",
-        registry.policy_version(),
-    );
-    metric(
-        "remora_control_pushes_total",
-        "counter",
-        "Snapshots sent to proxies.",
-        registry.counters.pushes.load(Ordering::Relaxed),
-    );
-    metric(
-        "remora_control_nacks_total",
-        "counter",
-        "Snapshots refused by proxies.",
-        registry.counters.nacks.load(Ordering::Relaxed),
-    );
     let ca = health.authority.current();
-    metric(
-        "remora_control_ca_rotation_in_progress",
-        "gauge",
-        "1 while an old root is being retired.",
-        u64::from(ca.rotating()),
-    );
-    metric(
-        "remora_control_ca_trusted_roots",
-        "gauge",
-        "Roots in the trust bundle.",
-        ca.roots.len() as u64,
-    );
+    let registry = &health.registry;
+    registry.metrics.set_ca(ca.rotating(), ca.roots.len());
+    let mut out = registry.metrics.render();
     health.certs.render(&mut out);
     out
+}
+
+/// How often recorded histogram samples are folded into their buckets when
+/// nobody scrapes, so memory stays bounded.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A Prometheus recorder that is not installed globally: handles are created
+/// from it with [`metrics::with_local_recorder`] and keep recording into it.
+/// `histograms` get these bucket bounds (seconds); other histograms would be
+/// rendered as summaries.
+pub(crate) fn local_recorder(histograms: &[(&str, &[f64])]) -> PrometheusRecorder {
+    let mut builder = PrometheusBuilder::new();
+    for (name, buckets) in histograms {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full((*name).to_string()), buckets)
+            .expect("histogram buckets are not empty");
+    }
+    builder.build_recorder()
+}
+
+/// The value of the sample `name{labels}` (labels exactly as rendered, such as
+/// `reason="csr_invalid"`, or "" for none) in a Prometheus text exposition.
+pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let wanted = if labels.is_empty() {
+        format!("{name} ")
+    } else {
+        format!("{name}{{{labels}}} ")
+    };
+    text.lines()
+        .find_map(|line| line.strip_prefix(wanted.as_str()))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// Runs the upkeep of `handles` every [`UPKEEP_INTERVAL`] until the task ends.
+async fn upkeep(handles: Vec<PrometheusHandle>) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for handle in &handles {
+            handle.run_upkeep();
+        }
+    }
 }

@@ -9,11 +9,11 @@
 
 use crate::ca::Authority;
 use crate::tokens::{now_unix, AuthError, WorkloadAuthenticator};
+use metrics::{counter, describe_counter, Counter, Unit};
+use metrics_exporter_prometheus::PrometheusHandle;
 use rcgen::{CertificateSigningRequestParams, SanType};
 use remora_proto::v1::identity_server::Identity;
 use remora_proto::v1::{CertifyRequest, CertifyResponse};
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
@@ -31,53 +31,91 @@ pub const REFUSAL_REASONS: [&str; 7] = [
     "internal",
 ];
 
-/// `remora_control_certificates_{issued,refused}_total`.
-#[derive(Debug, Default)]
+/// Workload certificates signed.
+pub const CERTIFICATES_ISSUED_TOTAL: &str = "remora_control_certificates_issued_total";
+/// Certify requests refused, by `reason` (one of [`REFUSAL_REASONS`]).
+pub const CERTIFICATES_REFUSED_TOTAL: &str = "remora_control_certificates_refused_total";
+
+/// `remora_control_certificates_{issued,refused}_total`, on this control
+/// plane's own recorder (see [`crate::http::metrics`]).
 pub struct CertMetrics {
-    pub issued: AtomicU64,
-    refused: [AtomicU64; REFUSAL_REASONS.len()],
+    handle: PrometheusHandle,
+    issued: Counter,
+    refused: [Counter; REFUSAL_REASONS.len()],
+}
+
+impl Default for CertMetrics {
+    fn default() -> CertMetrics {
+        let recorder = crate::http::local_recorder(&[]);
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe_counter!(
+                CERTIFICATES_ISSUED_TOTAL,
+                Unit::Count,
+                "Workload certificates signed."
+            );
+            describe_counter!(
+                CERTIFICATES_REFUSED_TOTAL,
+                Unit::Count,
+                "Certify requests refused, by reason."
+            );
+            CertMetrics {
+                handle: handle.clone(),
+                issued: counter!(CERTIFICATES_ISSUED_TOTAL),
+                // Every reason is registered up front, so each shows 0 until it happens.
+                refused: REFUSAL_REASONS
+                    .map(|reason| counter!(CERTIFICATES_REFUSED_TOTAL, "reason" => reason)),
+            }
+        })
+    }
+}
+
+impl std::fmt::Debug for CertMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertMetrics").finish_non_exhaustive()
+    }
 }
 
 impl CertMetrics {
+    pub fn issue(&self) {
+        self.issued.increment(1);
+    }
+
+    /// Counts a refusal; an unknown reason counts as `internal`.
     pub fn refuse(&self, reason: &str) {
         let i = REFUSAL_REASONS
             .iter()
             .position(|r| *r == reason)
             .unwrap_or(REFUSAL_REASONS.len() - 1);
-        if let Some(counter) = self.refused.get(i) {
-            counter.fetch_add(1, Ordering::Relaxed);
-        }
+        self.refused[i].increment(1);
     }
 
+    /// Certificates issued so far.
+    pub fn issued(&self) -> u64 {
+        self.read(CERTIFICATES_ISSUED_TOTAL, "")
+    }
+
+    /// Refusals for `reason` so far.
     pub fn refused(&self, reason: &str) -> u64 {
-        REFUSAL_REASONS
-            .iter()
-            .position(|r| *r == reason)
-            .and_then(|i| self.refused.get(i))
-            .map_or(0, |c| c.load(Ordering::Relaxed))
+        self.read(CERTIFICATES_REFUSED_TOTAL, &format!("reason=\"{reason}\""))
+    }
+
+    fn read(&self, name: &str, labels: &str) -> u64 {
+        let value = crate::http::sample(&self.handle.render(), name, labels).unwrap_or(0.0);
+        // Counter values are whole numbers.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let value = value as u64;
+        value
+    }
+
+    /// The recorder's handle (rendering, upkeep).
+    pub fn handle(&self) -> PrometheusHandle {
+        self.handle.clone()
     }
 
     /// Appends the Prometheus text of both counters.
     pub fn render(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP remora_control_certificates_issued_total Workload certificates signed.\n\
-             # TYPE remora_control_certificates_issued_total counter\n\
-             remora_control_certificates_issued_total {}",
-            self.issued.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP remora_control_certificates_refused_total Certify requests refused, by reason.\n\
-             # TYPE remora_control_certificates_refused_total counter"
-        );
-        for (reason, counter) in REFUSAL_REASONS.iter().zip(&self.refused) {
-            let _ = writeln!(
-                out,
-                "remora_control_certificates_refused_total{{reason=\"{reason}\"}} {}",
-                counter.load(Ordering::Relaxed)
-            );
-        }
+        out.push_str(&self.handle.render());
     }
 }
 
@@ -184,7 +222,7 @@ impl Identity for IdentityService {
         let peer = request.remote_addr();
         match self.certify_inner(request.into_inner()).await {
             Ok(response) => {
-                self.metrics.issued.fetch_add(1, Ordering::Relaxed);
+                self.metrics.issue();
                 Ok(Response::new(response))
             }
             Err((reason, status)) => {

@@ -7,21 +7,139 @@
 //! latest value, so a burst of changes reaches a slow proxy as one push.
 
 use crate::store::State;
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Unit,
+};
+use metrics_exporter_prometheus::PrometheusHandle;
 use remora_proto::v1::{Ack, Endpoint, ProxyStatus, Register, Resource, Snapshot};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 use tokio::sync::{oneshot, watch, Notify};
 
 /// Identifies one discovery stream (not one instance: an instance that
 /// reconnects gets a new stream id).
 pub type StreamId = u64;
 
-/// Counters exported on `/metrics`.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub pushes: AtomicU64,
-    pub nacks: AtomicU64,
+/// Proxies with an open discovery stream.
+pub const PROXIES_CONNECTED: &str = "remora_control_proxies_connected";
+/// The policy version in force.
+pub const CONFIG_VERSION: &str = "remora_config_version";
+/// The generation of the current snapshot (its version is `<policy>.<generation>`).
+pub const SNAPSHOT_GENERATION: &str = "remora_control_snapshot_generation";
+/// Snapshots sent to proxies.
+pub const PUSHES_TOTAL: &str = "remora_control_pushes_total";
+/// From a snapshot's publication (or the proxy's connection, if later) to the
+/// proxy's ACK of it, in seconds.
+pub const PUSH_LATENCY_SECONDS: &str = "remora_control_push_latency_seconds";
+/// Snapshots refused by proxies.
+pub const NACKS_TOTAL: &str = "remora_control_nacks_total";
+/// 1 while an old root is being retired.
+pub const CA_ROTATION_IN_PROGRESS: &str = "remora_control_ca_rotation_in_progress";
+/// Roots in the trust bundle.
+pub const CA_TRUSTED_ROOTS: &str = "remora_control_ca_trusted_roots";
+
+/// Bucket bounds of [`PUSH_LATENCY_SECONDS`].
+const PUSH_LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The registry's metrics (and the CA's gauges), on this control plane's own
+/// recorder: see [`crate::http::metrics`].
+pub struct RegistryMetrics {
+    handle: PrometheusHandle,
+    proxies_connected: Gauge,
+    config_version: Gauge,
+    snapshot_generation: Gauge,
+    pushes: Counter,
+    push_latency: Histogram,
+    nacks: Counter,
+    ca_rotation_in_progress: Gauge,
+    ca_trusted_roots: Gauge,
+}
+
+impl Default for RegistryMetrics {
+    fn default() -> RegistryMetrics {
+        let recorder =
+            crate::http::local_recorder(&[(PUSH_LATENCY_SECONDS, &PUSH_LATENCY_BUCKETS)]);
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe_gauge!(
+                PROXIES_CONNECTED,
+                Unit::Count,
+                "Proxies with an open discovery stream."
+            );
+            describe_gauge!(CONFIG_VERSION, Unit::Count, "The policy version in force.");
+            describe_gauge!(
+                SNAPSHOT_GENERATION,
+                Unit::Count,
+                "The generation of the current snapshot (version <policy>.<generation>)."
+            );
+            describe_counter!(PUSHES_TOTAL, Unit::Count, "Snapshots sent to proxies.");
+            describe_histogram!(
+                PUSH_LATENCY_SECONDS,
+                Unit::Seconds,
+                "Time from a snapshot's publication (or the proxy's connection, if later) \
+                 to the proxy's ACK of it, in seconds."
+            );
+            describe_counter!(NACKS_TOTAL, Unit::Count, "Snapshots refused by proxies.");
+            describe_gauge!(
+                CA_ROTATION_IN_PROGRESS,
+                Unit::Count,
+                "1 while an old root is being retired."
+            );
+            describe_gauge!(CA_TRUSTED_ROOTS, Unit::Count, "Roots in the trust bundle.");
+            RegistryMetrics {
+                handle: handle.clone(),
+                proxies_connected: gauge!(PROXIES_CONNECTED),
+                config_version: gauge!(CONFIG_VERSION),
+                snapshot_generation: gauge!(SNAPSHOT_GENERATION),
+                pushes: counter!(PUSHES_TOTAL),
+                push_latency: histogram!(PUSH_LATENCY_SECONDS),
+                nacks: counter!(NACKS_TOTAL),
+                ca_rotation_in_progress: gauge!(CA_ROTATION_IN_PROGRESS),
+                ca_trusted_roots: gauge!(CA_TRUSTED_ROOTS),
+            }
+        })
+    }
+}
+
+impl std::fmt::Debug for RegistryMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryMetrics").finish_non_exhaustive()
+    }
+}
+
+impl RegistryMetrics {
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// The recorder's handle (rendering, upkeep).
+    pub fn handle(&self) -> PrometheusHandle {
+        self.handle.clone()
+    }
+
+    /// The value of `name{labels}` now (labels as rendered; "" for none).
+    pub fn value(&self, name: &str, labels: &str) -> Option<f64> {
+        crate::http::sample(&self.render(), name, labels)
+    }
+
+    /// Sets the CA's gauges (read from the authority when scraped).
+    pub fn set_ca(&self, rotating: bool, trusted_roots: usize) {
+        self.ca_rotation_in_progress
+            .set(if rotating { 1.0 } else { 0.0 });
+        self.ca_trusted_roots.set(count(trusted_roots));
+    }
+}
+
+/// A count as a gauge value (exact far beyond any count here).
+#[allow(clippy::cast_precision_loss)]
+fn count(n: impl TryInto<u64>) -> f64 {
+    n.try_into().unwrap_or(u64::MAX) as f64
 }
 
 struct Proxy {
@@ -34,6 +152,9 @@ struct Proxy {
     last_nack_error: String,
     /// The generation of the last snapshot acked (0: none).
     acked_generation: u64,
+    connected_at: Instant,
+    /// The last snapshot sent and when its push began (for the push latency).
+    push_started: Option<(String, Instant)>,
     /// The proxy's certificate, as its last Ack reported it.
     cert_signer_id: String,
     cert_not_after_unix: i64,
@@ -47,6 +168,8 @@ struct Inner {
     resources: Vec<Resource>,
     trust: Trust,
     generation: u64,
+    /// When the current snapshot was published.
+    published_at: Instant,
     proxies: HashMap<StreamId, Proxy>,
 }
 
@@ -73,7 +196,7 @@ pub struct Registry {
     closing: watch::Sender<bool>,
     /// Woken on every Ack and every proxy that leaves (root rotation follows it).
     proxy_changes: Notify,
-    pub counters: Counters,
+    pub metrics: RegistryMetrics,
 }
 
 impl std::fmt::Debug for Registry {
@@ -105,13 +228,14 @@ impl Registry {
                 resources: resources_of(state),
                 trust,
                 generation: 0,
+                published_at: Instant::now(),
                 proxies: HashMap::new(),
             }),
             snapshots,
             next_stream: AtomicU64::new(1),
             closing: watch::channel(false).0,
             proxy_changes: Notify::new(),
-            counters: Counters::default(),
+            metrics: RegistryMetrics::default(),
         };
         registry.publish(&mut registry.lock());
         registry
@@ -225,11 +349,16 @@ impl Registry {
                 last_nack_version: String::new(),
                 last_nack_error: String::new(),
                 acked_generation: 0,
+                connected_at: Instant::now(),
+                push_started: None,
                 cert_signer_id: String::new(),
                 cert_not_after_unix: 0,
                 _replaced: replaced_tx,
             },
         );
+        self.metrics
+            .proxies_connected
+            .set(count(inner.proxies.len()));
         if endpoint_registered || endpoint_count(&inner) != before {
             self.publish(&mut inner);
         }
@@ -251,6 +380,9 @@ impl Registry {
     pub fn remove(&self, id: StreamId) {
         let mut inner = self.lock();
         if let Some(proxy) = inner.proxies.remove(&id) {
+            self.metrics
+                .proxies_connected
+                .set(count(inner.proxies.len()));
             if proxy.endpoint_registered {
                 self.publish(&mut inner);
             }
@@ -258,10 +390,23 @@ impl Registry {
         }
     }
 
+    /// Records a snapshot sent to a proxy; its push latency runs from the
+    /// snapshot's publication (or the proxy's connection, if later) when it is
+    /// the current one, else from now.
     pub fn record_sent(&self, id: StreamId, version: &str) {
-        self.counters.pushes.fetch_add(1, Ordering::Relaxed);
-        if let Some(proxy) = self.lock().proxies.get_mut(&id) {
+        self.metrics.pushes.increment(1);
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let current = generation_of(version) == Some(inner.generation);
+        let published_at = inner.published_at;
+        if let Some(proxy) = inner.proxies.get_mut(&id) {
             proxy.sent_version = version.to_string();
+            let started = if current {
+                published_at.max(proxy.connected_at)
+            } else {
+                now
+            };
+            proxy.push_started = Some((version.to_string(), started));
         }
     }
 
@@ -269,11 +414,24 @@ impl Registry {
     /// this control plane published count towards a rotation.
     pub fn record_ack(&self, id: StreamId, ack: &Ack) {
         if !ack.ok {
-            self.counters.nacks.fetch_add(1, Ordering::Relaxed);
+            self.metrics.nacks.increment(1);
         }
         let mut inner = self.lock();
         let current = inner.generation;
         if let Some(proxy) = inner.proxies.get_mut(&id) {
+            if proxy
+                .push_started
+                .as_ref()
+                .is_some_and(|(sent, _)| *sent == ack.version)
+            {
+                if let Some((_, started)) = proxy.push_started.take() {
+                    if ack.ok {
+                        self.metrics
+                            .push_latency
+                            .record(started.elapsed().as_secs_f64());
+                    }
+                }
+            }
             if ack.ok {
                 proxy.acked_version = ack.version.clone();
                 if let Some(g) = generation_of(&ack.version).filter(|g| *g <= current) {
@@ -329,6 +487,11 @@ impl Registry {
     /// held, so snapshots are published in the order the changes happened.
     fn publish(&self, inner: &mut Inner) {
         inner.generation += 1;
+        inner.published_at = Instant::now();
+        self.metrics.config_version.set(count(inner.policy_version));
+        self.metrics
+            .snapshot_generation
+            .set(count(inner.generation));
         let mut endpoints: Vec<Endpoint> = inner
             .proxies
             .values()

@@ -56,7 +56,7 @@ fn a_second_registration_of_an_instance_replaces_the_first() {
     );
     let status = registry.status();
     assert_eq!(status[0].last_nack_error, "bad");
-    assert_eq!(registry.counters.nacks.load(Ordering::Relaxed), 1);
+    assert_eq!(registry.metrics.value(NACKS_TOTAL, ""), Some(1.0));
 }
 
 #[test]
@@ -118,4 +118,30 @@ fn a_rotation_is_done_when_every_proxy_acked_a_later_snapshot_on_the_new_signer(
     assert_eq!(status[0].cert_not_after_unix, 42);
     registry.remove(b);
     assert!(registry.all_on_signer("new", marker));
+}
+
+#[test]
+fn metrics_follow_proxies_pushes_and_acks() {
+    let registry = Registry::new("cluster.local", 3, &State::new());
+    let value = |name: &str| registry.metrics.value(name, "");
+    assert_eq!(value(CONFIG_VERSION), Some(3.0));
+    assert_eq!(value(PROXIES_CONNECTED), Some(0.0));
+    let (id, _r) = registry.register(reg("i1", "10.0.0.1:1"), 1);
+    assert_eq!(value(PROXIES_CONNECTED), Some(1.0));
+    let version = registry.current_snapshot().version.clone();
+    assert_eq!(value(SNAPSHOT_GENERATION), Some(2.0));
+    registry.record_sent(id, &version);
+    // An ACK of another version does not end the push.
+    registry.record_ack(id, &ack("3.1", ""));
+    let count = format!("{PUSH_LATENCY_SECONDS}_count");
+    assert_eq!(value(&count), Some(0.0));
+    registry.record_ack(id, &ack(&version, ""));
+    assert_eq!(value(PUSHES_TOTAL), Some(1.0));
+    assert_eq!(value(&count), Some(1.0));
+    assert_eq!(value(NACKS_TOTAL), Some(0.0));
+    // A repeated ACK is not measured twice.
+    registry.record_ack(id, &ack(&version, ""));
+    assert_eq!(value(&count), Some(1.0));
+    registry.remove(id);
+    assert_eq!(value(PROXIES_CONNECTED), Some(0.0));
 }

@@ -85,13 +85,7 @@ async fn a_good_token_gets_a_chain_that_verifies_against_the_bundle() {
         .unwrap();
     let lifetime = long.response.not_after_unix - now();
     assert!((86_390..=86_400).contains(&lifetime), "{lifetime}");
-    assert_eq!(
-        running
-            .cert_metrics
-            .issued
-            .load(std::sync::atomic::Ordering::Relaxed),
-        3
-    );
+    assert_eq!(running.cert_metrics.issued(), 3);
 
     let list = admin
         .list_tokens(ListTokensRequest {})

@@ -196,7 +196,10 @@ async fn handle(
         } else {
             mesh.authz
                 .rate_limit(peer.as_deref(), path)
-                .map_err(ProxyError::rate_limited)
+                .map_err(|wait| {
+                    state.local_metrics.rate_limited();
+                    ProxyError::rate_limited(wait)
+                })
         }
     };
     let result = match decision {
@@ -224,8 +227,7 @@ async fn handle(
             e.to_response(grpc)
         }
     };
-    obs.finish(tel, &resp);
-    resp
+    obs.respond(&state, resp)
 }
 
 async fn relay<I>(

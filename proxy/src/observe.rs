@@ -4,6 +4,7 @@
 //! [`Observed::finish`] with the answer; everything in between fills in what
 //! it learns (route, destination, endpoint, attempts, error cause).
 
+use crate::body::ProxyBody;
 use crate::error::Cause;
 use http::{Request, Response};
 use remora_telemetry::{
@@ -83,8 +84,13 @@ impl Observed {
         let sampled = tel.sampler.decide(parent.as_ref());
         let ctx = TraceContext::next(parent.as_ref(), sampled);
         remora_telemetry::inject(req.headers_mut(), &ctx);
-        let span = (sampled && tel.exporter.is_some())
-            .then(|| SpanRecord::start(kind, &ctx, parent.as_ref().and_then(|p| p.as_parent())));
+        let span = (sampled && tel.exporter.is_some()).then(|| {
+            let mut span =
+                SpanRecord::start(kind, &ctx, parent.as_ref().and_then(|p| p.as_parent()));
+            // Named again once routed; a request that fails first keeps this.
+            span.record_request(req, None);
+            span
+        });
         let log = tel.logging().map(|_| {
             let protocol = if remora_telemetry::span::is_grpc(req.headers()) {
                 "grpc"
@@ -103,6 +109,7 @@ impl Observed {
                     .map(str::to_string)
             });
             e.path = Some(req.uri().path().to_string());
+            e.bytes_received = content_length(req.headers());
             e
         });
         Observed {
@@ -144,14 +151,41 @@ impl Observed {
         }
     }
 
-    /// The answer is known (its head): record everything.
-    pub fn finish<B>(mut self, tel: &Telemetry, resp: &Response<B>) {
+    /// The answer's head is known: record now if its body is the proxy's own,
+    /// else when the streamed body ends (its duration, bytes and trailers).
+    pub fn respond(
+        self,
+        state: &Arc<crate::state::State>,
+        mut resp: Response<ProxyBody>,
+    ) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
-        let grpc_status = resp
-            .headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u16>().ok());
+        let grpc_status = grpc_status(resp.headers());
+        match resp.body_mut().tail() {
+            Some(tail) => {
+                tail.done = Some(Pending {
+                    state: state.clone(),
+                    obs: self,
+                    status,
+                    grpc_status,
+                    bytes: 0,
+                });
+            }
+            None => {
+                let bytes = content_length(resp.headers());
+                self.complete(&state.telemetry, status, grpc_status, bytes);
+            }
+        }
+        resp
+    }
+
+    /// Records everything about the finished request.
+    pub fn complete(
+        mut self,
+        tel: &Telemetry,
+        status: u16,
+        grpc_status: Option<u16>,
+        bytes_sent: u64,
+    ) {
         let elapsed = self.started.elapsed();
         let metrics = self.metrics.take().unwrap_or_else(|| tel.unrouted.clone());
         metrics.record(status, grpc_status, elapsed);
@@ -187,6 +221,7 @@ impl Observed {
             e.upstream = self.upstream;
             e.status = Some(status);
             e.grpc_status = grpc_status;
+            e.bytes_sent = bytes_sent;
             e.duration = elapsed;
             e.upstream_duration = self.upstream_time;
             e.attempts = attempts;
@@ -261,4 +296,50 @@ impl TcpObserved {
             log.log(e);
         }
     }
+}
+
+/// A request whose response body is still streaming: recorded when it ends.
+pub struct Pending {
+    state: Arc<crate::state::State>,
+    obs: Observed,
+    status: u16,
+    grpc_status: Option<u16>,
+    bytes: u64,
+}
+
+impl Pending {
+    pub fn on_frame(&mut self, frame: &http_body::Frame<bytes::Bytes>) {
+        if let Some(d) = frame.data_ref() {
+            self.bytes += d.len() as u64;
+        } else if let Some(t) = frame.trailers_ref() {
+            // gRPC puts its status in the trailers.
+            if let Some(g) = grpc_status(t) {
+                self.grpc_status = Some(g);
+            }
+        }
+    }
+
+    pub fn complete(self) {
+        let Pending {
+            state,
+            obs,
+            status,
+            grpc_status,
+            bytes,
+        } = self;
+        obs.complete(&state.telemetry, status, grpc_status, bytes);
+    }
+}
+
+fn grpc_status(h: &http::HeaderMap) -> Option<u16> {
+    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Body size as declared by `Content-Length` (0 when streamed without one):
+/// the access log is written at the response head, before a streamed body ends.
+fn content_length(h: &http::HeaderMap) -> u64 {
+    h.get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }

@@ -20,6 +20,8 @@ pub struct State {
     /// Breaker, budget and bulkhead state kept across snapshots.
     pub registry: crate::destination::Registry,
     pub telemetry: Telemetry,
+    /// Counters of this workload's own service (rate-limited answers).
+    pub local_metrics: remora_telemetry::ServiceMetrics,
     /// The pool to the local application in explicit mode (127.0.0.1:app-port).
     pub app_pool: Option<Arc<EndpointPool>>,
     has_snapshot: AtomicBool,
@@ -29,6 +31,10 @@ pub struct State {
 
 impl State {
     pub fn new(settings: Settings, telemetry: Telemetry) -> Arc<State> {
+        let local_metrics = remora_telemetry::ServiceMetrics::new(&format!(
+            "{}.{}",
+            settings.service, settings.namespace
+        ));
         let identity = Identity::new(
             &settings.namespace,
             &settings.service,
@@ -51,6 +57,7 @@ impl State {
             mesh: ArcSwap::from_pointee(Mesh::empty()),
             pools,
             registry: crate::destination::Registry::default(),
+            local_metrics,
             telemetry,
             app_pool,
             has_snapshot: AtomicBool::new(false),

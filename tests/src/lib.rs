@@ -14,8 +14,10 @@
 #![forbid(unsafe_code)]
 
 pub mod clients;
+pub mod faults;
 pub mod mesh;
 pub mod netns;
+pub mod observability;
 pub mod process;
 pub mod raw_http;
 

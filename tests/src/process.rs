@@ -109,6 +109,11 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// How the process ended, once it has (`None` while it runs).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Asks the process to stop (SIGTERM); does not wait.
     pub fn sigterm(&self) {
         let status = Command::new("kill")

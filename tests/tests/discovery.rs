@@ -22,6 +22,15 @@ kind: Service
 metadata: {name: backend, namespace: shop}
 spec:
   ports: [{port: 8080, protocol: http}]
+---
+# These tests are about endpoints joining and leaving: spread requests evenly
+# so every instance is seen serving (P2C would rightly favour the faster one).
+apiVersion: remora.dev/v1
+kind: DestinationPolicy
+metadata: {name: backend, namespace: shop}
+spec:
+  service: backend
+  loadBalancer: round-robin
 "#;
 
 /// `x-version: v3` selects the v3 subset; everything else goes to v1.

@@ -11,19 +11,32 @@
 //!   - `/stream?chunks=N&size=B`: a chunked answer of N chunks of B bytes;
 //!   - `/slow?ms=N`: answers after N ms;
 //!   - `/status/CODE`: answers with that status;
-//!   - `/stats`: `{"requests": N}`, every request served except `/stats` itself;
+//!   - `/stats`: `{"requests": N, "paths": {PATH: N}, "failed": N, "reset": N}`:
+//!     every request served except `/stats` and `/control/*` (gRPC calls count
+//!     under their method path), how many answered with an injected failure and
+//!     how many had their connection closed;
 //!   - `/ws` with `Upgrade: websocket`: echoes every text and binary message;
 //!   - anything else: a JSON description of the request.
+//!
+//!   Fault controls, for tests (send them to the app's own port, not through the
+//!   mesh; they answer `{"ok": true}` and are not counted):
+//!   - `POST /control/fail?count=N&status=503[&grpc=14]`: the next N ordinary
+//!     requests answer that status (after reading their body); gRPC calls get a
+//!     trailers-only answer with `grpc-status` `grpc` when given;
+//!   - `POST /control/slow?ms=N`: every ordinary request waits N ms first, until
+//!     set back with `ms=0`;
+//!   - `POST /control/reset?count=N`: the next N ordinary requests get their
+//!     connection closed (HTTP/1) or their stream reset (HTTP/2), without an answer;
+//!   - `POST /control/clear`: all of the above back to normal.
 //! * `tcp-echo`: copies every byte back until EOF, then shuts down its write side.
 //! * `banner`: speaks first (`220 NAME/V ready\r\n`), then echoes lines.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -139,9 +152,49 @@ async fn banner_echo(stream: TcpStream, banner: Arc<str>) -> std::io::Result<()>
 struct App {
     served_by: String,
     served_by_header: HeaderValue,
-    /// Every request served except `/stats`.
+    /// Every request served except `/stats` and `/control/*`.
     requests: AtomicU64,
+    /// The same, by path.
+    paths: Mutex<BTreeMap<String, u64>>,
+    faults: Faults,
     grpc: EchoServer<EchoService>,
+}
+
+impl App {
+    /// Counts one ordinary request to `path`.
+    fn count(&self, path: &str) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = paths.get_mut(path) {
+            *n += 1;
+        } else if paths.len() < 1000 {
+            paths.insert(path.to_owned(), 1);
+        }
+    }
+}
+
+/// What `/control/*` set.
+#[derive(Default)]
+struct Faults {
+    /// How many more requests get the injected failure.
+    fail_remaining: AtomicU64,
+    fail_status: AtomicU32,
+    /// The gRPC status for gRPC calls; 0: answer `fail_status` instead.
+    fail_grpc: AtomicU32,
+    /// Delay before every ordinary request, in ms.
+    slow_ms: AtomicU64,
+    /// How many more requests get their connection closed.
+    reset_remaining: AtomicU64,
+    /// Counts of what was done.
+    failed: AtomicU64,
+    reset: AtomicU64,
+}
+
+/// Takes one from `counter` if it is not zero.
+fn take_one(counter: &AtomicU64) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 async fn serve_http(listener: TcpListener, served_by: String) -> anyhow::Result<()> {
@@ -153,6 +206,8 @@ async fn serve_http(listener: TcpListener, served_by: String) -> anyhow::Result<
         }),
         served_by,
         requests: AtomicU64::new(0),
+        paths: Mutex::new(BTreeMap::new()),
+        faults: Faults::default(),
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new());
@@ -173,9 +228,36 @@ async fn serve_http(listener: TcpListener, served_by: String) -> anyhow::Result<
     }
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    if req.uri().path() != "/stats" {
-        app.requests.fetch_add(1, Ordering::Relaxed);
+/// The error a handler returns to have hyper drop the connection (HTTP/1) or
+/// reset the stream (HTTP/2) without an answer.
+#[derive(Debug)]
+struct InjectedReset;
+
+impl std::fmt::Display for InjectedReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection reset by /control/reset")
+    }
+}
+
+impl std::error::Error for InjectedReset {}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, BoxError> {
+    let path = req.uri().path();
+    if path.starts_with("/control/") {
+        let mut resp = control(&app, &req);
+        resp.headers_mut()
+            .insert("x-served-by", app.served_by_header.clone());
+        return Ok(resp);
+    }
+    if path != "/stats" {
+        app.count(path);
+        if let Some(mut resp) = inject(&app, &req).await? {
+            // Read the body, as a server that refuses after looking at it would.
+            let _ = req.into_body().collect().await;
+            resp.headers_mut()
+                .insert("x-served-by", app.served_by_header.clone());
+            return Ok(resp);
+        }
     }
     let mut resp = if is_grpc(&req) {
         let Ok(resp) = app.grpc.clone().oneshot(req).await;
@@ -186,6 +268,84 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>,
     resp.headers_mut()
         .insert("x-served-by", app.served_by_header.clone());
     Ok(resp)
+}
+
+/// The faults `/control/*` asked for, applied to one ordinary request: an
+/// error to reset the connection, an injected failure to answer with, or
+/// `None` to serve it normally (after the configured delay).
+async fn inject<B>(app: &App, req: &Request<B>) -> Result<Option<Response<Body>>, BoxError> {
+    let f = &app.faults;
+    if take_one(&f.reset_remaining) {
+        f.reset.fetch_add(1, Ordering::Relaxed);
+        return Err(Box::new(InjectedReset));
+    }
+    let ms = f.slow_ms.load(Ordering::Relaxed);
+    if ms > 0 {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if !take_one(&f.fail_remaining) {
+        return Ok(None);
+    }
+    f.failed.fetch_add(1, Ordering::Relaxed);
+    let grpc = f.fail_grpc.load(Ordering::Relaxed);
+    if grpc != 0 && is_grpc(req) {
+        let mut resp = Response::new(empty());
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(grpc));
+        h.insert(
+            "grpc-message",
+            HeaderValue::from_static("injected%20by%20%2Fcontrol%2Ffail"),
+        );
+        return Ok(Some(resp));
+    }
+    let status = u16::try_from(f.fail_status.load(Ordering::Relaxed))
+        .ok()
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    Ok(Some(text(status, "failure injected by /control/fail\n")))
+}
+
+/// `/control/fail`, `/control/slow`, `/control/reset`, `/control/clear`.
+fn control<B>(app: &App, req: &Request<B>) -> Response<Body> {
+    if req.method() != http::Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "control requests are POSTs\n",
+        );
+    }
+    let uri = req.uri();
+    let param = |name| query_param(uri, name).and_then(|v| v.parse::<u64>().ok());
+    let f = &app.faults;
+    match uri.path() {
+        "/control/fail" => {
+            let status = param("status").unwrap_or(503);
+            if StatusCode::from_u16(u16::try_from(status).unwrap_or(0)).is_err() {
+                return text(StatusCode::BAD_REQUEST, "not a status code\n");
+            }
+            let grpc = param("grpc").unwrap_or(0);
+            f.fail_status
+                .store(u32::try_from(status).unwrap_or(503), Ordering::Relaxed);
+            f.fail_grpc
+                .store(u32::try_from(grpc).unwrap_or(0), Ordering::Relaxed);
+            f.fail_remaining
+                .store(param("count").unwrap_or(1), Ordering::Relaxed);
+        }
+        "/control/slow" => f.slow_ms.store(param("ms").unwrap_or(0), Ordering::Relaxed),
+        "/control/reset" => f
+            .reset_remaining
+            .store(param("count").unwrap_or(1), Ordering::Relaxed),
+        "/control/clear" => {
+            f.fail_remaining.store(0, Ordering::Relaxed);
+            f.slow_ms.store(0, Ordering::Relaxed);
+            f.reset_remaining.store(0, Ordering::Relaxed);
+        }
+        _ => return text(StatusCode::NOT_FOUND, "unknown control\n"),
+    }
+    json(StatusCode::OK, &serde_json::json!({ "ok": true }))
 }
 
 fn is_grpc<B>(req: &Request<B>) -> bool {
@@ -205,7 +365,17 @@ async fn route(app: &App, req: Request<Incoming>) -> Response<Body> {
     }
     if path == "/stats" {
         let n = app.requests.load(Ordering::Relaxed);
-        return json(StatusCode::OK, &serde_json::json!({ "requests": n }));
+        let paths = app.paths.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let f = &app.faults;
+        return json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "requests": n,
+                "paths": paths,
+                "failed": f.failed.load(Ordering::Relaxed),
+                "reset": f.reset.load(Ordering::Relaxed),
+            }),
+        );
     }
     if path == "/ws" && is_websocket_upgrade(&req) {
         return websocket(req);

@@ -31,8 +31,7 @@ pub(crate) async fn handle(
             e.to_response(grpc)
         }
     };
-    obs.finish(tel, &resp);
-    resp
+    obs.respond(&state, resp)
 }
 
 async fn route_and_forward(
@@ -101,7 +100,7 @@ async fn route_and_forward(
     let deadline = Deadline::for_request(rule.and_then(|r| r.timeout), incoming);
     // The bulkhead: a slow destination cannot take every caller's capacity.
     let dest = &svc.dest;
-    let _permit = match &dest.bulkhead {
+    let permit = match &dest.bulkhead {
         Some(b) => Some(
             b.acquire_request(rule.is_some_and(|r| r.critical), dest.queue_timeout)
                 .await
@@ -113,7 +112,7 @@ async fn route_and_forward(
         None => None,
     };
     let attempts = retry::attempts(state, svc, rule, deadline.as_ref(), req, grpc, obs);
-    match deadline {
+    let resp = match deadline {
         Some(d) => tokio::time::timeout_at(d.instant(), attempts)
             .await
             .unwrap_or_else(|_| {
@@ -121,9 +120,14 @@ async fn route_and_forward(
                     Cause::Timeout,
                     format!("{} did not answer within the deadline", svc.fqdn),
                 ))
-            }),
-        None => attempts.await,
-    }
+            })?,
+        None => attempts.await?,
+    };
+    // The request stays in flight, for the bulkhead, until its response body ends.
+    Ok(match permit {
+        Some(p) => resp.map(|b| b.hold(p)),
+        None => resp,
+    })
 }
 
 pub(crate) fn authority<B>(req: &Request<B>) -> Option<&str> {

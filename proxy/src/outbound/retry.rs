@@ -133,10 +133,12 @@ pub(super) async fn attempts(
         };
         let replayable = matches!(&body, Body::Replay(rp) if rp.can_replay());
         let sent = !outcome.before_request_sent();
+        // Listing a gRPC status is the route's consent to replay a gRPC call
+        // that answered with it (gRPC's own retry design), though every gRPC
+        // call is a POST.
+        let consent = r.allow_non_idempotent || (grpc && matches!(outcome, Outcome::Grpc(_)));
         if attempt >= r.attempts
-            || !r
-                .on
-                .should_retry(outcome, idempotent, sent, r.allow_non_idempotent)
+            || !r.on.should_retry(outcome, idempotent, sent, consent)
             || !replayable
             || !dest.budget.as_ref().is_none_or(|b| b.try_withdraw())
         {
