@@ -82,8 +82,15 @@ impl Identity {
         self.cert.load_full()
     }
 
+    /// Whether the workload holds a certificate that has not expired.
     pub fn has_cert(&self) -> bool {
-        self.cert.load().is_some()
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.cert
+            .load()
+            .as_ref()
+            .is_some_and(|c| c.not_after_unix > now)
     }
 
     pub fn configs(&self) -> Option<Arc<TlsConfigs>> {
@@ -263,6 +270,8 @@ pub async fn run(state: Arc<crate::state::State>) {
                 let delay = backoff.next_delay();
                 if identity.has_cert() {
                     tracing::warn!(error = %e, retry_in = ?delay, "renewal failed; keeping the current certificate");
+                } else if identity.cert().is_some() {
+                    tracing::error!(error = %e, retry_in = ?delay, "the certificate has expired and renewal fails; not ready");
                 } else {
                     tracing::error!(error = %e, retry_in = ?delay, "no certificate yet; not ready");
                 }

@@ -82,6 +82,12 @@ impl TlsConfigs {
             .with_client_cert_verifier(client_verifier)
             .with_cert_resolver(Arc::new(OneCert(cert.clone())));
         server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
+        // No session resumption: rustls restores a resumed session's client
+        // certificate without checking it again, so an expired (or, after a root
+        // rotation, untrusted) certificate could keep getting in. Connections
+        // between proxies are long-lived and pooled, so full handshakes are rare.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
         let verifier = Arc::new(SpiffeServerVerifier {
             roots,
             provider: provider.clone(),
@@ -96,6 +102,7 @@ impl TlsConfigs {
         let with_alpn = |carry: Carry| {
             let mut c = base.clone();
             c.alpn_protocols = vec![carry.alpn().to_vec()];
+            c.resumption = rustls::client::Resumption::disabled();
             Arc::new(c)
         };
         Ok(TlsConfigs {

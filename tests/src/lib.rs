@@ -18,8 +18,10 @@ pub mod faults;
 pub mod mesh;
 pub mod netns;
 pub mod observability;
+pub mod pki;
 pub mod process;
 pub mod raw_http;
+pub mod wire;
 
 pub use clients::*;
 pub use mesh::*;

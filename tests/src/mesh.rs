@@ -390,6 +390,9 @@ pub struct ProxyOpts {
     /// The trust bundle that verifies the control plane; defaults to the
     /// control plane's `<data-dir>/trust-bundle.pem`.
     pub ca_file: Option<PathBuf>,
+    /// The address peers are told to dial (`--advertise`); defaults to the
+    /// proxy's own inbound listener.
+    pub advertise: Option<String>,
 }
 
 impl ProxyOpts {
@@ -402,7 +405,15 @@ impl ProxyOpts {
             extra_args: Vec::new(),
             token_file: None,
             ca_file: None,
+            advertise: None,
         }
+    }
+
+    /// Advertises `addr` (`host:port`) to peers instead of the inbound
+    /// listener, e.g. a relay in front of it.
+    pub fn advertise(mut self, addr: &str) -> ProxyOpts {
+        self.advertise = Some(addr.to_owned());
+        self
     }
 
     /// Starts the proxy with this token file (which may be missing or wrong).
@@ -466,7 +477,13 @@ impl Proxy {
         }
         cmd.args(["--app-port", &opts.app_port.to_string()])
             .args(["--inbound-port", &inbound.to_string()])
-            .args(["--advertise", &format!("127.0.0.1:{inbound}")])
+            .args([
+                "--advertise",
+                &opts
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| format!("127.0.0.1:{inbound}")),
+            ])
             .args(["--outbound-port", &outbound.to_string()])
             .args(["--admin-port", &admin.to_string()])
             .args(["--health-port", &health.to_string()]);
@@ -522,7 +539,8 @@ impl Proxy {
         self.outbound
     }
 
-    /// The inbound listener, which is also the address this instance advertises.
+    /// The inbound listener, which is also the address this instance
+    /// advertises unless [`ProxyOpts::advertise`] chose another.
     pub fn inbound(&self) -> SocketAddr {
         self.inbound
     }
