@@ -30,27 +30,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Accepts inbound connections until the drain starts.
-pub async fn serve(
-    state: Arc<State>,
-    builder: Arc<Builder>,
-    listener: TcpListener,
-    mut drain: Drain,
-) {
-    loop {
-        tokio::select! {
-            r = listener.accept() => match r {
-                Ok((stream, _peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(state.clone(), builder.clone(), stream, drain.clone()));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-            _ = drain.signaled() => return,
-        }
-    }
+pub async fn serve(state: Arc<State>, builder: Arc<Builder>, listener: TcpListener, drain: Drain) {
+    crate::serve::accept_loop(listener, drain, "inbound", move |stream, drain| {
+        connection(state.clone(), builder.clone(), stream, drain)
+    })
+    .await
 }
 
 async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStream, drain: Drain) {

@@ -72,3 +72,32 @@ pub async fn serve_http<I, F, Fut>(
         }
     }
 }
+
+/// Accepts connections until the drain starts, each served by `connection`
+/// on a task of its own (which holds a [`Drain`] so the drain waits for it).
+pub async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    mut drain: Drain,
+    side: &'static str,
+    connection: F,
+) where
+    F: Fn(tokio::net::TcpStream, Drain) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(connection(stream, drain.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors, typically: back off, keep serving.
+                    tracing::warn!(error = %e, side, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = drain.signaled() => return,
+        }
+    }
+}
