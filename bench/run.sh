@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Remora's benchmark (issue 7), one command:
+#   bench/run.sh           full mode: 3 runs per figure, ~25 minutes
+#   bench/run.sh --quick   1 short run per figure, ~4 minutes
+# Any other flag goes to `remora-bench run` (see `remora-bench run --help`).
+# Builds the workspace in release mode, installs nginx and HAProxy from Debian
+# packages if they are missing (as root), then prints a Markdown table and
+# writes it with the same figures as JSON to bench/results/latest.{md,json}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "==> cargo build --release --workspace --bins" >&2
+cargo build --release --workspace --bins
+
+missing=()
+command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+if ((${#missing[@]})); then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> apt-get install ${missing[*]}" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >&2 \
+            || echo "note: installing ${missing[*]} failed; those rows are skipped" >&2
+    else
+        echo "note: ${missing[*]} missing and not root: those rows are skipped" >&2
+    fi
+fi
+
+# 1,000 simulated proxies hold 1,000 connections on each side.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+bench=target/release/remora-bench
+cmd=(run --command "bench/run.sh $*" "$@")
+if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null 2>&1; then
+    # The generator (and the upstream it starts) on core 0; it pins what it
+    # measures to core 1.
+    exec taskset -c 0 "$bench" "${cmd[@]}"
+fi
+exec "$bench" "${cmd[@]}"

@@ -1,0 +1,250 @@
+//! Simulated proxies for the config-propagation figure: each holds its own TLS
+//! connection and Discovery stream to the control plane, registers an
+//! endpoint, and ACKs every snapshot the moment it arrives, as a real proxy
+//! does after applying it. All share one workload certificate (they all claim
+//! service `sim`), got once from Identity.Certify with one bootstrap token.
+
+use anyhow::{bail, Context as _};
+use prost::Message;
+use remora_proto::v1::admin_client::AdminClient;
+use remora_proto::v1::discovery_client::DiscoveryClient;
+use remora_proto::v1::discovery_request::Kind;
+use remora_proto::v1::identity_client::IdentityClient;
+use remora_proto::v1::{Ack, ApplyRequest, CertifyRequest, DiscoveryRequest, Register, SourceFile};
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Reconnects per simulated proxy (on average) after which the fleet gives up.
+const RECONNECT_LIMIT: usize = 100;
+
+/// What each simulated proxy reports: who, which policy version, when, how big.
+type Event = (usize, u64, Instant, usize);
+
+pub struct Fleet {
+    url: String,
+    ca: String,
+    admin_token: String,
+    cert: (String, String, String, i64),
+    events: mpsc::UnboundedReceiver<Event>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    pub size: usize,
+    /// Streams that broke and were opened again, since the start.
+    pub reconnects: Arc<AtomicUsize>,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+/// One simulated proxy: connect, register, then ACK every snapshot.
+async fn sim(
+    i: usize,
+    url: &str,
+    ca: &str,
+    (chain, key, signer, not_after): (String, String, String, i64),
+    events: mpsc::UnboundedSender<Event>,
+    permit: Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>,
+) -> anyhow::Result<()> {
+    let ch = channel(url, ca, Some((&chain, &key))).await?;
+    let (tx, rx) = mpsc::channel(8);
+    let register = Register {
+        service: "sim".into(),
+        namespace: crate::targets::NAMESPACE.into(),
+        instance_id: format!("sim-{i}"),
+        address: format!("127.1.{}.{}:15006", i / 250, i % 250 + 1),
+        proxy_version: "remora-bench".into(),
+        ..Register::default()
+    };
+    let kind = Some(Kind::Register(register));
+    tx.send(DiscoveryRequest { kind }).await?;
+    let out = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut stream = DiscoveryClient::new(ch).stream(out).await?.into_inner();
+    drop(permit);
+    while let Some(snap) = stream.message().await? {
+        let ack = Ack {
+            version: snap.version.clone(),
+            ok: true,
+            error: String::new(),
+            cert_signer_id: signer.clone(),
+            cert_not_after_unix: not_after,
+        };
+        tx.send(DiscoveryRequest {
+            kind: Some(Kind::Ack(ack)),
+        })
+        .await?;
+        let _ = events.send((i, snap.policy_version, Instant::now(), snap.encoded_len()));
+    }
+    Ok(())
+}
+
+/// How long an applied version took to be ACKed by every connected simulated proxy.
+#[derive(Debug, Clone)]
+pub struct Propagation {
+    pub proxies: usize,
+    pub first_ms: f64,
+    pub p50_ms: f64,
+    pub all_ms: f64,
+    pub snapshot_bytes: usize,
+}
+
+async fn channel(url: &str, ca: &str, client: Option<(&str, &str)>) -> anyhow::Result<Channel> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("remora-control");
+    if let Some((chain, key)) = client {
+        tls = tls.identity(Identity::from_pem(chain, key));
+    }
+    let https = format!("https://{}", url.trim_start_matches("http://"));
+    Ok(Endpoint::from_shared(https)?
+        .tls_config(tls)?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+impl Fleet {
+    pub async fn new(url: &str, data_dir: &Path, token: &str) -> anyhow::Result<Fleet> {
+        let ca = std::fs::read_to_string(data_dir.join("trust-bundle.pem"))?;
+        let admin_token = std::fs::read_to_string(data_dir.join("admin.token"))?
+            .trim()
+            .to_owned();
+        let spiffe = format!(
+            "spiffe://cluster.local/ns/{}/sa/sim",
+            crate::targets::NAMESPACE
+        );
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(spiffe.try_into()?)];
+        let csr_pem = params.serialize_request(&key)?.pem()?;
+        let resp = IdentityClient::new(channel(url, &ca, None).await?)
+            .certify(CertifyRequest {
+                token: token.into(),
+                csr_pem,
+                lifetime_seconds: 3600,
+            })
+            .await
+            .context("Identity.Certify")?
+            .into_inner();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        Ok(Fleet {
+            url: url.into(),
+            ca,
+            admin_token,
+            cert: (
+                resp.certificate_chain_pem,
+                key.serialize_pem(),
+                resp.signer_id,
+                resp.not_after_unix,
+            ),
+            events,
+            events_tx,
+            size: 0,
+            reconnects: Arc::new(AtomicUsize::new(0)),
+            tasks: tokio::task::JoinSet::new(),
+        })
+    }
+
+    /// Connects simulated proxies until there are `n` (64 setting up at a
+    /// time), then waits until the pushes their registrations caused settle.
+    pub async fn grow(&mut self, n: usize) -> anyhow::Result<()> {
+        let setup = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut pending: HashSet<usize> = (self.size..n).collect();
+        while self.size < n {
+            let (i, url, ca) = (self.size, self.url.clone(), self.ca.clone());
+            let (cert, events, setup) = (self.cert.clone(), self.events_tx.clone(), setup.clone());
+            let reconnects = self.reconnects.clone();
+            self.tasks.spawn(async move {
+                // A broken stream reconnects, as a proxy does (with less backoff).
+                loop {
+                    let permit = setup.clone().acquire_owned().await;
+                    let r = sim(i, &url, &ca, cert.clone(), events.clone(), permit).await;
+                    if reconnects.fetch_add(1, Ordering::Relaxed) > 10 * RECONNECT_LIMIT {
+                        return r;
+                    }
+                    let wait = 100 + (i as u64 * 7919) % 400;
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+            });
+            self.size += 1;
+        }
+        let deadline = Instant::now() + Duration::from_secs(600);
+        let mut quiet = Instant::now() + Duration::from_secs(1);
+        loop {
+            if let Some(Ok(Err(e))) = self.tasks.try_join_next() {
+                return Err(e.context("a simulated proxy failed"));
+            }
+            match tokio::time::timeout(Duration::from_millis(100), self.events.recv()).await {
+                Ok(Some((i, ..))) => {
+                    pending.remove(&i);
+                    quiet = Instant::now() + Duration::from_secs(1);
+                }
+                Ok(None) => bail!("every simulated proxy is gone"),
+                Err(_) if pending.is_empty() && Instant::now() > quiet => return Ok(()),
+                Err(_) if Instant::now() > deadline => {
+                    bail!("{} simulated proxies got no snapshot", pending.len())
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Applies a changed policy through the Admin API and waits until every
+    /// simulated proxy has received and ACKed the new version.
+    pub async fn propagate(&mut self, round: usize) -> anyhow::Result<Propagation> {
+        let yaml = format!(
+            "apiVersion: remora.dev/v1\nkind: Service\nmetadata: {{name: sim, namespace: {ns}}}\n\
+             spec:\n  ports: [{{port: 15006, protocol: http}}]\n---\n\
+             apiVersion: remora.dev/v1\nkind: DestinationPolicy\nmetadata: {{name: sim, namespace: {ns}}}\n\
+             spec:\n  service: sim\n  connectTimeout: {}ms\n",
+            100 + round,
+            ns = crate::targets::NAMESPACE
+        );
+        let mut admin = AdminClient::new(channel(&self.url, &self.ca, None).await?);
+        let mut req = tonic::Request::new(ApplyRequest {
+            files: vec![SourceFile {
+                name: "bench.yaml".into(),
+                content: yaml,
+            }],
+            dry_run: false,
+        });
+        let bearer = format!("Bearer {}", self.admin_token).parse()?;
+        req.metadata_mut().insert("authorization", bearer);
+        let start = Instant::now();
+        let version = admin
+            .apply(req)
+            .await
+            .context("Admin.Apply")?
+            .into_inner()
+            .version;
+        let mut seen = HashSet::new();
+        let mut times = Vec::new();
+        let mut bytes = 0;
+        let deadline = start + Duration::from_secs(120);
+        while seen.len() < self.size {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some((i, v, at, len))) = tokio::time::timeout(left, self.events.recv()).await
+            else {
+                bail!(
+                    "only {} of {} proxies got version {version}",
+                    seen.len(),
+                    self.size
+                );
+            };
+            if v >= version && seen.insert(i) {
+                times.push(at.duration_since(start).as_secs_f64() * 1000.0);
+                bytes = bytes.max(len);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(Propagation {
+            proxies: self.size,
+            first_ms: times[0],
+            p50_ms: times[times.len() / 2],
+            all_ms: times[times.len() - 1],
+            snapshot_bytes: bytes,
+        })
+    }
+}
