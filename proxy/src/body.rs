@@ -26,6 +26,8 @@ pub enum ProxyBody {
 pub struct Tail {
     pub permit: Option<remora_resilience::RequestPermit>,
     pub done: Option<crate::observe::Pending>,
+    /// The upstream HTTP/1 connection, back to its pool at the end.
+    pub checkin: Option<crate::pool::Checkin>,
 }
 
 impl std::fmt::Debug for Tail {
@@ -42,6 +44,9 @@ impl Tail {
     }
 
     fn end(&mut self) {
+        if let Some(c) = self.checkin.take() {
+            c.give_back();
+        }
         if let Some(done) = self.done.take() {
             done.complete();
         }

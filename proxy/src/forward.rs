@@ -160,7 +160,7 @@ pub async fn forward(
         parts.version = Version::HTTP_11;
     }
     let up = Request::from_parts(parts, body);
-    let mut resp = pool.send(up, version, connect_timeout, limit).await?;
+    let (mut resp, checkin) = pool.send(up, version, connect_timeout, limit).await?;
 
     if let Some(down) = downstream_upgrade {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -183,7 +183,14 @@ pub async fn forward(
     parts.headers.remove(ORIG_PROTO);
     let switching = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(&mut parts.headers, switching);
-    Ok(Response::from_parts(parts, ProxyBody::Incoming(body)))
+    let mut body = ProxyBody::Incoming(body);
+    if let Some(c) = checkin {
+        match body.tail() {
+            Some(tail) => tail.checkin = Some(c),
+            None => c.give_back(),
+        }
+    }
+    Ok(Response::from_parts(parts, body))
 }
 
 /// On the inbound side: a request that crossed the mesh as HTTP/2 for an

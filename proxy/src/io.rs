@@ -7,48 +7,49 @@ use pin_project_lite::pin_project;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-fn epoch() -> Instant {
-    static START: OnceLock<Instant> = OnceLock::new();
-    *START.get_or_init(Instant::now)
-}
-
-fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64
-}
-
-/// When a connection last moved a byte, in either direction.
-#[derive(Debug)]
+/// Whether a connection has moved a byte lately, in either direction. Each
+/// read or write bumps a counter (no clock read per I/O); the watchdog
+/// samples it every half timeout, so idleness is noticed between one and one
+/// and a half timeouts after the last byte.
+#[derive(Debug, Default)]
 pub struct Activity {
-    last_ms: AtomicU64,
+    ticks: AtomicU64,
 }
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
-        Arc::new(Activity {
-            last_ms: AtomicU64::new(now_ms()),
-        })
+        Arc::new(Activity::default())
     }
 
     #[inline]
     pub fn touch(&self) {
-        self.last_ms.store(now_ms(), Ordering::Relaxed);
+        // Only this connection's task writes it: no read-modify-write needed.
+        let t = self.ticks.load(Ordering::Relaxed);
+        self.ticks.store(t.wrapping_add(1), Ordering::Relaxed);
     }
 
     /// Resolves once no byte has moved for `timeout`.
     pub async fn idle(&self, timeout: Duration) {
-        let limit = timeout.as_millis() as u64;
+        let step = (timeout / 2).max(Duration::from_millis(1));
+        let mut last = self.ticks.load(Ordering::Relaxed);
+        let mut quiet = Duration::ZERO;
         loop {
-            let last = self.last_ms.load(Ordering::Relaxed);
-            let idle_for = now_ms().saturating_sub(last);
-            if idle_for >= limit {
-                return;
+            tokio::time::sleep(step).await;
+            let now = self.ticks.load(Ordering::Relaxed);
+            if now == last {
+                quiet += step;
+                if quiet >= timeout {
+                    return;
+                }
+            } else {
+                last = now;
+                quiet = Duration::ZERO;
             }
-            tokio::time::sleep(Duration::from_millis(limit - idle_for)).await;
         }
     }
 }

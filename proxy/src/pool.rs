@@ -163,16 +163,18 @@ impl EndpointPool {
     /// Sends `req` and returns the response head; the body streams on. A new
     /// connection, if one is needed, first takes a permit from `limit` (the
     /// destination's `maxConnections`), held until the connection closes.
+    /// An HTTP/1 connection comes back as a [`Checkin`], to be returned to the
+    /// pool when the response body has been read to its end.
     pub async fn send(
         self: &Arc<Self>,
         req: http::Request<ProxyBody>,
         version: Upstream,
         connect_timeout: Duration,
         limit: Option<&ConnLimit<'_>>,
-    ) -> Result<http::Response<Incoming>, ProxyError> {
+    ) -> Result<(http::Response<Incoming>, Option<Checkin>), ProxyError> {
         match version {
             Upstream::Http1 => self.send_h1(req, connect_timeout, limit).await,
-            Upstream::Http2 => self.send_h2(req, connect_timeout, limit).await,
+            Upstream::Http2 => Ok((self.send_h2(req, connect_timeout, limit).await?, None)),
         }
     }
 
@@ -181,7 +183,7 @@ impl EndpointPool {
         req: http::Request<ProxyBody>,
         connect_timeout: Duration,
         limit: Option<&ConnLimit<'_>>,
-    ) -> Result<http::Response<Incoming>, ProxyError> {
+    ) -> Result<(http::Response<Incoming>, Option<Checkin>), ProxyError> {
         let upgrade = req.headers().contains_key(http::header::UPGRADE)
             || req.method() == http::Method::CONNECT;
         let (mut sender, pooled) = match self.checkout_h1() {
@@ -202,25 +204,27 @@ impl EndpointPool {
                 _ => return Err(exchange_error(self.addr, e.into_error())),
             },
         };
-        if !upgrade && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS {
-            // Back to the pool once this response has been read to its end.
-            let pool = Arc::downgrade(self);
-            tokio::spawn(async move {
-                if sender.ready().await.is_ok() {
-                    if let Some(pool) = pool.upgrade() {
-                        pool.checkin_h1(sender);
-                    }
-                }
+        let checkin =
+            (!upgrade && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Checkin {
+                pool: Arc::downgrade(self),
+                sender,
             });
-        }
-        Ok(resp)
+        Ok((resp, checkin))
     }
 
+    /// A connection ready for a request. Closed or stale ones are dropped; one
+    /// still finishing its last response (checked in at the response's end,
+    /// before hyper marks it idle) stays for the next checkout.
     fn checkout_h1(&self) -> Option<http1::SendRequest<ProxyBody>> {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(c) = idle.pop() {
-            if c.sender.is_ready() && c.since.elapsed() < MAX_IDLE_AGE {
-                return Some(c.sender);
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let c = &idle[i];
+            if c.sender.is_closed() || c.since.elapsed() >= MAX_IDLE_AGE {
+                idle.swap_remove(i);
+            } else if c.sender.is_ready() {
+                return Some(idle.swap_remove(i).sender);
             }
         }
         None
@@ -320,6 +324,23 @@ impl EndpointPool {
         });
         self.h2.store(Some(Arc::new(sender.clone())));
         Ok(sender)
+    }
+}
+
+/// An HTTP/1 connection lent to one response: back to its pool when the
+/// response body ends (see `body::Tail`), with no task spawned per request.
+pub struct Checkin {
+    pool: Weak<EndpointPool>,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+impl Checkin {
+    pub fn give_back(self) {
+        if let Some(pool) = self.pool.upgrade() {
+            if !self.sender.is_closed() {
+                pool.checkin_h1(self.sender);
+            }
+        }
     }
 }
 

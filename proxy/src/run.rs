@@ -16,7 +16,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
-use tracing_subscriber::{reload, EnvFilter};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::reload;
 
 async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -26,15 +27,22 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 
 fn init_logging(filter: &str) -> anyhow::Result<LogReload> {
     use tracing_subscriber::prelude::*;
-    let filter = EnvFilter::try_new(filter).context("invalid log filter")?;
+    // `Targets` takes RUST_LOG's `level,target=level` form without a regex engine.
+    let filter: Targets = filter.parse().context("invalid log filter")?;
     let (layer, handle) = reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(layer)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
         .try_init()
         .ok();
     Ok(Arc::new(move |level: &str| {
-        let f = EnvFilter::try_new(level).map_err(|e| format!("invalid log filter: {e}"))?;
+        let f: Targets = level
+            .parse()
+            .map_err(|e| format!("invalid log filter: {e}"))?;
         handle.reload(f).map_err(|e| e.to_string())
     }))
 }
