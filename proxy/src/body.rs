@@ -100,12 +100,6 @@ impl ProxyBody {
     }
 }
 
-impl From<Incoming> for ProxyBody {
-    fn from(b: Incoming) -> Self {
-        ProxyBody::Incoming(b)
-    }
-}
-
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;

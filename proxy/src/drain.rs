@@ -17,10 +17,6 @@ impl Drain {
     pub async fn signaled(&mut self) {
         let _ = self.rx.wait_for(|d| *d).await;
     }
-
-    pub fn is_draining(&self) -> bool {
-        *self.rx.borrow()
-    }
 }
 
 pub struct Drainer {

@@ -145,10 +145,6 @@ impl ProxyError {
         }
     }
 
-    pub fn detail(&self) -> &str {
-        &self.detail
-    }
-
     fn with_retry_after(mut self, wait: std::time::Duration) -> Self {
         self.retry_after = Some(wait);
         self

@@ -56,6 +56,13 @@ fn r(parts: &[&str]) -> Rule {
     parts.iter().map(|s| s.to_string()).collect()
 }
 
+/// `iptables -t nat -A CHAIN RULE...` (no value here contains a space).
+fn append(chain: &str, rule: &str) -> Rule {
+    let mut v = r(&["-t", "nat", "-A", chain]);
+    v.extend(rule.split_whitespace().map(str::to_string));
+    v
+}
+
 /// The rules for one address family.
 pub fn rules(a: &InitArgs, v6: bool) -> Vec<Rule> {
     let loopback = if v6 { "::1/128" } else { "127.0.0.1/32" };
@@ -64,134 +71,48 @@ pub fn rules(a: &InitArgs, v6: bool) -> Vec<Rule> {
         out.push(r(&["-t", "nat", "-N", c]));
         out.push(r(&["-t", "nat", "-F", c]));
     }
-    let inbound = a.inbound_port.to_string();
-    let outbound = a.outbound_port.to_string();
-    out.push(r(&[
-        "-t",
-        "nat",
-        "-A",
+    let (inbound, outbound) = (a.inbound_port, a.outbound_port);
+    out.push(append(
         "REMORA_IN_REDIRECT",
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &inbound,
-    ]));
-    out.push(r(&[
-        "-t",
-        "nat",
-        "-A",
+        &format!("-p tcp -j REDIRECT --to-ports {inbound}"),
+    ));
+    out.push(append(
         "REMORA_OUT_REDIRECT",
-        "-p",
-        "tcp",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &outbound,
-    ]));
+        &format!("-p tcp -j REDIRECT --to-ports {outbound}"),
+    ));
     // Inbound: everything but the proxy's own ports and the excluded ones.
-    let mut skip_in: Vec<u16> = vec![a.inbound_port, a.outbound_port];
+    let mut skip_in: Vec<u16> = vec![inbound, outbound];
     skip_in.extend(&a.proxy_ports);
     skip_in.extend(&a.exclude_inbound_ports);
     skip_in.sort_unstable();
     skip_in.dedup();
     for p in skip_in {
-        out.push(r(&[
-            "-t",
-            "nat",
-            "-A",
+        out.push(append(
             "REMORA_INBOUND",
-            "-p",
-            "tcp",
-            "--dport",
-            &p.to_string(),
-            "-j",
-            "RETURN",
-        ]));
+            &format!("-p tcp --dport {p} -j RETURN"),
+        ));
     }
-    out.push(r(&[
-        "-t",
-        "nat",
-        "-A",
-        "REMORA_INBOUND",
-        "-p",
-        "tcp",
-        "-j",
-        "REMORA_IN_REDIRECT",
-    ]));
+    out.push(append("REMORA_INBOUND", "-p tcp -j REMORA_IN_REDIRECT"));
     // Outbound: not the proxy's own traffic, not loopback, not excluded.
-    let uid = a.proxy_uid.to_string();
-    out.push(r(&[
-        "-t",
-        "nat",
-        "-A",
+    let uid = a.proxy_uid;
+    out.push(append(
         "REMORA_OUTPUT",
-        "-m",
-        "owner",
-        "--uid-owner",
-        &uid,
-        "-j",
-        "RETURN",
-    ]));
-    out.push(r(&[
-        "-t",
-        "nat",
-        "-A",
-        "REMORA_OUTPUT",
-        "-o",
-        "lo",
-        "-j",
-        "RETURN",
-    ]));
-    out.push(r(&[
-        "-t",
-        "nat",
-        "-A",
-        "REMORA_OUTPUT",
-        "-d",
-        loopback,
-        "-j",
-        "RETURN",
-    ]));
+        &format!("-m owner --uid-owner {uid} -j RETURN"),
+    ));
+    out.push(append("REMORA_OUTPUT", "-o lo -j RETURN"));
+    out.push(append("REMORA_OUTPUT", &format!("-d {loopback} -j RETURN")));
     for p in &a.exclude_outbound_ports {
-        out.push(r(&[
-            "-t",
-            "nat",
-            "-A",
+        out.push(append(
             "REMORA_OUTPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            &p.to_string(),
-            "-j",
-            "RETURN",
-        ]));
+            &format!("-p tcp --dport {p} -j RETURN"),
+        ));
     }
     for cidr in &a.exclude_outbound_cidrs {
         if cidr.contains(':') == v6 {
-            out.push(r(&[
-                "-t",
-                "nat",
-                "-A",
-                "REMORA_OUTPUT",
-                "-d",
-                cidr,
-                "-j",
-                "RETURN",
-            ]));
+            out.push(append("REMORA_OUTPUT", &format!("-d {cidr} -j RETURN")));
         }
     }
-    out.push(r(&[
-        "-t",
-        "nat",
-        "-A",
-        "REMORA_OUTPUT",
-        "-p",
-        "tcp",
-        "-j",
-        "REMORA_OUT_REDIRECT",
-    ]));
+    out.push(append("REMORA_OUTPUT", "-p tcp -j REMORA_OUT_REDIRECT"));
     out
 }
 
@@ -240,7 +161,20 @@ fn run(bin: &str, args: &Rule, dry_run: bool, tolerate: bool) -> anyhow::Result<
     Ok(out.status.success())
 }
 
+/// An IPv4 or IPv6 address with an optional prefix length, as iptables takes.
+fn valid_cidr(c: &str) -> bool {
+    let (ip, prefix) = c.split_once('/').map_or((c, None), |(i, p)| (i, Some(p)));
+    let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
+        return false;
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    prefix.is_none_or(|p| p.parse::<u8>().is_ok_and(|p| p <= max))
+}
+
 pub fn init(a: &InitArgs) -> anyhow::Result<()> {
+    if let Some(bad) = a.exclude_outbound_cidrs.iter().find(|c| !valid_cidr(c)) {
+        anyhow::bail!("--exclude-outbound-cidrs: {bad:?} is not an address or CIDR");
+    }
     let v6 = match a.ipv6.as_str() {
         "on" => true,
         "off" => false,
@@ -295,6 +229,16 @@ mod tests {
             dry_run: true,
             cleanup: false,
         }
+    }
+
+    #[test]
+    fn cidrs_are_checked_before_any_rule_is_built() {
+        assert!(valid_cidr("10.1.0.0/16") && valid_cidr("fd00::/8") && valid_cidr("10.0.0.1"));
+        assert!(!valid_cidr("10.0.0.0/33") && !valid_cidr("nonsense"));
+        let mut a = args();
+        a.exclude_outbound_cidrs = vec!["10.0.0.0/8 -j ACCEPT".into()];
+        let e = init(&a).unwrap_err().to_string();
+        assert!(e.contains("not an address or CIDR"), "{e}");
     }
 
     #[test]

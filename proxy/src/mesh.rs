@@ -137,11 +137,6 @@ impl Mesh {
         self.addrs.get(addr)
     }
 
-    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
-        self.services
-            .get(&(namespace.to_string(), name.to_string()))
-    }
-
     /// The protocol this proxy's own service declares for `port` (inbound).
     pub fn local_protocol(&self, port: u16) -> Option<Protocol> {
         let local = self.local.as_ref()?;

@@ -26,7 +26,6 @@ pub struct State {
     pub app_pool: Option<Arc<EndpointPool>>,
     has_snapshot: AtomicBool,
     draining: AtomicBool,
-    control_plane_connected: AtomicBool,
 }
 
 impl State {
@@ -62,7 +61,6 @@ impl State {
             app_pool,
             has_snapshot: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            control_plane_connected: AtomicBool::new(false),
         })
     }
 
@@ -95,16 +93,7 @@ impl State {
         self.draining.store(true, Ordering::Release);
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
     pub fn set_control_plane_connected(&self, up: bool) {
         remora_telemetry::metrics::set_control_plane_connected(up);
-        self.control_plane_connected.store(up, Ordering::Release);
-    }
-
-    pub fn control_plane_connected(&self) -> bool {
-        self.control_plane_connected.load(Ordering::Acquire)
     }
 }
