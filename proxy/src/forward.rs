@@ -24,9 +24,7 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 
 /// Whether the request is gRPC (its errors are answered as gRPC statuses).
 pub fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    remora_telemetry::span::is_grpc(req.headers())
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade`).
