@@ -7,7 +7,6 @@
 use anyhow::{bail, Context as _};
 use prost::Message;
 use remora_proto::v1::admin_client::AdminClient;
-use remora_proto::v1::discovery_client::DiscoveryClient;
 use remora_proto::v1::discovery_request::Kind;
 use remora_proto::v1::identity_client::IdentityClient;
 use remora_proto::v1::{Ack, ApplyRequest, CertifyRequest, DiscoveryRequest, Register, SourceFile};
@@ -38,6 +37,51 @@ pub struct Fleet {
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
 }
 
+/// The head of a `remora.v1.Snapshot`: a simulated proxy reads the version
+/// and skips the rest. A real proxy decodes the whole snapshot on a core of
+/// its own; 1,000 full decodes on the bench's one core would time the bench.
+#[derive(Clone, PartialEq, Message)]
+struct SnapshotHead {
+    #[prost(string, tag = "1")]
+    version: String,
+    #[prost(uint64, tag = "2")]
+    policy_version: u64,
+}
+
+/// Requests out with prost; snapshots in as ([`SnapshotHead`], encoded size).
+#[derive(Default)]
+struct SimCodec;
+
+struct HeadDecoder;
+
+impl tonic::codec::Codec for SimCodec {
+    type Encode = DiscoveryRequest;
+    type Decode = (SnapshotHead, usize);
+    type Encoder = tonic_prost::ProstEncoder<DiscoveryRequest>;
+    type Decoder = HeadDecoder;
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+    fn decoder(&mut self) -> HeadDecoder {
+        HeadDecoder
+    }
+}
+
+impl tonic::codec::Decoder for HeadDecoder {
+    type Item = (SnapshotHead, usize);
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, tonic::Status> {
+        use bytes::Buf as _;
+        let len = buf.remaining();
+        let head = SnapshotHead::decode(buf)
+            .map_err(|e| tonic::Status::internal(format!("decoding a snapshot: {e}")))?;
+        Ok(Some((head, len)))
+    }
+}
+
 /// One simulated proxy: connect, register, then ACK every snapshot.
 async fn sim(
     i: usize,
@@ -60,9 +104,15 @@ async fn sim(
     let kind = Some(Kind::Register(register));
     tx.send(DiscoveryRequest { kind }).await?;
     let out = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let mut stream = DiscoveryClient::new(ch).stream(out).await?.into_inner();
+    let mut grpc = tonic::client::Grpc::new(ch);
+    grpc.ready().await?;
+    let path = http::uri::PathAndQuery::from_static("/remora.v1.Discovery/Stream");
+    let mut stream = grpc
+        .streaming(tonic::Request::new(out), path, SimCodec)
+        .await?
+        .into_inner();
     drop(permit);
-    while let Some(snap) = stream.message().await? {
+    while let Some((snap, len)) = stream.message().await.context("reading a snapshot")? {
         let ack = Ack {
             version: snap.version.clone(),
             ok: true,
@@ -73,8 +123,9 @@ async fn sim(
         tx.send(DiscoveryRequest {
             kind: Some(Kind::Ack(ack)),
         })
-        .await?;
-        let _ = events.send((i, snap.policy_version, Instant::now(), snap.encoded_len()));
+        .await
+        .context("sending an Ack (the request stream is gone)")?;
+        let _ = events.send((i, snap.policy_version, Instant::now(), len));
     }
     Ok(())
 }
@@ -161,8 +212,16 @@ impl Fleet {
                 loop {
                     let permit = setup.clone().acquire_owned().await;
                     let r = sim(i, &url, &ca, cert.clone(), events.clone(), permit).await;
-                    if reconnects.fetch_add(1, Ordering::Relaxed) > 10 * RECONNECT_LIMIT {
+                    let n = reconnects.fetch_add(1, Ordering::Relaxed);
+                    if n > 10 * RECONNECT_LIMIT {
                         return r;
+                    }
+                    if n.is_power_of_two() {
+                        let why = r.err().map_or("stream ended".into(), |e| format!("{e:#}"));
+                        eprintln!(
+                            "    simulated proxy {i} reconnects ({} so far): {why}",
+                            n + 1
+                        );
                     }
                     let wait = 100 + (i as u64 * 7919) % 400;
                     tokio::time::sleep(Duration::from_millis(wait)).await;

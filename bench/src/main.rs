@@ -38,6 +38,41 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// One open-loop latency run against an address already listening, for
+    /// profiling a single path (e.g. under `perf record -p`).
+    Load(LoadArgs),
+    /// Only the policy-propagation figure, printed (for working on the
+    /// control plane's push path).
+    Propagation {
+        /// Simulated proxies (comma-separated counts).
+        #[arg(long, default_value = "100,1000", value_delimiter = ',')]
+        sims: Vec<usize>,
+        /// Applies timed per count.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// Where to send requests.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Requests per second (open loop).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// How long, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    secs: f64,
+    /// Keep-alive connections (gRPC: concurrent streams on one connection).
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// gRPC unary instead of HTTP/1.1.
+    #[arg(long)]
+    grpc: bool,
+    /// Absolute-form request targets (an explicit outbound proxy port).
+    #[arg(long)]
+    explicit_proxy: bool,
 }
 
 #[derive(clap::Args)]
@@ -85,6 +120,42 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Upstream { listen } => rt.block_on(upstream::serve(listen)),
         Cmd::Run(args) => rt.block_on(run(args)),
+        Cmd::Propagation { sims, runs } => rt.block_on(async move {
+            let mut env = Env::new()?;
+            let mut report = Report::default();
+            let r = propagation(&env, &sims, runs.max(1), &mut report).await;
+            for row in &report.propagation {
+                for p in &row.runs {
+                    println!(
+                        "{} proxies: first {:.1} ms, median {:.1} ms, all {:.1} ms, snapshot {} bytes",
+                        p.proxies, p.first_ms, p.p50_ms, p.all_ms, p.snapshot_bytes
+                    );
+                }
+                println!(
+                    "  control-plane RSS {:.1} MiB, stream reconnects {}",
+                    row.control_plane_rss_mib, row.reconnects
+                );
+            }
+            if r.is_err() {
+                env.dir.disable_cleanup(true);
+                eprintln!("logs kept in {}", env.dir.path().display());
+            }
+            r
+        }),
+        Cmd::Load(a) => rt.block_on(async move {
+            let proto = if a.grpc { Proto::Grpc } else { Proto::Http1 };
+            let t = target(a.addr, proto, a.explicit_proxy);
+            let l = loadgen::open_loop(&t, a.rate, Duration::from_secs_f64(a.secs), a.connections)
+                .await?;
+            println!(
+                "p50 {:.0} p90 {:.0} p99 {:.0} p99.9 {:.0} max {:.0} µs; {:.0} rps, {} ok, {} errors, generator CPU {:.0} %",
+                l.p50, l.p90, l.p99, l.p999, l.max, l.rps, l.ok, l.errors, l.gen_cpu
+            );
+            if let Some(e) = l.first_error {
+                println!("first error: {e}");
+            }
+            Ok(())
+        }),
     }
 }
 

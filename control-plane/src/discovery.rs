@@ -12,10 +12,10 @@
 //! including when HTTP/2 keepalive finds the proxy gone — the proxy and its
 //! endpoint are removed.
 
+use crate::push::{Discovery, EncodedSnapshot, Published};
 use crate::registry::{Registry, StreamId};
 use remora_proto::v1::discovery_request::Kind as RequestKind;
-use remora_proto::v1::discovery_server::Discovery;
-use remora_proto::v1::{Ack, DiscoveryRequest, Register, Snapshot};
+use remora_proto::v1::{Ack, DiscoveryRequest, Register};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -89,7 +89,7 @@ fn check_register(r: &Register) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Discovery for DiscoveryService {
-    type StreamStream = ReceiverStream<Result<Snapshot, Status>>;
+    type StreamStream = ReceiverStream<Result<EncodedSnapshot, Status>>;
 
     /// Answers at once and reads the Register in the stream task, so that a
     /// proxy may send its Register before or after the call returns. A
@@ -143,7 +143,7 @@ async fn accept(
     registry: Arc<Registry>,
     peer: String,
     mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<Snapshot, Status>>,
+    tx: mpsc::Sender<Result<EncodedSnapshot, Status>>,
 ) {
     let registered = tokio::select! {
         r = read_register(&mut inbound) => r.and_then(|register| {
@@ -184,8 +184,8 @@ async fn run_stream(
     registry: Arc<Registry>,
     id: StreamId,
     mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<Snapshot, Status>>,
-    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    tx: mpsc::Sender<Result<EncodedSnapshot, Status>>,
+    mut snapshots: watch::Receiver<Arc<Published>>,
     mut replaced: oneshot::Receiver<()>,
 ) {
     let end = serve_proxy(
@@ -231,8 +231,8 @@ async fn serve_proxy(
     registry: &Registry,
     id: StreamId,
     inbound: &mut Streaming<DiscoveryRequest>,
-    tx: &mpsc::Sender<Result<Snapshot, Status>>,
-    snapshots: &mut watch::Receiver<Arc<Snapshot>>,
+    tx: &mpsc::Sender<Result<EncodedSnapshot, Status>>,
+    snapshots: &mut watch::Receiver<Arc<Published>>,
     replaced: &mut oneshot::Receiver<()>,
 ) -> End {
     let closed = registry.closed();
@@ -246,7 +246,7 @@ async fn serve_proxy(
                 permit = tx.reserve() => match permit {
                     Ok(permit) => {
                         registry.record_sent(id, &snapshot.version);
-                        permit.send(Ok((*snapshot).clone()));
+                        permit.send(Ok(snapshot.encoded()));
                     }
                     Err(_) => return End::Closed,
                 },

@@ -31,6 +31,7 @@ pub mod identity_db;
 pub mod inject;
 pub mod output;
 pub mod pem;
+pub mod push;
 pub mod registry;
 pub mod rotation;
 pub mod server;

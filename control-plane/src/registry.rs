@@ -6,6 +6,7 @@
 //! `watch` channel, which every stream task follows. The watch keeps only the
 //! latest value, so a burst of changes reaches a slow proxy as one push.
 
+use crate::push::Published;
 use crate::store::State;
 use metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
@@ -190,7 +191,7 @@ fn generation_of(version: &str) -> Option<u64> {
 pub struct Registry {
     trust_domain: String,
     inner: Mutex<Inner>,
-    snapshots: watch::Sender<Arc<Snapshot>>,
+    snapshots: watch::Sender<Arc<Published>>,
     next_stream: AtomicU64,
     /// Set once when the server shuts down; every stream task then ends.
     closing: watch::Sender<bool>,
@@ -220,7 +221,7 @@ impl Registry {
         state: &State,
         trust: Trust,
     ) -> Registry {
-        let (snapshots, _) = watch::channel(Arc::new(Snapshot::default()));
+        let (snapshots, _) = watch::channel(Arc::new(Published::default()));
         let registry = Registry {
             trust_domain: trust_domain.to_string(),
             inner: Mutex::new(Inner {
@@ -267,11 +268,11 @@ impl Registry {
     }
 
     /// Follows the current snapshot.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
         self.snapshots.subscribe()
     }
 
-    pub fn current_snapshot(&self) -> Arc<Snapshot> {
+    pub fn current_snapshot(&self) -> Arc<Published> {
         self.snapshots.borrow().clone()
     }
 
@@ -521,7 +522,8 @@ impl Registry {
             trust_domain: self.trust_domain.clone(),
             signer_id: inner.trust.signer_id.clone(),
         };
-        self.snapshots.send_replace(Arc::new(snapshot));
+        self.snapshots
+            .send_replace(Arc::new(Published::new(snapshot)));
     }
 }
 

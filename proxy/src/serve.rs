@@ -51,7 +51,11 @@ pub async fn serve_http<I, F, Fut>(
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let svc = hyper::service::service_fn(move |req| {
-        let fut = handler(req);
+        // Boxed: the request's future (route, policy, retries, forwarding) is
+        // several KiB, and hyper moves an HTTP/2 stream's future by value into
+        // a task of its own; a pointer moves for free where the whole state
+        // would be copied at spawn and again at completion.
+        let fut = Box::pin(handler(req));
         async move { Ok::<_, Infallible>(fut.await) }
     });
     let io = TokioIo::new(Tracked::new(io, activity.clone()));

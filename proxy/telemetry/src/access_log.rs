@@ -185,7 +185,9 @@ impl AccessLog {
 /// is queued, when every handle is dropped.
 #[derive(Clone)]
 pub struct AccessLogHandle {
-    tx: SyncSender<AccessLogEntry>,
+    /// Boxed entries: the channel allocates and touches every slot up front,
+    /// and 4,096 inline entries would be 1.2 MiB of resident memory.
+    tx: SyncSender<Box<AccessLogEntry>>,
     shared: Arc<Shared>,
 }
 
@@ -212,7 +214,7 @@ impl AccessLogHandle {
         if !self.enabled() {
             return;
         }
-        if self.tx.try_send(entry).is_err() {
+        if self.tx.try_send(Box::new(entry)).is_err() {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             self.shared.dropped_total.increment(1);
         }
@@ -225,7 +227,7 @@ impl AccessLogHandle {
 }
 
 /// Writes every queued entry as a JSON line, flushing whenever the queue runs empty.
-fn write_lines(rx: &Receiver<AccessLogEntry>, sink: Box<dyn Write + Send>) {
+fn write_lines(rx: &Receiver<Box<AccessLogEntry>>, sink: Box<dyn Write + Send>) {
     let mut out = BufWriter::with_capacity(64 * 1024, sink);
     let mut failed = false;
     while let Ok(first) = rx.recv() {
