@@ -139,6 +139,10 @@ pub struct RunArgs {
     /// Log filter, as RUST_LOG (default info).
     #[arg(long, env = "REMORA_LOG")]
     pub log: Option<String>,
+    /// Data-plane threads (default 1, a sidecar's usual one-core limit; 0: one
+    /// per core the process may run on).
+    #[arg(long, env = "REMORA_WORKERS")]
+    pub workers: Option<usize>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -171,6 +175,8 @@ pub struct Settings {
     pub trace_sampling: f64,
     pub access_log: bool,
     pub log: String,
+    /// Data-plane worker threads (resolved: at least 1).
+    pub workers: usize,
 }
 
 /// Limits on every connection the proxy serves or opens.
@@ -296,6 +302,7 @@ impl Settings {
             trace_sampling: pick!(trace_sampling).unwrap_or(0.01).clamp(0.0, 1.0),
             access_log: pick!(access_log).unwrap_or(true),
             log: pick!(log).unwrap_or_else(|| "info".into()),
+            workers: crate::runtime::workers(pick!(workers).unwrap_or(1)),
         })
     }
 }

@@ -34,6 +34,13 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
         && connection_has(req.headers(), "upgrade")
 }
 
+/// Whether any hop-by-hop header (or [`ORIG_PROTO`]) is present: one pass over
+/// the names, no hashing. Without one a request cannot be an upgrade and there
+/// is nothing to strip.
+pub fn has_hop_by_hop(headers: &HeaderMap) -> bool {
+    headers.keys().any(is_hop_by_hop)
+}
+
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
@@ -43,10 +50,33 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Removes hop-by-hop headers, including those the Connection header names.
-/// `te: trailers` survives (gRPC needs it); for an upgrade, `Upgrade` and
-/// `Connection: upgrade` are put back.
+/// Whether `name` is one of [`HOP_BY_HOP`] or [`ORIG_PROTO`].
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    // Standard names compare as enum tags; the custom ones by length first.
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHORIZATION
+        || matches!(
+            name.as_str(),
+            "keep-alive" | "proxy-connection" | "remora-orig-proto"
+        )
+}
+
+/// Removes hop-by-hop headers, including those the Connection header names, and
+/// [`ORIG_PROTO`] (which only proxies may set). `te: trailers` survives (gRPC
+/// needs it); for an upgrade, `Upgrade` and `Connection: upgrade` are put back.
+///
+/// Most messages carry none of these: one pass over the names finds that out
+/// without hashing any of them.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if has_hop_by_hop(headers) {
+        strip_present(headers, upgrade);
+    }
+}
+
+fn strip_present(headers: &mut HeaderMap, upgrade: bool) {
     if let Some(conn) = headers.get(header::CONNECTION) {
         if conn.as_bytes().contains(&b',') || !conn.as_bytes().eq_ignore_ascii_case(b"close") {
             let listed: Vec<HeaderName> = headers
@@ -74,6 +104,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     for h in &HOP_BY_HOP {
         headers.remove(h);
     }
+    headers.remove(ORIG_PROTO);
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -97,11 +128,13 @@ pub async fn forward(
     idle_timeout: Duration,
     limit: Option<&crate::pool::ConnLimit<'_>>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let upgrade = is_upgrade(&req);
+    let hop = has_hop_by_hop(req.headers());
+    let upgrade = hop && is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    strip_hop_by_hop(&mut parts.headers, upgrade);
-    parts.headers.remove(ORIG_PROTO);
+    if hop {
+        strip_present(&mut parts.headers, upgrade);
+    }
     let version = if parts.version == Version::HTTP_2 || (pool.is_mesh() && !upgrade) {
         Upstream::Http2
     } else {
@@ -158,7 +191,9 @@ pub async fn forward(
         parts.version = Version::HTTP_11;
     }
     let up = Request::from_parts(parts, body);
-    let (mut resp, checkin) = pool.send(up, version, connect_timeout, limit).await?;
+    let (mut resp, checkin) = pool
+        .send(up, version, upgrade, connect_timeout, limit)
+        .await?;
 
     if let Some(down) = downstream_upgrade {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -178,7 +213,6 @@ pub async fn forward(
         }
     }
     let (mut parts, body) = resp.into_parts();
-    parts.headers.remove(ORIG_PROTO);
     let switching = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(&mut parts.headers, switching);
     let mut body = ProxyBody::Incoming(body);
@@ -224,6 +258,24 @@ mod tests {
         assert!(!h.contains_key("proxy-connection"));
         assert_eq!(h[header::TE], "trailers");
         assert_eq!(h["x-end-to-end"], "1");
+    }
+
+    #[test]
+    fn strips_a_spoofed_orig_proto_and_leaves_clean_headers_alone() {
+        let mut h = HeaderMap::new();
+        h.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+        h.insert("x-app", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert!(!h.contains_key(ORIG_PROTO));
+        assert_eq!(h.len(), 1);
+
+        let mut clean = HeaderMap::new();
+        clean.insert(header::HOST, HeaderValue::from_static("a"));
+        clean.append("x-many", HeaderValue::from_static("1"));
+        clean.append("x-many", HeaderValue::from_static("2"));
+        let before = clean.clone();
+        strip_hop_by_hop(&mut clean, false);
+        assert_eq!(clean, before);
     }
 
     #[test]

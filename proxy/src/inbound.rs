@@ -189,7 +189,7 @@ async fn handle(
     let result = match decision {
         Ok(()) => {
             restore_orig_proto(&mut req);
-            let started = std::time::Instant::now();
+            let started = obs.times_upstream().then(std::time::Instant::now);
             let r = forward(
                 req.map(ProxyBody::Incoming),
                 &app,
@@ -198,7 +198,7 @@ async fn handle(
                 None,
             )
             .await;
-            obs.upstream_time = Some(started.elapsed());
+            obs.upstream_time = started.map(|s| s.elapsed());
             r
         }
         Err(e) => Err(e),

@@ -25,6 +25,7 @@ pub mod pool;
 pub mod replay;
 pub mod route;
 pub mod run;
+pub mod runtime;
 pub mod serve;
 pub mod state;
 pub mod tcp;

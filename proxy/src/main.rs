@@ -32,21 +32,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
     let result = match cli.command {
-        Command::Run(args) => Settings::resolve(*args)
-            .and_then(|settings| rt.block_on(remora_proxy::run::run(settings))),
+        Command::Run(args) => Settings::resolve(*args).and_then(remora_proxy::run::main),
         Command::Init(args) => remora_proxy::init::init(&args),
-        Command::WaitReady { health, timeout } => rt.block_on(wait_ready(&health, timeout)),
+        Command::WaitReady { health, timeout } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(wait_ready(&health, timeout))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -59,8 +59,10 @@ pub struct Observed {
     started: Instant,
     direction: &'static str,
     ctx: TraceContext,
-    span: Option<SpanRecord>,
-    log: Option<AccessLogEntry>,
+    // Boxed: only sampled requests have a span, only logged ones a log line,
+    // and `Observed` moves with every request (into the response body's tail).
+    span: Option<Box<SpanRecord>>,
+    log: Option<Box<AccessLogEntry>>,
     pub metrics: Option<Arc<RequestMetrics>>,
     pub attempts: u32,
     pub error: Option<Cause>,
@@ -89,7 +91,7 @@ impl Observed {
                 SpanRecord::start(kind, &ctx, parent.as_ref().and_then(|p| p.as_parent()));
             // Named again once routed; a request that fails first keeps this.
             span.record_request(req, None);
-            span
+            Box::new(span)
         });
         let log = tel.logging().map(|_| {
             let protocol = if remora_telemetry::span::is_grpc(req.headers()) {
@@ -110,7 +112,7 @@ impl Observed {
             });
             e.path = Some(req.uri().path().to_string());
             e.bytes_received = content_length(req.headers());
-            e
+            Box::new(e)
         });
         Observed {
             started: Instant::now(),
@@ -127,6 +129,11 @@ impl Observed {
             peer: None,
             circuit_state: None,
         }
+    }
+
+    /// Whether anything records the upstream's own time (the access log).
+    pub fn times_upstream(&self) -> bool {
+        self.log.is_some()
     }
 
     /// The request has been routed: name the span after the route.
@@ -208,7 +215,7 @@ impl Observed {
                 self.circuit_state,
             );
             span.finish();
-            exporter.submit(span);
+            exporter.submit(*span);
         }
         if let (Some(mut e), Some(log)) = (self.log.take(), tel.logging()) {
             e.trace_id = Some(self.ctx.trace_id);
@@ -226,7 +233,7 @@ impl Observed {
             e.upstream_duration = self.upstream_time;
             e.attempts = attempts;
             e.error = self.error.map(|c| c.as_str().into());
-            log.log(e);
+            log.log_boxed(e);
         }
     }
 }

@@ -165,15 +165,18 @@ impl EndpointPool {
     /// destination's `maxConnections`), held until the connection closes.
     /// An HTTP/1 connection comes back as a [`Checkin`], to be returned to the
     /// pool when the response body has been read to its end.
+    /// `upgrade`: the request asks to switch protocols (its connection is then
+    /// never pooled again).
     pub async fn send(
         self: &Arc<Self>,
         req: http::Request<ProxyBody>,
         version: Upstream,
+        upgrade: bool,
         connect_timeout: Duration,
         limit: Option<&ConnLimit<'_>>,
     ) -> Result<(http::Response<Incoming>, Option<Checkin>), ProxyError> {
         match version {
-            Upstream::Http1 => self.send_h1(req, connect_timeout, limit).await,
+            Upstream::Http1 => self.send_h1(req, upgrade, connect_timeout, limit).await,
             Upstream::Http2 => Ok((self.send_h2(req, connect_timeout, limit).await?, None)),
         }
     }
@@ -181,21 +184,27 @@ impl EndpointPool {
     async fn send_h1(
         self: &Arc<Self>,
         req: http::Request<ProxyBody>,
+        upgrade: bool,
         connect_timeout: Duration,
         limit: Option<&ConnLimit<'_>>,
     ) -> Result<(http::Response<Incoming>, Option<Checkin>), ProxyError> {
-        let upgrade = req.headers().contains_key(http::header::UPGRADE)
-            || req.method() == http::Method::CONNECT;
+        let upgrade = upgrade || req.method() == http::Method::CONNECT;
+        // Connecting is boxed: it is rare (a pooled connection is the rule), and
+        // its TLS handshake would otherwise make every request's future
+        // kilobytes larger, to be moved and allocated on each request.
         let (mut sender, pooled) = match self.checkout_h1() {
             Some(s) => (s, true),
-            None => (self.connect_h1(connect_timeout, limit).await?, false),
+            None => (
+                Box::pin(self.connect_h1(connect_timeout, limit)).await?,
+                false,
+            ),
         };
         let resp = match sender.try_send_request(req).await {
             Ok(resp) => resp,
             Err(mut e) => match e.take_message() {
                 // Never written: the pooled connection was closing. Try a new one.
                 Some(req) if pooled => {
-                    sender = self.connect_h1(connect_timeout, limit).await?;
+                    sender = Box::pin(self.connect_h1(connect_timeout, limit)).await?;
                     sender
                         .send_request(req)
                         .await
@@ -299,6 +308,15 @@ impl EndpointPool {
                 return Ok(s.clone());
             }
         }
+        // Boxed for the reason given in `send_h1`.
+        Box::pin(self.h2_connect(connect_timeout, limit)).await
+    }
+
+    async fn h2_connect(
+        &self,
+        connect_timeout: Duration,
+        limit: Option<&ConnLimit<'_>>,
+    ) -> Result<http2::SendRequest<ProxyBody>, ProxyError> {
         // One connection attempt at a time; the others wait for its result.
         let _guard = self.h2_connecting.lock().await;
         if let Some(s) = self.h2.load().as_deref() {

@@ -1,5 +1,7 @@
-//! `remora-proxy run`: binds the listeners, starts discovery, and on SIGTERM,
-//! SIGINT or `/shutdown` leaves the mesh and drains.
+//! `remora-proxy run`: binds the listeners, starts the data plane on its own
+//! runtime (see `runtime.rs`) and discovery, identity, admin and health on the
+//! control side, and on SIGTERM, SIGINT or `/shutdown` leaves the mesh and
+//! drains.
 //!
 //! Drain order: mark not ready and leave discovery (peers stop picking this
 //! instance) → keep serving for `drain-delay` while that propagates → stop
@@ -9,6 +11,7 @@
 use crate::admin::{self, LogReload};
 use crate::config::Settings;
 use crate::drain::Drainer;
+use crate::runtime::{bind_std, DataPlane};
 use crate::state::State;
 use crate::{discovery, inbound, outbound, serve};
 use anyhow::Context;
@@ -47,11 +50,25 @@ fn init_logging(filter: &str) -> anyhow::Result<LogReload> {
     }))
 }
 
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+/// Runs the proxy until it has drained: the control side on this thread, the
+/// data plane on its own runtime.
+pub fn main(settings: Settings) -> anyhow::Result<()> {
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    let data = DataPlane::start(settings.workers)?;
+    let r = control.block_on(run(settings, &data));
+    // Connections still open after the grace period end with the data plane.
+    drop(data);
+    r
+}
+
+async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
     let reload = init_logging(&settings.log)?;
     let current_log = Arc::new(std::sync::Mutex::new(settings.log.clone()));
-    let outbound_l = bind(settings.outbound_addr, "outbound").await?;
-    let inbound_l = bind(settings.inbound_addr, "inbound").await?;
+    let outbound_l = bind_std(settings.outbound_addr, "outbound")?;
+    let inbound_l = bind_std(settings.inbound_addr, "inbound")?;
     let admin_l = bind(settings.admin_addr, "admin").await?;
     let health_l = bind(settings.health_addr, "health").await?;
     tracing::info!(
@@ -59,6 +76,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         instance = %settings.instance_id,
         outbound = %settings.outbound_addr, inbound = %settings.inbound_addr,
         admin = %settings.admin_addr, health = %settings.health_addr,
+        workers = settings.workers,
         "remora-proxy starting"
     );
     let telemetry = start_telemetry(&settings);
@@ -68,18 +86,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let shutdown = Arc::new(Notify::new());
     let (leave_tx, leave_rx) = watch::channel(false);
 
-    tokio::spawn(outbound::serve(
-        state.clone(),
-        builder.clone(),
-        outbound_l,
-        drain.clone(),
-    ));
-    tokio::spawn(inbound::serve(
-        state.clone(),
-        builder.clone(),
-        inbound_l,
-        drain.clone(),
-    ));
+    let (st, b, d) = (state.clone(), builder.clone(), drain.clone());
+    data.spawn(async move {
+        match tokio::net::TcpListener::from_std(outbound_l) {
+            Ok(l) => outbound::serve(st, b, l, d).await,
+            Err(e) => tracing::error!(error = %e, "outbound listener"),
+        }
+    });
+    let (st, b, d) = (state.clone(), builder.clone(), drain.clone());
+    data.spawn(async move {
+        match tokio::net::TcpListener::from_std(inbound_l) {
+            Ok(l) => inbound::serve(st, b, l, d).await,
+            Err(e) => tracing::error!(error = %e, "inbound listener"),
+        }
+    });
     tokio::spawn(admin::serve_health(state.clone(), health_l));
     tokio::spawn(admin::serve_admin(
         state.clone(),

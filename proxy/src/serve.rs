@@ -50,13 +50,18 @@ pub async fn serve_http<I, F, Fut>(
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let svc = hyper::service::service_fn(move |req| {
-        // Boxed: the request's future (route, policy, retries, forwarding) is
-        // several KiB, and hyper moves an HTTP/2 stream's future by value into
-        // a task of its own; a pointer moves for free where the whole state
-        // would be copied at spawn and again at completion.
-        let fut = Box::pin(handler(req));
-        async move { Ok::<_, Infallible>(fut.await) }
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        // The request's future (route, policy, retries, forwarding) is several
+        // KiB. HTTP/2 moves each stream's future into a task of its own, so it
+        // is boxed there and a pointer moves; HTTP/1 keeps it in a slot the
+        // connection reuses, so boxing would only add an allocation.
+        if req.version() == http::Version::HTTP_2 {
+            Handled::Boxed {
+                fut: Box::pin(handler(req)),
+            }
+        } else {
+            Handled::Inline { fut: handler(req) }
+        }
     });
     let io = TokioIo::new(Tracked::new(io, activity.clone()));
     let conn = builder.serve_connection_with_upgrades(io, svc);
@@ -73,6 +78,29 @@ pub async fn serve_http<I, F, Fut>(
         }
         _ = activity.idle(idle_timeout) => {
             tracing::debug!(?idle_timeout, "closing idle http connection");
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One request's answer, its future inline or on the heap.
+    #[project = HandledProj]
+    enum Handled<F> {
+        Inline { #[pin] fut: F },
+        Boxed { fut: std::pin::Pin<Box<F>> },
+    }
+}
+
+impl<F: Future<Output = Response<ProxyBody>>> Future for Handled<F> {
+    type Output = Result<Response<ProxyBody>, Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.project() {
+            HandledProj::Inline { fut } => fut.poll(cx).map(Ok),
+            HandledProj::Boxed { fut } => fut.as_mut().poll(cx).map(Ok),
         }
     }
 }

@@ -211,10 +211,15 @@ impl AccessLogHandle {
     /// Queues a line, unless logging is off. Never waits: a full queue drops the line
     /// and counts it.
     pub fn log(&self, entry: AccessLogEntry) {
+        self.log_boxed(Box::new(entry));
+    }
+
+    /// [`AccessLogHandle::log`] for an entry already on the heap (no copy).
+    pub fn log_boxed(&self, entry: Box<AccessLogEntry>) {
         if !self.enabled() {
             return;
         }
-        if self.tx.try_send(Box::new(entry)).is_err() {
+        if self.tx.try_send(entry).is_err() {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             self.shared.dropped_total.increment(1);
         }

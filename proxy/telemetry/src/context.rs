@@ -146,9 +146,63 @@ pub fn new_span_id() -> [u8; 8] {
 /// a context with fresh ids that carries the decision, so the proxy and the hops
 /// after it honour the deny.
 pub fn extract(headers: &HeaderMap) -> Option<TraceContext> {
-    extract_w3c(headers)
-        .or_else(|| extract_b3_single(headers))
-        .or_else(|| extract_b3_multi(headers))
+    let present = Present::scan(headers);
+    if present.none() {
+        return None;
+    }
+    present
+        .has(Present::TRACEPARENT)
+        .then(|| extract_w3c(headers))
+        .flatten()
+        .or_else(|| {
+            present
+                .has(Present::B3)
+                .then(|| extract_b3_single(headers))
+                .flatten()
+        })
+        .or_else(|| {
+            present
+                .has(Present::B3_MULTI)
+                .then(|| extract_b3_multi(headers))
+                .flatten()
+        })
+}
+
+/// Which trace headers a message carries, found in one pass over its names:
+/// most requests carry none, and a pass costs less than one hashed lookup per
+/// format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Present(u8);
+
+impl Present {
+    const TRACEPARENT: u8 = 1;
+    const TRACESTATE: u8 = 2;
+    const B3: u8 = 4;
+    const B3_MULTI: u8 = 8;
+
+    fn scan(headers: &HeaderMap) -> Present {
+        let mut p = 0;
+        for name in headers.keys() {
+            // Header names are lowercase.
+            let n = name.as_str();
+            p |= match n.len() {
+                2 if n == "b3" => Self::B3,
+                10 if n == "tracestate" => Self::TRACESTATE,
+                11 if n == "traceparent" => Self::TRACEPARENT,
+                _ if n.starts_with("x-b3-") => Self::B3_MULTI,
+                _ => 0,
+            };
+        }
+        Present(p)
+    }
+
+    fn none(self) -> bool {
+        self.0 == 0
+    }
+
+    fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
 }
 
 /// Writes `ctx` into the headers of a request being forwarded: always `traceparent`
@@ -156,6 +210,7 @@ pub fn extract(headers: &HeaderMap) -> Option<TraceContext> {
 /// headers too when the context arrived as B3 or the request already carries them,
 /// so applications reading either format see the same, current span.
 pub fn inject(headers: &mut HeaderMap, ctx: &TraceContext) {
+    let present = Present::scan(headers);
     // Formatted on the stack: this runs for every request, sampled or not.
     let mut trace = [0u8; 32];
     hex_into(&mut trace, &ctx.trace_id);
@@ -175,9 +230,10 @@ pub fn inject(headers: &mut HeaderMap, ctx: &TraceContext) {
         Some(state) => {
             headers.insert(TRACESTATE, state.clone());
         }
-        None => {
+        None if present.has(Present::TRACESTATE) => {
             headers.remove(TRACESTATE);
         }
+        None => {}
     }
 
     // B3 may carry 64-bit trace ids: keep them 64-bit for applications that expect it.
@@ -187,7 +243,7 @@ pub fn inject(headers: &mut HeaderMap, ctx: &TraceContext) {
         &trace
     };
     let sampled: &[u8; 1] = if ctx.sampled { b"1" } else { b"0" };
-    if ctx.format == Format::B3Single || headers.contains_key(B3) {
+    if ctx.format == Format::B3Single || present.has(Present::B3) {
         let mut b3 = [0u8; 32 + 1 + 16 + 2];
         let n = b3_trace.len();
         b3[..n].copy_from_slice(b3_trace);
@@ -199,7 +255,9 @@ pub fn inject(headers: &mut HeaderMap, ctx: &TraceContext) {
             headers.insert(B3, value);
         }
     }
-    if ctx.format == Format::B3Multi || headers.contains_key(X_B3_TRACEID) {
+    if ctx.format == Format::B3Multi
+        || (present.has(Present::B3_MULTI) && headers.contains_key(X_B3_TRACEID))
+    {
         if let Ok(value) = HeaderValue::from_bytes(b3_trace) {
             headers.insert(X_B3_TRACEID, value);
         }
