@@ -3,8 +3,9 @@
 #   bench/run.sh           full mode: 3 runs per figure, ~25 minutes
 #   bench/run.sh --quick   1 short run per figure, ~4 minutes
 # Any other flag goes to `remora-bench run` (see `remora-bench run --help`).
-# Builds the workspace in release mode, installs nginx and HAProxy from Debian
-# packages if they are missing (as root), then prints a Markdown table and
+# Builds the workspace in release mode, installs nginx, HAProxy and wrk (the
+# one-core generator) from Debian packages if they are missing (as root), then
+# prints a Markdown table and
 # writes it with the same figures as JSON to bench/results/latest.{md,json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ cargo build --release --workspace --bins
 missing=()
 command -v nginx >/dev/null 2>&1 || missing+=(nginx)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 if ((${#missing[@]})); then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "==> apt-get install ${missing[*]}" >&2
