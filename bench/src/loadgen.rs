@@ -142,6 +142,8 @@ pub struct Latency {
     pub errors: u64,
     pub rps: f64,
     pub gen_cpu: f64,
+    /// CPU time the hypervisor took from this machine during the run, % of it.
+    pub steal: f64,
     pub first_error: Option<String>,
 }
 
@@ -180,6 +182,7 @@ pub async fn open_loop(
     }
     drop(first);
     let meter = CpuMeter::start_self();
+    let steal = crate::resources::StealMeter::start();
     // The pacer is a thread of its own: the runtime's timer wheel ticks in
     // milliseconds, nanosleep does far better.
     let pacer = std::thread::spawn(move || {
@@ -206,6 +209,7 @@ pub async fn open_loop(
         last = last.max(w.last);
     }
     out.gen_cpu = meter.percent();
+    out.steal = steal.percent(crate::targets::cores());
     let _ = pacer.join();
     let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     (out.p50, out.p90, out.p99, out.p999) = (us(0.5), us(0.9), us(0.99), us(0.999));

@@ -259,6 +259,7 @@ async fn measure(
     started: Instant,
 ) -> anyhow::Result<()> {
     let mut report = Report::default();
+    let steal = resources::StealMeter::start();
     if !env.pin {
         report
             .notes
@@ -570,6 +571,7 @@ async fn measure(
             "nothing pinned"
         },
         "loadavg": loadavg,
+        "steal_pct": steal.percent(targets::cores()),
         "cores": targets::cores(),
         "elapsed_seconds": started.elapsed().as_secs(),
         "unix_time": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),

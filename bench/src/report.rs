@@ -208,13 +208,15 @@ impl Report {
         let _ = writeln!(md, "# Remora benchmark\n");
         let _ = writeln!(
             md,
-            "`{}` — {} mode, {} run(s) per figure, shown as median (min–max). {}; load average at start {}. \
-             Responses are 1 KiB; latencies in µs.\n",
+            "`{}` — {} mode, {} run(s) per figure, shown as median (min–max). {}; load average at start {}; \
+             the hypervisor took {:.1} % of the machine's CPU time during the run (steal; the latency table \
+             shows it per run, a noisy neighbour shows there). Responses are 1 KiB; latencies in µs.\n",
             m["command"].as_str().unwrap_or(""),
             m["mode"].as_str().unwrap_or(""),
             m["runs"],
             m["placement"].as_str().unwrap_or(""),
             m["loadavg"].as_str().unwrap_or("?"),
+            m["steal_pct"].as_f64().unwrap_or(0.0),
         );
         let _ = writeln!(
             md,
@@ -223,14 +225,14 @@ impl Report {
              streams). `+pNN` is the path's percentile minus direct's from the same round.\n",
             m["latency_connections"]
         );
-        md.push_str("| path | proto | rate | p50 | p90 | p99 | p99.9 | +p50 | +p90 | +p99 | +p99.9 | rps done | errors | gen CPU % |\n");
-        md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("| path | proto | rate | p50 | p90 | p99 | p99.9 | +p50 | +p90 | +p99 | +p99.9 | rps done | errors | gen CPU % | steal % |\n");
+        md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.latency {
             let a = |i: usize| spread(r.added.iter().map(|a| a[i])).show(0);
             let errors: u64 = r.runs.iter().map(|l| l.errors).sum();
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 r.path,
                 r.proto,
                 r.rate,
@@ -245,6 +247,7 @@ impl Report {
                 lat_spread(&r.runs, |l| l.rps).show(0),
                 errors,
                 lat_spread(&r.runs, |l| l.gen_cpu).show(0),
+                lat_spread(&r.runs, |l| l.steal).show(1),
             );
         }
         let _ = writeln!(
@@ -396,6 +399,7 @@ impl Report {
                     "p999_us": q(|l| l.p999), "max_us": q(|l| l.max),
                     "added_p50_us": a(0), "added_p90_us": a(1), "added_p99_us": a(2), "added_p999_us": a(3),
                     "achieved_rps": q(|l| l.rps), "gen_cpu_pct": q(|l| l.gen_cpu),
+                    "steal_pct": q(|l| l.steal),
                     "requests": r.runs.iter().map(|l| l.ok).sum::<u64>(),
                     "errors": r.runs.iter().map(|l| l.errors).sum::<u64>(),
                     "first_error": r.runs.iter().find_map(|l| l.first_error.clone()),

@@ -81,6 +81,38 @@ impl Group {
     }
 }
 
+/// Time the hypervisor gave this VM's CPUs to someone else, summed over CPUs,
+/// in seconds (the `steal` column of /proc/stat).
+pub fn steal_seconds() -> f64 {
+    std::fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().next()?.to_owned();
+            line.split_whitespace().nth(8)?.parse::<f64>().ok()
+        })
+        .map_or(0.0, |t| t / TICKS_PER_SEC)
+}
+
+/// Steal time over a stretch of wall time, as a percentage of the machine.
+pub struct StealMeter {
+    steal: f64,
+    at: Instant,
+}
+
+impl StealMeter {
+    pub fn start() -> StealMeter {
+        StealMeter {
+            steal: steal_seconds(),
+            at: Instant::now(),
+        }
+    }
+
+    pub fn percent(&self, cores: usize) -> f64 {
+        let wall = self.at.elapsed().as_secs_f64().max(1e-9) * cores.max(1) as f64;
+        100.0 * (steal_seconds() - self.steal) / wall
+    }
+}
+
 /// CPU used between `start` and `stop`, in seconds and as a share of one core.
 pub struct CpuMeter {
     pid: String,

@@ -78,8 +78,18 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
+        // nginx's workers outlive a killed master (and keep serving, and
+        // keep their CPU): they go too.
+        let children = crate::resources::children(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !children.is_empty() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .args(children.iter().map(u32::to_string))
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 

@@ -224,7 +224,7 @@ pub fn inject(headers: &mut HeaderMap, ctx: &TraceContext) {
     traceparent[36..52].copy_from_slice(&span);
     traceparent[52..].copy_from_slice(if ctx.sampled { b"-01" } else { b"-00" });
     if let Ok(value) = HeaderValue::from_bytes(&traceparent) {
-        headers.insert(TRACEPARENT, value);
+        headers.insert(TRACEPARENT, unindexed(value));
     }
     match &ctx.tracestate {
         Some(state) => {
@@ -252,17 +252,17 @@ pub fn inject(headers: &mut HeaderMap, ctx: &TraceContext) {
         b3[n + 17] = b'-';
         b3[n + 18] = sampled[0];
         if let Ok(value) = HeaderValue::from_bytes(&b3[..n + 19]) {
-            headers.insert(B3, value);
+            headers.insert(B3, unindexed(value));
         }
     }
     if ctx.format == Format::B3Multi
         || (present.has(Present::B3_MULTI) && headers.contains_key(X_B3_TRACEID))
     {
         if let Ok(value) = HeaderValue::from_bytes(b3_trace) {
-            headers.insert(X_B3_TRACEID, value);
+            headers.insert(X_B3_TRACEID, unindexed(value));
         }
         if let Ok(value) = HeaderValue::from_bytes(&span) {
-            headers.insert(X_B3_SPANID, value);
+            headers.insert(X_B3_SPANID, unindexed(value));
         }
         headers.insert(
             X_B3_SAMPLED,
@@ -273,6 +273,14 @@ pub fn inject(headers: &mut HeaderMap, ctx: &TraceContext) {
         headers.remove(X_B3_PARENTSPANID);
         headers.remove(X_B3_FLAGS);
     }
+}
+
+/// A value new with every request (a span id): HTTP/2 sends it as a literal
+/// never indexed, so HPACK's dynamic table is not churned by values that never
+/// repeat (each would evict entries that do, such as `:authority`).
+fn unindexed(mut value: HeaderValue) -> HeaderValue {
+    value.set_sensitive(true);
+    value
 }
 
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";

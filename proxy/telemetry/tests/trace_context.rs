@@ -287,6 +287,8 @@ fn inject_w3c_writes_traceparent_and_tracestate() {
     inject(&mut h, &ctx);
     let expected = format!("00-{TID}-{}-01", hex(&ctx.span_id));
     assert_eq!(h[TRACEPARENT], expected.as_str());
+    // New with every request: never worth a slot in HPACK's dynamic table.
+    assert!(h[TRACEPARENT].is_sensitive());
     assert_eq!(h[TRACESTATE], "rojo=1");
     assert!(!h.contains_key(B3));
     assert!(!h.contains_key(X_B3_TRACEID));
