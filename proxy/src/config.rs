@@ -340,6 +340,31 @@ mod tests {
         assert_eq!(s.limits.max_header_bytes, 10000);
         assert_eq!(s.limits.detect_timeout, Duration::from_secs(1));
         assert_eq!(s.outbound_addr.port(), 15001);
+        assert_eq!(s.workers, 1, "one data-plane thread unless asked");
+    }
+
+    #[test]
+    fn workers_zero_means_every_core_and_a_file_can_set_them() {
+        let args = RunArgs {
+            service: Some("a".into()),
+            workers: Some(0),
+            ..Default::default()
+        };
+        let s = Settings::resolve(args).unwrap();
+        assert_eq!(
+            s.workers,
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        );
+        let dir = std::env::temp_dir().join(format!("remora-cfg-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("proxy.yaml");
+        std::fs::write(&path, "service: a\nworkers: 3\n").unwrap();
+        let s = Settings::resolve(RunArgs {
+            config: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s.workers, 3);
     }
 
     #[test]

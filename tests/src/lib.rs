@@ -30,6 +30,17 @@ pub use process::{bin, free_port};
 use std::future::Future;
 use std::time::Duration;
 
+/// A test (or part of one) that cannot run here: prints why and lets the
+/// caller skip, or, with `REMORA_STRICT_TESTS=1` (set by `scripts/test.sh`
+/// when it runs as root and has installed every tool, as in CI), fails, so
+/// nothing passes by skipping where it is meant to run.
+pub fn skip_or_fail(what: &str, reason: &str) {
+    if std::env::var_os("REMORA_STRICT_TESTS").is_some_and(|v| v == "1") {
+        panic!("{what} cannot run, and REMORA_STRICT_TESTS=1 says it must: {reason}");
+    }
+    eprintln!("SKIPPED {what}: {reason}");
+}
+
 /// Polls `check` every 20 ms until it gives `Some`, or panics after `timeout`
 /// naming `what`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T

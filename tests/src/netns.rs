@@ -44,7 +44,10 @@ pub fn skip_reason(tools: &[&str]) -> Option<String> {
         ));
     }
     // Creating a namespace also needs CAP_SYS_ADMIN, which a container may lack.
-    let probe = format!("remora-probe-{}", std::process::id());
+    // The name is unique per call: tests probe in parallel.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("remora-probe-{}-{n}", std::process::id());
     let ok = quiet(Command::new("ip").args(["netns", "add", &probe]));
     let _ = quiet(Command::new("ip").args(["netns", "del", &probe]));
     if !ok {
@@ -53,11 +56,12 @@ pub fn skip_reason(tools: &[&str]) -> Option<String> {
     None
 }
 
-/// Prints why a test is skipped; `true` when it is.
+/// Prints why a test is skipped; `true` when it is (see
+/// [`crate::skip_or_fail`]: under `REMORA_STRICT_TESTS=1` it fails instead).
 pub fn skip(test: &str, tools: &[&str]) -> bool {
     match skip_reason(tools) {
         Some(reason) => {
-            eprintln!("SKIPPED {test}: {reason}");
+            crate::skip_or_fail(test, &reason);
             true
         }
         None => false,

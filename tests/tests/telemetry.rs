@@ -587,8 +587,9 @@ async fn metrics_pass_promtool_and_count_every_request_exactly() {
     );
 
     let Some(promtool) = find_tool("promtool") else {
-        eprintln!(
-            "SKIPPED promtool check: `promtool` is not on PATH (Debian package `prometheus`)"
+        remora_tests::skip_or_fail(
+            "the promtool check",
+            "`promtool` is not on PATH (Debian package `prometheus`)",
         );
         return;
     };
@@ -606,7 +607,10 @@ async fn metrics_pass_promtool_and_count_every_request_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_scrapes_the_proxies() {
     let Some(prometheus) = find_tool("prometheus") else {
-        eprintln!("SKIPPED: `prometheus` is not on PATH (Debian package `prometheus`)");
+        remora_tests::skip_or_fail(
+            "a_real_prometheus_scrapes_the_proxies",
+            "`prometheus` is not on PATH (Debian package `prometheus`)",
+        );
         return;
     };
     let shop = Shop::start(&[]).await;
