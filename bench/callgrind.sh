@@ -10,12 +10,12 @@
 #   bench/callgrind.sh N          N requests each
 #
 # Each profiled process gets a warm-up of 400 requests, then its counters are
-# zeroed and N requests are counted. The profiles stay in $OUT (default
+# zeroed and N requests are counted. The profiles stay in $RESULTS (default
 # bench/results/callgrind) for callgrind_annotate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-2000}
-OUT=${OUT:-bench/results/callgrind}
+RESULTS=${RESULTS:-bench/results/callgrind}
 RATE=200
 
 for need in valgrind:valgrind nginx:nginx; do
@@ -31,7 +31,7 @@ for need in valgrind:valgrind nginx:nginx; do
 done
 cargo build --release --workspace --bins >&2
 B=$PWD/target/release
-mkdir -p "$OUT"
+mkdir -p "$RESULTS"
 WORK=$(mktemp -d /tmp/remora-callgrind-XXXXXX)
 pids=()
 cleanup() {
@@ -101,14 +101,14 @@ proxy() {
 count() {
     local name=$1 slug=$2 pid=$3 file=$4 addr=$5; shift 5
     "${PIN0[@]}" "$B/remora-bench" load --addr "$addr" --rate $RATE --secs 2 --connections 8 "$@" >/dev/null
-    callgrind_control -z "$pid" >/dev/null
+    callgrind_control -z "$pid" >/dev/null 2>&1
     "${PIN0[@]}" "$B/remora-bench" load --addr "$addr" --rate $RATE --secs "$(( N / RATE ))" \
         --connections 8 "$@" >"$WORK/$slug.load"
-    callgrind_control -d "$pid" >/dev/null
+    callgrind_control -d "$pid" >/dev/null 2>&1
     sleep 1
     local dump total ok
     dump=$(ls -t "$file".* | head -1)
-    cp "$dump" "$OUT/$slug.callgrind"
+    cp "$dump" "$RESULTS/$slug.callgrind"
     total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/{gsub(",","",$1); print $1}')
     ok=$(grep -o '[0-9]* ok' "$WORK/$slug.load" | cut -d' ' -f1)
     printf '| %s | %s | %s |\n' "$name" "$ok" "$(( total / ok ))"
@@ -117,14 +117,14 @@ count() {
 proxy backend-cg backend yes no
 b_in=$IN; b_pid=$PID
 wait_http "http://127.0.0.1:$HEALTH/ready"
-callgrind_control -i on "$b_pid" >/dev/null
+callgrind_control -i on "$b_pid" >/dev/null 2>&1
 
 proxy backend backend no yes
 wait_http "http://127.0.0.1:$HEALTH/ready"
 proxy frontend-cg frontend yes no
 f_out=$OUT; f_pid=$PID
 wait_http "http://127.0.0.1:$HEALTH/ready"
-callgrind_control -i on "$f_pid" >/dev/null
+callgrind_control -i on "$f_pid" >/dev/null 2>&1
 
 NG=$(port)
 mkdir -p "$WORK/nginx/logs"
@@ -144,7 +144,7 @@ EOF
     nginx -p "$WORK/nginx/" -c "$WORK/nginx/nginx.conf" >"$WORK/nginx.log" 2>&1 &
 n_pid=$!; pids+=("$n_pid")
 for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$NG/" && break; sleep 0.2; done
-callgrind_control -i on "$n_pid" >/dev/null
+callgrind_control -i on "$n_pid" >/dev/null 2>&1
 
 echo "| process (what it proxies) | requests | instructions per request |"
 echo "|---|---:|---:|"
@@ -156,4 +156,4 @@ count "remora mesh client sidecar (HTTP/1.1 in, h2+mTLS out)" remora-mesh-client
     "127.0.0.1:$f_out" --explicit-proxy
 count "nginx (1 process, keep-alive upstream)" nginx "$n_pid" "$WORK/nginx.cg" "127.0.0.1:$NG"
 echo
-echo "profiles in $OUT (callgrind_annotate FILE)"
+echo "profiles in $RESULTS (callgrind_annotate FILE)"
