@@ -27,6 +27,7 @@
 //! | `remora.dev/exclude-outbound-ports` | outbound ports not intercepted |
 //! | `remora.dev/exclude-outbound-cidrs: "10.0.0.0/8"` | destinations not intercepted |
 //! | `remora.dev/proxy-image` | the proxy (and init) image |
+//! | `remora.dev/proxy-workers: "2"` | the proxy's data-plane threads (`REMORA_WORKERS`; default 1, match the proxy's CPU limit) |
 
 use std::net::IpAddr;
 
@@ -51,6 +52,7 @@ pub const ANNOTATION_EXCLUDE_INBOUND_PORTS: &str = "remora.dev/exclude-inbound-p
 pub const ANNOTATION_EXCLUDE_OUTBOUND_PORTS: &str = "remora.dev/exclude-outbound-ports";
 pub const ANNOTATION_EXCLUDE_OUTBOUND_CIDRS: &str = "remora.dev/exclude-outbound-cidrs";
 pub const ANNOTATION_PROXY_IMAGE: &str = "remora.dev/proxy-image";
+pub const ANNOTATION_PROXY_WORKERS: &str = "remora.dev/proxy-workers";
 
 /// The proxy's UID and GID (the iptables rules never redirect this UID).
 const PROXY_UID: i64 = 1337;
@@ -314,10 +316,22 @@ fn inject_template(
         }
     }
     let version = lookup(&labels, "version").or_else(|| lookup(&workload.labels, "version"));
+    let workers = match annotation(ANNOTATION_PROXY_WORKERS).map(str::trim) {
+        None | Some("") => None,
+        Some(w) => match w.parse::<u16>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                return Err(Problem::new(
+                    format!("metadata.annotations.{ANNOTATION_PROXY_WORKERS}"),
+                    format!("{w:?} is not a number of threads (0: one per core)"),
+                ))
+            }
+        },
+    };
 
     let mut new_init = vec![
         init_container(&image, init_args),
-        proxy_container(&image, &service, app_port, version, opts),
+        proxy_container(&image, &service, app_port, version, workers, opts),
     ];
     new_init.extend(
         init_containers
@@ -377,6 +391,7 @@ fn proxy_container(
     service: &str,
     app_port: Option<i64>,
     version: Option<&str>,
+    workers: Option<u16>,
     opts: &InjectOptions,
 ) -> Value {
     let field_ref = |name: &str, path: &str| {
@@ -406,6 +421,9 @@ fn proxy_container(
     env.push(value("REMORA_CA_FILE", &format!("{CA_DIR}/ca.pem")));
     if let Some(otlp) = &opts.otlp_endpoint {
         env.push(value("REMORA_OTLP_ENDPOINT", otlp));
+    }
+    if let Some(w) = workers {
+        env.push(value("REMORA_WORKERS", &w.to_string()));
     }
     let port = |name: &str, port: u16| {
         map([

@@ -22,11 +22,6 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
-/// Whether the request is gRPC (its errors are answered as gRPC statuses).
-pub fn is_grpc<B>(req: &Request<B>) -> bool {
-    remora_telemetry::span::is_grpc(req.headers())
-}
-
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade`).
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -128,71 +123,25 @@ pub async fn forward(
     idle_timeout: Duration,
     limit: Option<&crate::pool::ConnLimit<'_>>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    // Everything is changed in place: the request moves once, into the pool.
     let hop = has_hop_by_hop(req.headers());
     let upgrade = hop && is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
     if hop {
-        strip_present(&mut parts.headers, upgrade);
+        strip_present(req.headers_mut(), upgrade);
     }
-    let version = if parts.version == Version::HTTP_2 || (pool.is_mesh() && !upgrade) {
+    let version = if req.version() == Version::HTTP_2 || (pool.is_mesh() && !upgrade) {
         Upstream::Http2
     } else {
         Upstream::Http1
     };
-    if version == Upstream::Http2 && parts.version != Version::HTTP_2 {
-        // HTTP/1 → HTTP/2: the authority moves from Host into the URI.
-        let host = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(str::to_string)
-            })
-            .ok_or_else(|| ProxyError::new(Cause::BadRequest, "no Host header"))?;
-        let pq = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        parts.uri = format!("http://{host}{pq}")
-            .parse()
-            .map_err(|_| ProxyError::new(Cause::BadRequest, "invalid Host or request target"))?;
-        parts.headers.remove(header::HOST);
-        parts
-            .headers
-            .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
-        parts.version = Version::HTTP_2;
+    match version {
+        Upstream::Http2 if req.version() != Version::HTTP_2 => to_http2(&mut req)?,
+        Upstream::Http2 => {}
+        Upstream::Http1 => to_http1(&mut req)?,
     }
-    if version == Upstream::Http1 {
-        // Absolute-form (explicit proxy) becomes origin-form, the authority
-        // staying in Host.
-        if let Some(auth) = parts.uri.authority() {
-            if !parts.headers.contains_key(header::HOST) {
-                if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                    parts.headers.insert(header::HOST, v);
-                }
-            }
-            let pq = parts
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/");
-            parts.uri = pq
-                .parse()
-                .map_err(|_| ProxyError::new(Cause::BadRequest, "invalid request target"))?;
-        }
-    }
-    if version == Upstream::Http1 {
-        parts.version = Version::HTTP_11;
-    }
-    let up = Request::from_parts(parts, body);
     let (mut resp, checkin) = pool
-        .send(up, version, upgrade, connect_timeout, limit)
+        .send(req, version, upgrade, connect_timeout, limit)
         .await?;
 
     if let Some(down) = downstream_upgrade {
@@ -212,17 +161,69 @@ pub async fn forward(
             });
         }
     }
-    let (mut parts, body) = resp.into_parts();
-    let switching = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
-    strip_hop_by_hop(&mut parts.headers, switching);
-    let mut body = ProxyBody::Incoming(body);
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(resp.headers_mut(), switching);
+    let mut resp = resp.map(ProxyBody::Incoming);
     if let Some(c) = checkin {
-        match body.tail() {
+        match resp.body_mut().tail() {
             Some(tail) => tail.checkin = Some(c),
             None => c.give_back(),
         }
     }
-    Ok(Response::from_parts(parts, body))
+    Ok(resp)
+}
+
+/// HTTP/1 → HTTP/2 (to a mesh peer): the authority moves from Host into the
+/// URI, and `remora-orig-proto` tells the peer to speak HTTP/1.1 onwards.
+fn to_http2<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    use http::uri::{Authority, PathAndQuery, Scheme};
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => {
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .ok_or_else(|| ProxyError::new(Cause::BadRequest, "no Host header"))?;
+            Authority::try_from(host.as_bytes())
+                .map_err(|_| ProxyError::new(Cause::BadRequest, "invalid Host"))?
+        }
+    };
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = http::Uri::builder()
+        .scheme(Scheme::HTTP)
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|_| ProxyError::new(Cause::BadRequest, "invalid Host or request target"))?;
+    let headers = req.headers_mut();
+    headers.remove(header::HOST);
+    headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    *req.version_mut() = Version::HTTP_2;
+    Ok(())
+}
+
+/// To HTTP/1.1: absolute-form (explicit proxy) becomes origin-form, the
+/// authority staying in Host.
+fn to_http1<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+    if let Some(auth) = req.uri().authority() {
+        if !req.headers().contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = http::Uri::from(pq);
+    }
+    *req.version_mut() = Version::HTTP_11;
+    Ok(())
 }
 
 /// On the inbound side: a request that crossed the mesh as HTTP/2 for an
@@ -276,6 +277,33 @@ mod tests {
         let before = clean.clone();
         strip_hop_by_hop(&mut clean, false);
         assert_eq!(clean, before);
+    }
+
+    #[test]
+    fn http1_requests_cross_to_http2_and_back_to_origin_form() {
+        let mut req = Request::get("/orders?id=7")
+            .header(header::HOST, "backend.shop:8080")
+            .body(())
+            .unwrap();
+        to_http2(&mut req).unwrap();
+        assert_eq!(req.uri(), "http://backend.shop:8080/orders?id=7");
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert!(!req.headers().contains_key(header::HOST));
+        assert_eq!(req.headers()[ORIG_PROTO], "HTTP/1.1");
+
+        let mut req = Request::get("http://backend.shop:8080/x").body(()).unwrap();
+        to_http1(&mut req).unwrap();
+        assert_eq!(req.uri(), "/x");
+        assert_eq!(req.headers()[header::HOST], "backend.shop:8080");
+        assert_eq!(req.version(), Version::HTTP_11);
+
+        let mut no_host = Request::get("/").body(()).unwrap();
+        assert!(to_http2(&mut no_host).is_err());
+        let mut bad_host = Request::get("/")
+            .header(header::HOST, "a b")
+            .body(())
+            .unwrap();
+        assert!(to_http2(&mut bad_host).is_err());
     }
 
     #[test]

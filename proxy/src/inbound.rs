@@ -12,12 +12,12 @@ use crate::body::ProxyBody;
 use crate::detect::{self, Detected};
 use crate::drain::Drain;
 use crate::error::{Cause, ProxyError};
-use crate::forward::{forward, is_grpc, restore_orig_proto};
+use crate::forward::{forward, restore_orig_proto};
 use crate::intercept;
 use crate::io::{Activity, Prefixed};
 use crate::observe::{Observed, TcpObserved};
 use crate::pool::{self, EndpointPool};
-use crate::serve::{serve_http, Builder};
+use crate::serve::{serve_http, Builder, Speaks};
 use crate::state::State;
 use crate::tls::{self, Carry};
 use http::{Request, Response};
@@ -76,10 +76,24 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
         None => detected != Detected::Opaque,
     };
     if http {
-        let st = state.clone();
-        let metrics = connection_metrics(&state, None);
-        let handler = move |req| handle(st.clone(), pool.clone(), None, metrics.clone(), req);
-        serve_http(&builder, io, activity, limits.idle_timeout, drain, handler).await;
+        let conn = Arc::new(Conn {
+            metrics: connection_metrics(&state, None),
+            state: state.clone(),
+            app: pool,
+            peer: None,
+        });
+        let handler = move |req| handle(conn.clone(), req);
+        let speaks = Speaks::detected(detected);
+        serve_http(
+            &builder,
+            io,
+            speaks,
+            activity,
+            limits.idle_timeout,
+            drain,
+            handler,
+        )
+        .await;
     } else if mesh.authz.allows_connection(None) {
         relay(&state, io, activity, app, None).await;
     } else {
@@ -117,12 +131,29 @@ async fn mesh_connection(
     let (_, conn) = tls.get_ref();
     let peer: Option<Arc<str>> = tls::peer_identity(conn.peer_certificates()).map(Arc::from);
     match Carry::from_alpn(conn.alpn_protocol()) {
-        Some(Carry::H2 | Carry::Http1) => {
-            let st = state.clone();
-            let metrics = connection_metrics(&state, peer.as_deref());
-            let handler =
-                move |req| handle(st.clone(), pool.clone(), peer.clone(), metrics.clone(), req);
-            serve_http(&builder, tls, activity, limits.idle_timeout, drain, handler).await;
+        Some(carry @ (Carry::H2 | Carry::Http1)) => {
+            let conn = Arc::new(Conn {
+                metrics: connection_metrics(&state, peer.as_deref()),
+                state: state.clone(),
+                app: pool,
+                peer,
+            });
+            let handler = move |req| handle(conn.clone(), req);
+            let speaks = if carry == Carry::H2 {
+                Speaks::Http2
+            } else {
+                Speaks::Http1
+            };
+            serve_http(
+                &builder,
+                tls,
+                speaks,
+                activity,
+                limits.idle_timeout,
+                drain,
+                handler,
+            )
+            .await;
         }
         Some(Carry::Tcp) => {
             if state.mesh.load().authz.allows_connection(peer.as_deref()) {
@@ -133,6 +164,17 @@ async fn mesh_connection(
         }
         None => tracing::info!("TLS connection without a known ALPN protocol; closing"),
     }
+}
+
+/// What every request of one inbound connection shares: one reference to
+/// clone per request, not four.
+struct Conn {
+    state: Arc<State>,
+    /// The pool to the application.
+    app: Arc<EndpointPool>,
+    /// The peer's SPIFFE identity (mTLS), or none (plaintext).
+    peer: Option<Arc<str>>,
+    metrics: Arc<RequestMetrics>,
 }
 
 /// Metrics for the requests of one inbound connection, labelled with its
@@ -148,19 +190,19 @@ fn connection_metrics(state: &State, peer: Option<&str>) -> Arc<RequestMetrics> 
 }
 
 /// One inbound request: authorize, rate-limit, then deliver to the application.
-async fn handle(
-    state: Arc<State>,
-    app: Arc<EndpointPool>,
-    peer: Option<Arc<str>>,
-    metrics: Arc<RequestMetrics>,
-    mut req: Request<Incoming>,
-) -> Response<ProxyBody> {
+async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let Conn {
+        state,
+        app,
+        peer,
+        metrics,
+    } = &*conn;
     let tel = &state.telemetry;
     let mut obs = Observed::begin(tel, SpanKind::Server, INBOUND, &mut req);
     obs.peer = peer.clone();
     obs.upstream = Some(app.addr());
-    obs.routed(&req, "inbound", metrics);
-    let grpc = is_grpc(&req);
+    obs.routed(&req, "inbound", metrics.clone());
+    let grpc = obs.grpc;
     let limits = &state.settings.limits;
     let decision = {
         let mesh = state.mesh.load();
@@ -192,7 +234,7 @@ async fn handle(
             let started = obs.times_upstream().then(std::time::Instant::now);
             let r = forward(
                 req.map(ProxyBody::Incoming),
-                &app,
+                app,
                 limits.connect_timeout,
                 limits.idle_timeout,
                 None,
@@ -211,7 +253,7 @@ async fn handle(
             e.to_response(grpc)
         }
     };
-    obs.respond(&state, resp)
+    obs.respond(state, resp)
 }
 
 async fn relay<I>(

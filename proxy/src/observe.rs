@@ -71,6 +71,9 @@ pub struct Observed {
     pub destination: Option<Arc<str>>,
     pub peer: Option<Arc<str>>,
     pub circuit_state: Option<&'static str>,
+    /// A gRPC call (`content-type: application/grpc...`): answered with gRPC
+    /// statuses, and its `grpc-status` recorded.
+    pub grpc: bool,
 }
 
 impl Observed {
@@ -82,6 +85,7 @@ impl Observed {
         direction: &'static str,
         req: &mut Request<B>,
     ) -> Observed {
+        let grpc = remora_telemetry::span::is_grpc(req.headers());
         let parent = remora_telemetry::extract(req.headers());
         let sampled = tel.sampler.decide(parent.as_ref());
         let ctx = TraceContext::next(parent.as_ref(), sampled);
@@ -94,7 +98,7 @@ impl Observed {
             Box::new(span)
         });
         let log = tel.logging().map(|_| {
-            let protocol = if remora_telemetry::span::is_grpc(req.headers()) {
+            let protocol = if grpc {
                 "grpc"
             } else if req.version() == http::Version::HTTP_2 {
                 "http/2"
@@ -128,6 +132,7 @@ impl Observed {
             destination: None,
             peer: None,
             circuit_state: None,
+            grpc,
         }
     }
 
@@ -166,7 +171,11 @@ impl Observed {
         mut resp: Response<ProxyBody>,
     ) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
-        let grpc_status = grpc_status(resp.headers());
+        let grpc_status = if self.grpc {
+            grpc_status(resp.headers())
+        } else {
+            None
+        };
         match resp.body_mut().tail() {
             Some(tail) => {
                 tail.done = Some(Pending {
@@ -338,8 +347,10 @@ impl Pending {
     }
 }
 
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 fn grpc_status(h: &http::HeaderMap) -> Option<u16> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+    h.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// Body size as declared by `Content-Length` (0 when streamed without one):

@@ -1,6 +1,8 @@
-//! Serving one downstream HTTP connection (HTTP/1.1 or HTTP/2, told apart by
-//! hyper's auto builder) with the proxy's limits, the idle timeout and graceful
-//! drain.
+//! Serving one downstream HTTP connection with the proxy's limits, the idle
+//! timeout and graceful drain. A connection whose protocol is known (detected
+//! from its first bytes, or agreed by ALPN) is served by hyper's HTTP/1 or
+//! HTTP/2 server directly; only an unknown one goes through the auto builder,
+//! which reads the preface itself and keeps a rewind layer under every read.
 
 use crate::body::ProxyBody;
 use crate::config::Limits;
@@ -8,32 +10,72 @@ use crate::drain::Drain;
 use crate::io::{Activity, Tracked};
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
 
-pub type Builder = auto::Builder<TokioExecutor>;
+/// The HTTP server settings every listener uses, per protocol.
+pub struct Builder {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    auto: auto::Builder<TokioExecutor>,
+}
+
+/// Which HTTP a connection speaks, as far as the proxy knows before serving it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    Http1,
+    Http2,
+    /// Not known: hyper tells from the preface.
+    Either,
+}
+
+impl Speaks {
+    /// What protocol detection found; opaque bytes are left to hyper to refuse.
+    pub fn detected(d: crate::detect::Detected) -> Speaks {
+        match d {
+            crate::detect::Detected::Http1 => Speaks::Http1,
+            crate::detect::Detected::Http2 => Speaks::Http2,
+            _ => Speaks::Either,
+        }
+    }
+}
 
 /// The HTTP server settings every listener uses.
 pub fn builder(limits: &Limits) -> Builder {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes)
+        .keep_alive(true);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let mut auto = auto::Builder::new(TokioExecutor::new());
+    auto.http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes)
         .keep_alive(true);
-    b.http2()
+    auto.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.h2_max_concurrent_streams)
         .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
-    b
+    Builder { h1, h2, auto }
 }
 
 /// Serves `io` until the client is done, the connection is idle for
@@ -41,9 +83,10 @@ pub fn builder(limits: &Limits) -> Builder {
 pub async fn serve_http<I, F, Fut>(
     builder: &Builder,
     io: I,
+    speaks: Speaks,
     activity: Arc<Activity>,
     idle_timeout: Duration,
-    mut drain: Drain,
+    drain: Drain,
     handler: F,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -64,21 +107,77 @@ pub async fn serve_http<I, F, Fut>(
         }
     });
     let io = TokioIo::new(Tracked::new(io, activity.clone()));
-    let conn = builder.serve_connection_with_upgrades(io, svc);
+    // The drain and the idle timer are watched on a task of their own: the
+    // connection's task, woken several times per request, then polls one
+    // oneshot beside hyper instead of a watch channel and a timer.
+    let (stop, watchdog) = watchdog(activity, idle_timeout, drain.clone());
+    match speaks {
+        Speaks::Http1 => {
+            let conn = builder.h1.serve_connection(io, svc).with_upgrades();
+            drive(conn, stop, |c| c.graceful_shutdown()).await
+        }
+        Speaks::Http2 => {
+            let conn = builder.h2.serve_connection(io, svc);
+            drive(conn, stop, |c| c.graceful_shutdown()).await
+        }
+        Speaks::Either => {
+            let conn = builder.auto.serve_connection_with_upgrades(io, svc);
+            drive(conn, stop, |c| c.graceful_shutdown()).await
+        }
+    }
+    watchdog.abort();
+    // Held until here: the drain waits for this connection, not for its watchdog.
+    drop(drain);
+}
+
+/// Why a connection is ended from outside.
+enum Stop {
+    Drain,
+    Idle,
+}
+
+fn watchdog(
+    activity: Arc<Activity>,
+    idle_timeout: Duration,
+    mut drain: Drain,
+) -> (oneshot::Receiver<Stop>, tokio::task::AbortHandle) {
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(async move {
+        let why = tokio::select! {
+            _ = drain.signaled() => Stop::Drain,
+            _ = activity.idle(idle_timeout) => Stop::Idle,
+        };
+        let _ = tx.send(why);
+    });
+    (rx, task.abort_handle())
+}
+
+/// Drives `conn` to its end, or until the watchdog stops it: gracefully for
+/// a drain (in-flight requests finish), at once when idle.
+async fn drive<C, E>(conn: C, stop: oneshot::Receiver<Stop>, graceful: impl FnOnce(Pin<&mut C>))
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "http connection ended with an error");
+    let done = tokio::select! {
+        biased;
+        r = conn.as_mut() => Some(r),
+        why = stop => match why {
+            Ok(Stop::Drain) => {
+                graceful(conn.as_mut());
+                Some(conn.await)
             }
-        }
-        _ = drain.signaled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-        _ = activity.idle(idle_timeout) => {
-            tracing::debug!(?idle_timeout, "closing idle http connection");
-        }
+            Ok(Stop::Idle) => {
+                tracing::debug!("closing idle http connection");
+                None
+            }
+            // The watchdog cannot end without a word; serve on regardless.
+            Err(_) => Some(conn.await),
+        },
+    };
+    if let Some(Err(e)) = done {
+        tracing::debug!(error = %e, "http connection ended with an error");
     }
 }
 

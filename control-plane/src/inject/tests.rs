@@ -530,9 +530,14 @@ spec:
         remora.dev/exclude-inbound-ports: "22,9090"
         remora.dev/exclude-outbound-ports: "5432"
         remora.dev/proxy-image: registry.local/remora-proxy:dev
+        remora.dev/proxy-workers: "2"
     spec: {containers: [{name: api, image: api:1, ports: [{containerPort: 8080}]}]}
 "#;
     let spec = pod_spec_of(&injected(manifest)[0]);
+    assert_eq!(
+        env_value(container(&spec, "remora-proxy"), "REMORA_WORKERS"),
+        Some("2")
+    );
     let init = container(&spec, "remora-init");
     assert_eq!(
         init.args.as_deref().unwrap_or_default(),
@@ -577,6 +582,8 @@ fn options_set_the_image_control_plane_and_collector() {
         env_value(proxy, "REMORA_OTLP_ENDPOINT"),
         Some("http://jaeger.tracing:4317")
     );
+    // Without the annotation the proxy keeps its default of one data-plane thread.
+    assert_eq!(env_value(proxy, "REMORA_WORKERS"), None);
 }
 
 #[test]
@@ -656,6 +663,10 @@ fn errors_name_the_document_and_the_field() {
     assert_eq!(
         err("apiVersion: v1\nkind: Pod\nmetadata: {name: a, annotations: {remora.dev/exclude-outbound-cidrs: \"10.0.0.0/33\"}}\nspec: {containers: [{name: a, image: a}]}\n"),
         "document 1 (Pod a): metadata.annotations.remora.dev/exclude-outbound-cidrs: \"10.0.0.0/33\" is not a valid CIDR"
+    );
+    assert_eq!(
+        err("apiVersion: v1\nkind: Pod\nmetadata: {name: a, annotations: {remora.dev/proxy-workers: \"two\"}}\nspec: {containers: [{name: a, image: a}]}\n"),
+        "document 1 (Pod a): metadata.annotations.remora.dev/proxy-workers: \"two\" is not a number of threads (0: one per core)"
     );
     assert_eq!(
         err("apiVersion: v1\nmetadata: {name: a}\n"),

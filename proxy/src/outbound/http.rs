@@ -5,7 +5,6 @@
 use super::{connect_tunnel, retry, Target};
 use crate::body::ProxyBody;
 use crate::error::{Cause, ProxyError};
-use crate::forward::is_grpc;
 use crate::observe::Observed;
 use crate::state::State;
 use http::{header, HeaderValue, Request, Response, StatusCode};
@@ -22,7 +21,7 @@ pub(crate) async fn handle(
 ) -> Response<ProxyBody> {
     let tel = &state.telemetry;
     let mut obs = Observed::begin(tel, SpanKind::Client, OUTBOUND, &mut req);
-    let grpc = is_grpc(&req);
+    let grpc = obs.grpc;
     let resp = match route_and_forward(&state, &target, req, grpc, &mut obs).await {
         Ok(resp) => resp,
         Err(e) => {

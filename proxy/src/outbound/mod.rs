@@ -26,7 +26,7 @@ use crate::error::{Cause, ProxyError};
 use crate::io::{Activity, Prefixed};
 use crate::mesh::{Endpoint, Mesh, Service};
 use crate::observe::TcpObserved;
-use crate::serve::{serve_http, Builder};
+use crate::serve::{serve_http, Builder, Speaks};
 use crate::state::State;
 use crate::tls::Carry;
 use crate::{detect, intercept, pool, tcp};
@@ -59,63 +59,58 @@ pub async fn serve(state: Arc<State>, builder: Arc<Builder>, listener: TcpListen
 async fn connection(state: Arc<State>, builder: Arc<Builder>, stream: TcpStream, drain: Drain) {
     let activity = Activity::new();
     let limits = &state.settings.limits;
-    let Some(dst) = intercept::redirected_destination(&stream) else {
-        let st = state.clone();
-        let handler = move |req| handle(st.clone(), Target::ByHost, req);
-        serve_http(
-            &builder,
-            stream,
-            activity,
-            limits.idle_timeout,
-            drain,
-            handler,
-        )
-        .await;
-        return;
-    };
-    // Transparent: the application dialled `dst`, iptables sent it here.
-    let mesh = state.mesh.load_full();
-    let Some(svc) = mesh.by_addr(&dst).cloned() else {
-        // Not a mesh service: pass the bytes through to where they were going.
-        relay_to(&state, stream, activity, dst).await;
-        return;
-    };
-    let protocol = svc.protocol(dst.port());
-    let target = Target::Service(svc.fqdn.clone());
-    match protocol {
-        Some(Protocol::Tcp) => relay_to_service(&state, stream, activity, &svc).await,
-        Some(_) => {
-            let st = state.clone();
-            let handler = move |req| handle(st.clone(), target.clone(), req);
-            serve_http(
-                &builder,
-                stream,
-                activity,
-                limits.idle_timeout,
-                drain,
-                handler,
-            )
-            .await;
-        }
-        None => {
-            let mut stream = stream;
-            let (proto, prefix) = match detect::detect(&mut stream, limits.detect_timeout).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tracing::debug!(error = %e, "outbound detection failed");
-                    return;
-                }
+    let mut stream = stream;
+    let (target, declared) = match intercept::redirected_destination(&stream) {
+        // Explicit mode: the application addressed the proxy; every request
+        // names its service.
+        None => (Target::ByHost, None),
+        Some(dst) => {
+            // Transparent: the application dialled `dst`, iptables sent it here.
+            let mesh = state.mesh.load_full();
+            let Some(svc) = mesh.by_addr(&dst).cloned() else {
+                // Not a mesh service: pass the bytes through to where they were going.
+                relay_to(&state, stream, activity, dst).await;
+                return;
             };
-            let io = Prefixed::new(prefix, stream);
-            if proto == detect::Detected::Opaque {
-                relay_to_service(&state, io, activity, &svc).await;
-            } else {
-                let st = state.clone();
-                let handler = move |req| handle(st.clone(), target.clone(), req);
-                serve_http(&builder, io, activity, limits.idle_timeout, drain, handler).await;
+            let protocol = svc.protocol(dst.port());
+            if protocol == Some(Protocol::Tcp) {
+                // Declared TCP is never held up by detection (server-speaks-first
+                // protocols such as MySQL or SMTP).
+                relay_to_service(&state, stream, activity, &svc).await;
+                return;
             }
+            (Target::Service(svc.fqdn.clone()), Some((svc, protocol)))
+        }
+    };
+    // Clients speak first in HTTP: the first bytes tell HTTP/1, HTTP/2 or
+    // (undeclared ports only) anything else.
+    let (proto, prefix) = match detect::detect(&mut stream, limits.detect_timeout).await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(error = %e, "outbound detection failed");
+            return;
+        }
+    };
+    let io = Prefixed::new(prefix, stream);
+    if let Some((svc, None)) = &declared {
+        if proto == detect::Detected::Opaque {
+            relay_to_service(&state, io, activity, svc).await;
+            return;
         }
     }
+    let st = state.clone();
+    let handler = move |req| handle(st.clone(), target.clone(), req);
+    let speaks = Speaks::detected(proto);
+    serve_http(
+        &builder,
+        io,
+        speaks,
+        activity,
+        limits.idle_timeout,
+        drain,
+        handler,
+    )
+    .await;
 }
 
 /// `CONNECT host:port` in explicit mode: an opaque TCP tunnel to the service.
