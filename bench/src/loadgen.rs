@@ -272,6 +272,8 @@ pub struct Throughput {
     pub rps: f64,
     pub errors: u64,
     pub gen_cpu: f64,
+    /// CPU time the hypervisor took from this machine during the run, % of it.
+    pub steal: f64,
     pub first_error: Option<String>,
 }
 

@@ -209,14 +209,16 @@ impl Report {
         let _ = writeln!(
             md,
             "`{}` — {} mode, {} run(s) per figure, shown as median (min–max). {}; load average at start {}; \
-             the hypervisor took {:.1} % of the machine's CPU time during the run (steal; the latency table \
-             shows it per run, a noisy neighbour shows there). Responses are 1 KiB; latencies in µs.\n",
+             the hypervisor took {:.1} % of the machine's CPU time during the run (steal: a noisy neighbour; \
+             the tables show it per run, and a run with more than {} % is repeated, up to twice). Responses \
+             are 1 KiB; latencies in µs.\n",
             m["command"].as_str().unwrap_or(""),
             m["mode"].as_str().unwrap_or(""),
             m["runs"],
             m["placement"].as_str().unwrap_or(""),
             m["loadavg"].as_str().unwrap_or("?"),
             m["steal_pct"].as_f64().unwrap_or(0.0),
+            m["steal_limit_pct"],
         );
         let _ = writeln!(
             md,
@@ -252,21 +254,22 @@ impl Report {
         }
         let _ = writeln!(
             md,
-            "\n## Highest rate on one core\n\nClosed loop ({}), {} connections, HTTP/1.1, for {} s; the proxy (both \
+            "\n## Highest rate on one core\n\n{} run(s) per path. Closed loop ({}), {} connections, HTTP/1.1, for {} s; the proxy (both \
              sidecars for the mesh path) pinned to core 1, the generator and the upstream to core 0. \
              `proxy CPU` near 100 % means the proxy was the limit; `rps per proxy core` is rps divided by the \
              proxy's share of a core, its cost per request however busy the generator was.\n",
+            m["max_runs"],
             m["max_generator"].as_str().unwrap_or("closed loop"),
             m["max_connections"],
             m["max_seconds"]
         );
         md.push_str(
-            "| path | rps | proxy CPU % | rps per proxy core | gen CPU % | errors |\n|---|---:|---:|---:|---:|---:|\n",
+            "| path | rps | proxy CPU % | rps per proxy core | gen CPU % | steal % | errors |\n|---|---:|---:|---:|---:|---:|---:|\n",
         );
         for r in &self.max {
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 r.path,
                 spread(r.runs.iter().map(|(t, _)| t.rps)).show(0),
                 spread(r.runs.iter().map(|(_, c)| *c)).show(0),
@@ -276,6 +279,7 @@ impl Report {
                     spread(r.runs.iter().map(per_core)).show(0)
                 },
                 spread(r.runs.iter().map(|(t, _)| t.gen_cpu)).show(0),
+                spread(r.runs.iter().map(|(t, _)| t.steal)).show(1),
                 r.runs.iter().map(|(t, _)| t.errors).sum::<u64>(),
             );
         }
@@ -415,6 +419,7 @@ impl Report {
                     "rps": spread(r.runs.iter().map(|(t, _)| t.rps)).json(),
                     "proxy_cpu_pct": spread(r.runs.iter().map(|(_, c)| *c)).json(),
                     "rps_per_proxy_core": spread(r.runs.iter().map(per_core)).json(),
+                    "steal_pct": spread(r.runs.iter().map(|(t, _)| t.steal)).json(),
                     "gen_cpu_pct": spread(r.runs.iter().map(|(t, _)| t.gen_cpu)).json(),
                     "errors": r.runs.iter().map(|(t, _)| t.errors).sum::<u64>(),
                     "first_error": r.runs.iter().find_map(|(t, _)| t.first_error.clone()),

@@ -82,6 +82,7 @@ fn parse(text: &str, gen_cpu: f64) -> anyhow::Result<Throughput> {
         rps,
         errors,
         gen_cpu,
+        steal: 0.0,
         first_error: (errors > 0).then(|| format!("wrk: {errors} errors")),
     })
 }
