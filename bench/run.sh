@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Remora's benchmark (issue 7), one command:
-#   bench/run.sh           full mode: 3 runs per figure, ~25 minutes
-#   bench/run.sh --quick   1 short run per figure, ~4 minutes
+#   bench/run.sh           full mode: 3 runs per figure (5 for the one-core maximum), ~30 minutes
+#   bench/run.sh --quick   1 short run per figure, ~5 minutes
 # Any other flag goes to `remora-bench run` (see `remora-bench run --help`).
 # Builds the workspace in release mode, installs nginx, HAProxy and wrk (the
 # one-core generator) from Debian packages if they are missing (as root), then

@@ -76,24 +76,8 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
         None => detected != Detected::Opaque,
     };
     if http {
-        let conn = Arc::new(Conn {
-            metrics: connection_metrics(&state, None),
-            state: state.clone(),
-            app: pool,
-            peer: None,
-        });
-        let handler = move |req| handle(conn.clone(), req);
         let speaks = Speaks::detected(detected);
-        serve_http(
-            &builder,
-            io,
-            speaks,
-            activity,
-            limits.idle_timeout,
-            drain,
-            handler,
-        )
-        .await;
+        serve_requests(&state, &builder, io, speaks, activity, drain, pool, None).await;
     } else if mesh.authz.allows_connection(None) {
         relay(&state, io, activity, app, None).await;
     } else {
@@ -132,28 +116,12 @@ async fn mesh_connection(
     let peer: Option<Arc<str>> = tls::peer_identity(conn.peer_certificates()).map(Arc::from);
     match Carry::from_alpn(conn.alpn_protocol()) {
         Some(carry @ (Carry::H2 | Carry::Http1)) => {
-            let conn = Arc::new(Conn {
-                metrics: connection_metrics(&state, peer.as_deref()),
-                state: state.clone(),
-                app: pool,
-                peer,
-            });
-            let handler = move |req| handle(conn.clone(), req);
             let speaks = if carry == Carry::H2 {
                 Speaks::Http2
             } else {
                 Speaks::Http1
             };
-            serve_http(
-                &builder,
-                tls,
-                speaks,
-                activity,
-                limits.idle_timeout,
-                drain,
-                handler,
-            )
-            .await;
+            serve_requests(&state, &builder, tls, speaks, activity, drain, pool, peer).await;
         }
         Some(Carry::Tcp) => {
             if state.mesh.load().authz.allows_connection(peer.as_deref()) {
@@ -164,6 +132,32 @@ async fn mesh_connection(
         }
         None => tracing::info!("TLS connection without a known ALPN protocol; closing"),
     }
+}
+
+/// Serves the HTTP requests of one inbound connection from `peer` (none:
+/// plaintext) to the application behind `app`.
+#[allow(clippy::too_many_arguments)]
+async fn serve_requests<I>(
+    state: &Arc<State>,
+    builder: &Builder,
+    io: I,
+    speaks: Speaks,
+    activity: Arc<Activity>,
+    drain: Drain,
+    app: Arc<EndpointPool>,
+    peer: Option<Arc<str>>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Conn {
+        metrics: connection_metrics(state, peer.as_deref()),
+        state: state.clone(),
+        app,
+        peer,
+    });
+    let idle = state.settings.limits.idle_timeout;
+    let handler = move |req| handle(conn.clone(), req);
+    serve_http(builder, io, speaks, activity, idle, drain, handler).await;
 }
 
 /// What every request of one inbound connection shares: one reference to
