@@ -35,6 +35,11 @@ spec:
 
 const BACKEND: &str = "http://backend.shop:8080";
 
+/// Tests that compare latencies run alone: every other test of this file
+/// holds this lock shared, and they hold it exclusively, so what they measure
+/// is the proxy, not the tests running beside them on a two-core machine.
+static QUIET: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A control plane with `policy` applied (after the two services), then the
 /// backend (v1) and the frontend whose outbound listener the tests call.
 struct Shop {
@@ -149,6 +154,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_succeeds_on_the_third_attempt_and_a_large_body_is_never_replayed() {
+    let _quiet = QUIET.read().await;
     let shop = Shop::start(RETRY_ROUTE).await;
     let client = shop.client();
     let url = format!("{BACKEND}/api/orders");
@@ -236,6 +242,7 @@ async fn a_retry_succeeds_on_the_third_attempt_and_a_large_body_is_never_replaye
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_against_an_always_failing_upstream_stay_within_the_budget() {
+    let _quiet = QUIET.read().await;
     const RATIO: f64 = 0.2;
     const MIN_PER_SECOND: f64 = 5.0;
     let policy = format!(
@@ -307,6 +314,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_breaker_opens_answers_fast_probes_when_half_open_and_closes_on_recovery() {
+    let _quiet = QUIET.read().await;
     let policy = r#"
 apiVersion: remora.dev/v1
 kind: DestinationPolicy
@@ -394,6 +402,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fallback_takes_over_when_the_primary_circuit_opens() {
+    let _quiet = QUIET.read().await;
     let policy = r#"
 apiVersion: remora.dev/v1
 kind: Service
@@ -470,6 +479,7 @@ async fn latencies(client: &HttpClient, url: &str, n: usize) -> Vec<Duration> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_destination_does_not_slow_calls_to_a_healthy_one() {
+    let _quiet = QUIET.write().await;
     let policy = r#"
 apiVersion: remora.dev/v1
 kind: Service
@@ -571,6 +581,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn critical_traffic_is_served_while_non_critical_traffic_is_over_its_limit() {
+    let _quiet = QUIET.read().await;
     let policy = r#"
 apiVersion: remora.dev/v1
 kind: HTTPRoute
@@ -662,6 +673,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_answers_429_with_retry_after_per_identity() {
+    let _quiet = QUIET.read().await;
     let cp = ControlPlane::start().await;
     cp.apply_ok(
         r#"
@@ -756,6 +768,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peak_ewma_sends_most_traffic_away_from_a_ten_times_slower_endpoint() {
+    let _quiet = QUIET.write().await;
     let shop = Shop::start(
         r#"
 apiVersion: remora.dev/v1
@@ -819,6 +832,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_timeout_takes_effect_on_the_next_request_without_a_restart() {
+    let _quiet = QUIET.read().await;
     let route = |timeout: &str| {
         format!(
             r#"
@@ -912,6 +926,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_injection_aborts_and_delays_the_configured_requests() {
+    let _quiet = QUIET.read().await;
     let shop = Shop::start(
         r#"
 apiVersion: remora.dev/v1
@@ -1022,6 +1037,7 @@ async fn unary(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_clients_see_unavailable_for_no_endpoints_upstream_failures_open_circuits_and_overload(
 ) {
+    let _quiet = QUIET.read().await;
     let cp = ControlPlane::start().await;
     cp.apply_ok(&grpc_services(
         r#"
@@ -1165,6 +1181,7 @@ async fn server_stream(client: &mut EchoClient) -> Result<usize, (tonic::Code, O
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streaming_call_holds_its_bulkhead_slot_until_it_ends() {
+    let _quiet = QUIET.read().await;
     let cp = ControlPlane::start().await;
     cp.apply_ok(&grpc_services(
         r#"
@@ -1220,6 +1237,7 @@ spec:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unavailable_from_the_upstream_is_retried_when_the_route_lists_it() {
+    let _quiet = QUIET.read().await;
     let cp = ControlPlane::start().await;
     cp.apply_ok(&grpc_services(
         r#"
@@ -1270,6 +1288,7 @@ fn echo_request_frame(message: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_clients_see_deadline_exceeded_and_resource_exhausted() {
+    let _quiet = QUIET.read().await;
     let cp = ControlPlane::start().await;
     cp.apply_ok(&grpc_services(
         r#"
