@@ -490,14 +490,41 @@ where
     bail!("`{what}` did not succeed within {timeout:?}")
 }
 
-/// Addresses on 127.0.0.1 that are free right now, all different.
+/// Addresses on 127.0.0.1 that are free right now, all different, and never
+/// handed out before by this demo. They come from below the kernel's
+/// ephemeral range: a port the kernel gave out and took back can be given again
+/// at once, to another listener or to an outgoing connection (a sidecar's to
+/// the control plane), before the process meant to listen on it starts.
 fn free_addrs<const N: usize>() -> anyhow::Result<[SocketAddr; N]> {
-    let listeners = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()?;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (20_000u16, ephemeral_low.clamp(20_001, 32_768));
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id());
     let mut addrs = [SocketAddr::from(([127, 0, 0, 1], 0)); N];
-    for (addr, l) in addrs.iter_mut().zip(&listeners) {
-        *addr = l.local_addr()?;
+    for addr in addrs.iter_mut() {
+        let mut tries = 0;
+        let port = loop {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let port = low + ((seed >> 33) % u64::from(high - low)) as u16;
+            if !given.contains(&port) && TcpListener::bind(("0.0.0.0", port)).is_ok() {
+                break port;
+            }
+            tries += 1;
+            if tries > 10_000 {
+                bail!("no free port between {low} and {high}");
+            }
+        };
+        given.push(port);
+        *addr = SocketAddr::from(([127, 0, 0, 1], port));
     }
     Ok(addrs)
 }
