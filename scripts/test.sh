@@ -22,7 +22,6 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     apt-get update -qq || true
     apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null || \
       echo "warning: could not install ${need_pkgs[*]}; the tests that need them will fail"
-
   else
     echo "note: not root, so not installing ${need_pkgs[*]}; the tests that need them will skip"
   fi

@@ -138,7 +138,7 @@ pub async fn forward(
     match version {
         Upstream::Http2 if req.version() != Version::HTTP_2 => to_http2(&mut req)?,
         Upstream::Http2 => {}
-        Upstream::Http1 => to_http1(&mut req)?,
+        Upstream::Http1 => to_http1(&mut req),
     }
     let (mut resp, checkin) = pool
         .send(req, version, upgrade, connect_timeout, limit)
@@ -208,7 +208,7 @@ fn to_http2<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
 
 /// To HTTP/1.1: absolute-form (explicit proxy) becomes origin-form, the
 /// authority staying in Host.
-fn to_http1<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+fn to_http1<B>(req: &mut Request<B>) {
     if let Some(auth) = req.uri().authority() {
         if !req.headers().contains_key(header::HOST) {
             if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
@@ -223,7 +223,6 @@ fn to_http1<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
         *req.uri_mut() = http::Uri::from(pq);
     }
     *req.version_mut() = Version::HTTP_11;
-    Ok(())
 }
 
 /// On the inbound side: a request that crossed the mesh as HTTP/2 for an
@@ -292,7 +291,7 @@ mod tests {
         assert_eq!(req.headers()[ORIG_PROTO], "HTTP/1.1");
 
         let mut req = Request::get("http://backend.shop:8080/x").body(()).unwrap();
-        to_http1(&mut req).unwrap();
+        to_http1(&mut req);
         assert_eq!(req.uri(), "/x");
         assert_eq!(req.headers()[header::HOST], "backend.shop:8080");
         assert_eq!(req.version(), Version::HTTP_11);

@@ -172,7 +172,7 @@ impl Observed {
     ) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
         let grpc_status = if self.grpc {
-            grpc_status(resp.headers())
+            remora_resilience::grpc_status_of(resp.headers())
         } else {
             None
         };
@@ -329,7 +329,7 @@ impl Pending {
             self.bytes += d.len() as u64;
         } else if let Some(t) = frame.trailers_ref() {
             // gRPC puts its status in the trailers.
-            if let Some(g) = grpc_status(t) {
+            if let Some(g) = remora_resilience::grpc_status_of(t) {
                 self.grpc_status = Some(g);
             }
         }
@@ -345,12 +345,6 @@ impl Pending {
         } = self;
         obs.complete(&state.telemetry, status, grpc_status, bytes);
     }
-}
-
-const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
-
-fn grpc_status(h: &http::HeaderMap) -> Option<u16> {
-    h.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 /// Body size as declared by `Content-Length` (0 when streamed without one):

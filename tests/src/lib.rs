@@ -32,7 +32,7 @@ use std::time::Duration;
 
 /// A test (or part of one) that cannot run here: prints why and lets the
 /// caller skip, or, with `REMORA_STRICT_TESTS=1` (set by `scripts/test.sh`
-/// when it runs as root and has installed every tool, as in CI), fails, so
+/// when it runs as root, as in CI, after installing the tools), fails, so
 /// nothing passes by skipping where it is meant to run.
 pub fn skip_or_fail(what: &str, reason: &str) {
     if std::env::var_os("REMORA_STRICT_TESTS").is_some_and(|v| v == "1") {

@@ -56,10 +56,9 @@ pub async fn serve(state: Arc<State>, builder: Arc<Builder>, listener: TcpListen
     .await
 }
 
-async fn connection(state: Arc<State>, builder: Arc<Builder>, stream: TcpStream, drain: Drain) {
+async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStream, drain: Drain) {
     let activity = Activity::new();
     let limits = &state.settings.limits;
-    let mut stream = stream;
     let (target, declared) = match intercept::redirected_destination(&stream) {
         // Explicit mode: the application addressed the proxy; every request
         // names its service.

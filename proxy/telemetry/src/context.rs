@@ -146,26 +146,22 @@ pub fn new_span_id() -> [u8; 8] {
 /// a context with fresh ids that carries the decision, so the proxy and the hops
 /// after it honour the deny.
 pub fn extract(headers: &HeaderMap) -> Option<TraceContext> {
+    // Only the formats whose headers are present are parsed.
     let present = Present::scan(headers);
-    if present.none() {
-        return None;
+    if present.has(Present::TRACEPARENT) {
+        if let Some(ctx) = extract_w3c(headers) {
+            return Some(ctx);
+        }
     }
-    present
-        .has(Present::TRACEPARENT)
-        .then(|| extract_w3c(headers))
-        .flatten()
-        .or_else(|| {
-            present
-                .has(Present::B3)
-                .then(|| extract_b3_single(headers))
-                .flatten()
-        })
-        .or_else(|| {
-            present
-                .has(Present::B3_MULTI)
-                .then(|| extract_b3_multi(headers))
-                .flatten()
-        })
+    if present.has(Present::B3) {
+        if let Some(ctx) = extract_b3_single(headers) {
+            return Some(ctx);
+        }
+    }
+    if present.has(Present::B3_MULTI) {
+        return extract_b3_multi(headers);
+    }
+    None
 }
 
 /// Which trace headers a message carries, found in one pass over its names:
@@ -194,10 +190,6 @@ impl Present {
             };
         }
         Present(p)
-    }
-
-    fn none(self) -> bool {
-        self.0 == 0
     }
 
     fn has(self, bit: u8) -> bool {
