@@ -3,10 +3,11 @@
 # same binary and inputs, whatever else the machine is doing, so it shows what
 # a change to the request path costs where the timed benchmark is too noisy.
 #
-#   bench/callgrind.sh            one Remora hop (plaintext HTTP/1.1 inbound),
-#                                 the client sidecar of the mesh path (HTTP/1.1
-#                                 in, HTTP/2 over mTLS out), and nginx as a
-#                                 reverse proxy, 2,000 requests each
+#   bench/callgrind.sh            one Remora hop (plaintext inbound, HTTP/1.1
+#                                 and gRPC), the client sidecar of the mesh path
+#                                 (HTTP/1.1 in, HTTP/2 over mTLS out), and nginx
+#                                 as a reverse proxy (HTTP/1.1 and gRPC), 2,000
+#                                 requests each
 #   bench/callgrind.sh N          N requests each
 #
 # Each profiled process gets a warm-up of 400 requests, then its counters are
@@ -126,7 +127,7 @@ f_out=$OUT; f_pid=$PID
 wait_http "http://127.0.0.1:$HEALTH/ready"
 callgrind_control -i on "$f_pid" >/dev/null 2>&1
 
-NG=$(port)
+NG=$(port); NG2=$(port)
 mkdir -p "$WORK/nginx/logs"
 cat >"$WORK/nginx/nginx.conf" <<EOF
 master_process off;
@@ -136,8 +137,10 @@ error_log $WORK/nginx/logs/error.log warn;
 events { worker_connections 1024; }
 http {
   access_log off;
-  upstream up { server 127.0.0.1:$UP; keepalive 64; }
+  keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$UP; keepalive 64; keepalive_requests 1000000; }
   server { listen 127.0.0.1:$NG; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+  server { listen 127.0.0.1:$NG2 http2; location / { grpc_pass grpc://up; } }
 }
 EOF
 "${PIN1[@]}" valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$WORK/nginx.cg" \
@@ -149,11 +152,13 @@ callgrind_control -i on "$n_pid" >/dev/null 2>&1
 echo "| process (what it proxies) | requests | instructions per request |"
 echo "|---|---:|---:|"
 count "remora 1 hop (inbound, HTTP/1.1)" remora-1-hop "$b_pid" "$WORK/backend-cg.cg" "127.0.0.1:$b_in"
+count "remora 1 hop (inbound, gRPC over h2c)" remora-1-hop-grpc "$b_pid" "$WORK/backend-cg.cg" "127.0.0.1:$b_in" --grpc
 # The mesh path's client sidecar; the server sidecar runs normally behind it.
 mesh_ready() { curl -sf -o /dev/null -x "http://127.0.0.1:$f_out" http://backend.bench:8080/; }
 for _ in $(seq 100); do mesh_ready && break; sleep 0.2; done
 count "remora mesh client sidecar (HTTP/1.1 in, h2+mTLS out)" remora-mesh-client "$f_pid" "$WORK/frontend-cg.cg" \
     "127.0.0.1:$f_out" --explicit-proxy
 count "nginx (1 process, keep-alive upstream)" nginx "$n_pid" "$WORK/nginx.cg" "127.0.0.1:$NG"
+count "nginx (gRPC, grpc_pass over h2c)" nginx-grpc "$n_pid" "$WORK/nginx.cg" "127.0.0.1:$NG2" --grpc
 echo
 echo "profiles in $RESULTS (callgrind_annotate FILE)"

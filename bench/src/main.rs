@@ -42,6 +42,10 @@ enum Cmd {
     /// One open-loop latency run against an address already listening, for
     /// profiling a single path (e.g. under `perf record -p`).
     Load(LoadArgs),
+    /// Starts every measured process (upstream, control plane, sidecars,
+    /// nginx, HAProxy), prints where each path listens and its pids, and
+    /// serves until interrupted: for `load`, wrk, perf or callgrind by hand.
+    Serve,
     /// Only the policy-propagation figure, printed (for working on the
     /// control plane's push path).
     Propagation {
@@ -143,6 +147,24 @@ fn main() -> anyhow::Result<()> {
             }
             r
         }),
+        Cmd::Serve => rt.block_on(async move {
+            let env = Env::new()?;
+            let mut report = Report::default();
+            let rig = Rig::start(&env, &mut report).await?;
+            for note in &report.notes {
+                println!("note: {note}");
+            }
+            println!("logs in {}", env.dir.path().display());
+            for p in &rig.paths {
+                println!(
+                    "{:<22} http {}  grpc {}  pids {:?}",
+                    p.name, p.http.addr, p.grpc.addr, p.group.pids
+                );
+            }
+            println!("(mesh path: absolute-form targets, `load --explicit-proxy`)");
+            tokio::signal::ctrl_c().await?;
+            Ok(())
+        }),
         Cmd::Load(a) => rt.block_on(async move {
             let proto = if a.grpc { Proto::Grpc } else { Proto::Http1 };
             let t = target(a.addr, proto, a.explicit_proxy);
@@ -179,6 +201,111 @@ fn target(addr: SocketAddr, proto: Proto, explicit_proxy: bool) -> Target {
         proto,
         uri: uri.parse().expect("a valid URI"),
         host: http::HeaderValue::from_static(AUTHORITY),
+    }
+}
+
+/// Every process the bench measures, started and ready; dropped, all stop.
+struct Rig {
+    paths: Vec<Path>,
+    up_addr: SocketAddr,
+    frontend: targets::Sidecar,
+    // Held for their lifetimes only.
+    _others: Vec<targets::Reverse>,
+    _backend: targets::Sidecar,
+    _cp: targets::ControlPlane,
+    _upstream: targets::Child,
+}
+
+impl Rig {
+    /// The upstream, the control plane with the bench's policy, two sidecars,
+    /// nginx and HAProxy (either is skipped, with a note, when missing).
+    async fn start(env: &Env, report: &mut Report) -> anyhow::Result<Rig> {
+        eprintln!("==> starting the upstream, the control plane, two sidecars, nginx and HAProxy (logs in {})", env.dir.path().display());
+        let up_port = targets::free_port();
+        let up_addr = local(up_port);
+        let exe = std::env::current_exe()?;
+        let up_args = [
+            "upstream".to_string(),
+            "--listen".into(),
+            up_addr.to_string(),
+        ];
+        let upstream = env.spawn("upstream", &exe, &up_args, 0)?;
+        targets::wait_for(10, "the upstream", || async {
+            tokio::net::TcpStream::connect(up_addr).await.is_ok()
+        })
+        .await?;
+        let cp = targets::ControlPlane::start(env, "control-plane").await?;
+        let policy = env.path("bench-policy.yaml");
+        std::fs::write(&policy, targets::POLICY)?;
+        cp.cli(env, &["apply", "-f", &policy.display().to_string()])?;
+        let backend = targets::Sidecar::start(env, &cp, "backend", up_port).await?;
+        let frontend = targets::Sidecar::start(env, &cp, "frontend", up_port).await?;
+        let mut paths = vec![
+            Path {
+                name: "direct",
+                http: target(up_addr, Proto::Http1, false),
+                grpc: target(up_addr, Proto::Grpc, false),
+                group: Group {
+                    pids: vec![upstream.pid()],
+                },
+            },
+            Path {
+                name: "remora 1 hop",
+                http: target(backend.inbound, Proto::Http1, false),
+                grpc: target(backend.inbound, Proto::Grpc, false),
+                group: Group {
+                    pids: vec![backend.proc.pid()],
+                },
+            },
+            Path {
+                name: "remora mesh (2 hops)",
+                http: target(frontend.outbound, Proto::Http1, true),
+                grpc: target(frontend.outbound, Proto::Grpc, true),
+                group: Group {
+                    pids: vec![frontend.proc.pid(), backend.proc.pid()],
+                },
+            },
+        ];
+        // The mesh path works once the client sidecar knows the backend's endpoint.
+        let mesh = paths[2].http.clone();
+        targets::wait_for(30, "routing through the mesh", || async {
+            loadgen::open_loop(&mesh, 100, Duration::from_millis(50), 1)
+                .await
+                .is_ok_and(|l| l.errors == 0 && l.ok > 0)
+        })
+        .await
+        .with_context(|| env.log_tail("proxy-frontend"))?;
+        let mut others = Vec::new();
+        for (name, start) in [("nginx", 0), ("haproxy", 1)] {
+            let r = if start == 0 {
+                targets::nginx(env, up_port).await
+            } else {
+                targets::haproxy(env, up_port).await
+            };
+            match r {
+                Ok(r) => {
+                    let mut pids = vec![r.proc.pid()];
+                    pids.extend(resources::children(r.proc.pid()));
+                    paths.push(Path {
+                        name: if start == 0 { "nginx" } else { "haproxy" },
+                        http: target(r.http, Proto::Http1, false),
+                        grpc: target(r.grpc, Proto::Grpc, false),
+                        group: Group { pids },
+                    });
+                    others.push(r);
+                }
+                Err(e) => report.notes.push(format!("{name} skipped: {e:#}")),
+            }
+        }
+        Ok(Rig {
+            paths,
+            up_addr,
+            frontend,
+            _others: others,
+            _backend: backend,
+            _cp: cp,
+            _upstream: upstream,
+        })
     }
 }
 
@@ -278,84 +405,8 @@ async fn measure(
         .collect::<Vec<_>>()
         .join(" ");
 
-    // ------------------------------------------------ the processes
-    eprintln!("==> starting the upstream, the control plane, two sidecars, nginx and HAProxy (logs in {})", env.dir.path().display());
-    let up_port = targets::free_port();
-    let up_addr = local(up_port);
-    let exe = std::env::current_exe()?;
-    let up_args = [
-        "upstream".to_string(),
-        "--listen".into(),
-        up_addr.to_string(),
-    ];
-    let upstream = env.spawn("upstream", &exe, &up_args, 0)?;
-    targets::wait_for(10, "the upstream", || async {
-        tokio::net::TcpStream::connect(up_addr).await.is_ok()
-    })
-    .await?;
-    let cp = targets::ControlPlane::start(env, "control-plane").await?;
-    let policy = env.path("bench-policy.yaml");
-    std::fs::write(&policy, targets::POLICY)?;
-    cp.cli(env, &["apply", "-f", &policy.display().to_string()])?;
-    let backend = targets::Sidecar::start(env, &cp, "backend", up_port).await?;
-    let frontend = targets::Sidecar::start(env, &cp, "frontend", up_port).await?;
-    let mut paths = vec![
-        Path {
-            name: "direct",
-            http: target(up_addr, Proto::Http1, false),
-            grpc: target(up_addr, Proto::Grpc, false),
-            group: Group {
-                pids: vec![upstream.pid()],
-            },
-        },
-        Path {
-            name: "remora 1 hop",
-            http: target(backend.inbound, Proto::Http1, false),
-            grpc: target(backend.inbound, Proto::Grpc, false),
-            group: Group {
-                pids: vec![backend.proc.pid()],
-            },
-        },
-        Path {
-            name: "remora mesh (2 hops)",
-            http: target(frontend.outbound, Proto::Http1, true),
-            grpc: target(frontend.outbound, Proto::Grpc, true),
-            group: Group {
-                pids: vec![frontend.proc.pid(), backend.proc.pid()],
-            },
-        },
-    ];
-    // The mesh path works once the client sidecar knows the backend's endpoint.
-    let mesh = paths[2].http.clone();
-    targets::wait_for(30, "routing through the mesh", || async {
-        loadgen::open_loop(&mesh, 100, Duration::from_millis(50), 1)
-            .await
-            .is_ok_and(|l| l.errors == 0 && l.ok > 0)
-    })
-    .await
-    .with_context(|| env.log_tail("proxy-frontend"))?;
-    let mut others = Vec::new();
-    for (name, start) in [("nginx", 0), ("haproxy", 1)] {
-        let r = if start == 0 {
-            targets::nginx(env, up_port).await
-        } else {
-            targets::haproxy(env, up_port).await
-        };
-        match r {
-            Ok(r) => {
-                let mut pids = vec![r.proc.pid()];
-                pids.extend(resources::children(r.proc.pid()));
-                paths.push(Path {
-                    name: if start == 0 { "nginx" } else { "haproxy" },
-                    http: target(r.http, Proto::Http1, false),
-                    grpc: target(r.grpc, Proto::Grpc, false),
-                    group: Group { pids },
-                });
-                others.push(r);
-            }
-            Err(e) => report.notes.push(format!("{name} skipped: {e:#}")),
-        }
-    }
+    let rig = Rig::start(env, &mut report).await?;
+    let (paths, up_addr) = (&rig.paths, rig.up_addr);
 
     // ------------------------------------------------ idle
     eprintln!("==> idle CPU and memory ({} s)", t.idle);
@@ -431,7 +482,7 @@ async fn measure(
     let mut rows: Vec<report::LatencyRow> = Vec::new();
     for proto in [Proto::Http1, Proto::Grpc] {
         for rate in rates {
-            for p in &paths {
+            for p in paths {
                 rows.push(report::LatencyRow {
                     path: p.name.into(),
                     proto: if proto == Proto::Http1 {
@@ -452,7 +503,7 @@ async fn measure(
         for proto in [Proto::Http1, Proto::Grpc] {
             for rate in rates {
                 let mut direct = None;
-                for p in &paths {
+                for p in paths {
                     let tgt = if proto == Proto::Http1 {
                         &p.http
                     } else {
@@ -556,7 +607,7 @@ async fn measure(
                 round + 1
             );
             let addr = if tunnel.is_some() {
-                frontend.outbound
+                rig.frontend.outbound
             } else {
                 up_addr
             };
@@ -569,10 +620,7 @@ async fn measure(
         }
     }
     report.handshakes = hs.into_iter().map(|(r, _, _)| r).collect();
-    drop(others);
-    drop(frontend);
-    drop(backend);
-    drop(cp);
+    drop(rig);
 
     // ------------------------------------------------ propagation
     if !args.sims.is_empty() {

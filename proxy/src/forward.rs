@@ -11,29 +11,76 @@ use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Headers that describe one connection, not the message.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Headers that describe one connection, not the message, and
+/// [`ORIG_PROTO`] (which only proxies may set): bit `i` of a [`HopByHop`] is
+/// `HOP_BY_HOP[i]`.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHORIZATION,
     header::TE,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    ORIG_PROTO,
 ];
+const CONNECTION_BIT: u8 = 1 << 0;
+const TE_BIT: u8 = 1 << 1;
+const UPGRADE_BIT: u8 = 1 << 3;
+
+/// Which of [`HOP_BY_HOP`] a message carries, found in one pass over its
+/// header names without hashing any of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HopByHop(u8);
+
+impl HopByHop {
+    pub fn scan(headers: &HeaderMap) -> HopByHop {
+        let mut bits = 0;
+        for name in headers.keys() {
+            bits |= hop_bit(name);
+        }
+        HopByHop(bits)
+    }
+
+    pub fn any(self) -> bool {
+        self.0 != 0
+    }
+
+    /// Whether an HTTP/1.1 request with these headers asks to switch
+    /// protocols (`Upgrade` and `Connection: upgrade`).
+    pub fn is_upgrade<B>(self, req: &Request<B>) -> bool {
+        self.0 & (UPGRADE_BIT | CONNECTION_BIT) == UPGRADE_BIT | CONNECTION_BIT
+            && req.version() == Version::HTTP_11
+            && connection_has(req.headers(), "upgrade")
+    }
+}
+
+/// The bit of `name` in a [`HopByHop`], or 0. Standard names compare as enum
+/// tags; the custom ones by their text.
+fn hop_bit(name: &HeaderName) -> u8 {
+    if *name == header::CONNECTION {
+        CONNECTION_BIT
+    } else if *name == header::TE {
+        TE_BIT
+    } else if *name == header::TRANSFER_ENCODING {
+        1 << 2
+    } else if *name == header::UPGRADE {
+        UPGRADE_BIT
+    } else if *name == header::PROXY_AUTHORIZATION {
+        1 << 4
+    } else {
+        match name.as_str() {
+            "keep-alive" => 1 << 5,
+            "proxy-connection" => 1 << 6,
+            "remora-orig-proto" => 1 << 7,
+            _ => 0,
+        }
+    }
+}
 
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade`).
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && connection_has(req.headers(), "upgrade")
-}
-
-/// Whether any hop-by-hop header (or [`ORIG_PROTO`]) is present: one pass over
-/// the names, no hashing. Without one a request cannot be an upgrade and there
-/// is nothing to strip.
-pub fn has_hop_by_hop(headers: &HeaderMap) -> bool {
-    headers.keys().any(is_hop_by_hop)
+    HopByHop::scan(req.headers()).is_upgrade(req)
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -45,63 +92,59 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Whether `name` is one of [`HOP_BY_HOP`] or [`ORIG_PROTO`].
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    // Standard names compare as enum tags; the custom ones by length first.
-    *name == header::CONNECTION
-        || *name == header::TE
-        || *name == header::TRANSFER_ENCODING
-        || *name == header::UPGRADE
-        || *name == header::PROXY_AUTHORIZATION
-        || matches!(
-            name.as_str(),
-            "keep-alive" | "proxy-connection" | "remora-orig-proto"
-        )
-}
-
 /// Removes hop-by-hop headers, including those the Connection header names, and
-/// [`ORIG_PROTO`] (which only proxies may set). `te: trailers` survives (gRPC
-/// needs it); for an upgrade, `Upgrade` and `Connection: upgrade` are put back.
+/// [`ORIG_PROTO`]. `te: trailers` survives (gRPC needs it); for an upgrade,
+/// `Upgrade` and `Connection: upgrade` are put back.
 ///
-/// Most messages carry none of these: one pass over the names finds that out
-/// without hashing any of them.
+/// Most messages carry none of these, and a gRPC request only `te: trailers`:
+/// one pass over the names finds that out, and only names present are touched.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if has_hop_by_hop(headers) {
-        strip_present(headers, upgrade);
+    let present = HopByHop::scan(headers);
+    if present.any() {
+        strip_present(headers, present, upgrade);
     }
 }
 
-fn strip_present(headers: &mut HeaderMap, upgrade: bool) {
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        if conn.as_bytes().contains(&b',') || !conn.as_bytes().eq_ignore_ascii_case(b"close") {
-            let listed: Vec<HeaderName> = headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .collect();
-            for name in listed {
-                if !(upgrade && name == header::UPGRADE) {
-                    headers.remove(name);
-                }
+fn strip_present(headers: &mut HeaderMap, present: HopByHop, upgrade: bool) {
+    let mut bits = present.0;
+    if bits & CONNECTION_BIT != 0 {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter(|t| !t.trim().eq_ignore_ascii_case("close"))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            if !(upgrade && name == header::UPGRADE) && headers.remove(&name).is_some() {
+                // A listed hop-by-hop name is gone already.
+                bits &= !hop_bit(&name);
             }
         }
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    let upgrade_to = if upgrade {
+    if bits & TE_BIT != 0 {
+        let mut te = headers.get_all(header::TE).iter();
+        let trailers = te
+            .next()
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        if trailers && te.next().is_none() {
+            // Exactly `te: trailers`: it stays as it is.
+            bits &= !TE_BIT;
+        } else if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            bits &= !TE_BIT;
+        }
+    }
+    let upgrade_to = if upgrade && bits & UPGRADE_BIT != 0 {
         headers.get(header::UPGRADE).cloned()
     } else {
         None
     };
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
-    }
-    headers.remove(ORIG_PROTO);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if bits & (1 << i) != 0 {
+            headers.remove(h);
+        }
     }
     if let Some(u) = upgrade_to {
         headers.insert(header::UPGRADE, u);
@@ -124,11 +167,11 @@ pub async fn forward(
     limit: Option<&crate::pool::ConnLimit<'_>>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // Everything is changed in place: the request moves once, into the pool.
-    let hop = has_hop_by_hop(req.headers());
-    let upgrade = hop && is_upgrade(&req);
+    let hop = HopByHop::scan(req.headers());
+    let upgrade = hop.is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    if hop {
-        strip_present(req.headers_mut(), upgrade);
+    if hop.any() {
+        strip_present(req.headers_mut(), hop, upgrade);
     }
     let version = if req.version() == Version::HTTP_2 || (pool.is_mesh() && !upgrade) {
         Upstream::Http2
@@ -303,6 +346,73 @@ mod tests {
             .body(())
             .unwrap();
         assert!(to_http2(&mut bad_host).is_err());
+    }
+
+    #[test]
+    fn te_keeps_only_trailers_unless_connection_names_it() {
+        // A gRPC request's only hop-by-hop header is left as it is.
+        let mut grpc = HeaderMap::new();
+        grpc.insert(header::TE, HeaderValue::from_static("trailers"));
+        grpc.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        let before = grpc.clone();
+        strip_hop_by_hop(&mut grpc, false);
+        assert_eq!(grpc, before);
+
+        let mut several = HeaderMap::new();
+        several.append(header::TE, HeaderValue::from_static("trailers"));
+        several.append(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut several, false);
+        let te: Vec<_> = several.get_all(header::TE).iter().collect();
+        assert_eq!(te, ["trailers"]);
+
+        let mut other = HeaderMap::new();
+        other.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut other, false);
+        assert!(other.is_empty());
+
+        let mut named = HeaderMap::new();
+        named.insert(header::CONNECTION, HeaderValue::from_static("te, close"));
+        named.insert(header::TE, HeaderValue::from_static("trailers"));
+        named.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        strip_hop_by_hop(&mut named, false);
+        assert!(named.is_empty(), "{named:?}");
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers_and_http11() {
+        let req = |conn: Option<&str>, up: Option<&str>, v: Version| {
+            let mut b = Request::get("/").version(v);
+            if let Some(c) = conn {
+                b = b.header(header::CONNECTION, c);
+            }
+            if let Some(u) = up {
+                b = b.header(header::UPGRADE, u);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(is_upgrade(&req(
+            Some("keep-alive, Upgrade"),
+            Some("websocket"),
+            Version::HTTP_11
+        )));
+        assert!(!is_upgrade(&req(
+            Some("keep-alive"),
+            Some("websocket"),
+            Version::HTTP_11
+        )));
+        assert!(!is_upgrade(&req(None, Some("websocket"), Version::HTTP_11)));
+        assert!(!is_upgrade(&req(Some("upgrade"), None, Version::HTTP_11)));
+        assert!(!is_upgrade(&req(
+            Some("upgrade"),
+            Some("h2c"),
+            Version::HTTP_10
+        )));
     }
 
     #[test]
