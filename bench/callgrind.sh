@@ -61,21 +61,7 @@ UP=$(port); GRPC=$(port); HTTP=$(port)
     --data-dir "$WORK/cp" >"$WORK/cp.log" 2>&1 & pids+=($!)
 wait_http "http://127.0.0.1:$HTTP/ready"
 CLI=("$B/remora-control" --server "http://127.0.0.1:$GRPC" --data-dir "$WORK/cp")
-cat >"$WORK/policy.yaml" <<'EOF'
-apiVersion: remora.dev/v1
-kind: Service
-metadata: {name: backend, namespace: bench}
-spec:
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: remora.dev/v1
-kind: AuthorizationPolicy
-metadata: {name: backend, namespace: bench}
-spec:
-  service: backend
-  mtls: permissive
-  rules: [{from: ["*"]}]
-EOF
+"$B/remora-bench" policy >"$WORK/policy.yaml"
 "${CLI[@]}" apply -f "$WORK/policy.yaml" >/dev/null
 
 # proxy NAME SERVICE VALGRIND(yes|no) ENDPOINT(yes|no): starts a sidecar (an

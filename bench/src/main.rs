@@ -46,6 +46,8 @@ enum Cmd {
     /// nginx, HAProxy), prints where each path listens and its pids, and
     /// serves until interrupted: for `load`, wrk, perf or callgrind by hand.
     Serve,
+    /// Prints the policies the bench applies (for bench/callgrind.sh).
+    Policy,
     /// Only the policy-propagation figure, printed (for working on the
     /// control plane's push path).
     Propagation {
@@ -147,6 +149,10 @@ fn main() -> anyhow::Result<()> {
             }
             r
         }),
+        Cmd::Policy => {
+            print!("{}", targets::POLICY);
+            Ok(())
+        }
         Cmd::Serve => rt.block_on(async move {
             let env = Env::new()?;
             let mut report = Report::default();
