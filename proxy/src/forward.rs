@@ -55,27 +55,13 @@ impl HopByHop {
     }
 }
 
-/// The bit of `name` in a [`HopByHop`], or 0. Standard names compare as enum
-/// tags; the custom ones by their text.
+/// The bit of `name` in a [`HopByHop`] (its place in [`HOP_BY_HOP`]), or 0.
+/// Standard names compare as enum tags, custom ones by length first.
 fn hop_bit(name: &HeaderName) -> u8 {
-    if *name == header::CONNECTION {
-        CONNECTION_BIT
-    } else if *name == header::TE {
-        TE_BIT
-    } else if *name == header::TRANSFER_ENCODING {
-        1 << 2
-    } else if *name == header::UPGRADE {
-        UPGRADE_BIT
-    } else if *name == header::PROXY_AUTHORIZATION {
-        1 << 4
-    } else {
-        match name.as_str() {
-            "keep-alive" => 1 << 5,
-            "proxy-connection" => 1 << 6,
-            "remora-orig-proto" => 1 << 7,
-            _ => 0,
-        }
-    }
+    HOP_BY_HOP
+        .iter()
+        .position(|h| h == name)
+        .map_or(0, |i| 1 << i)
 }
 
 /// Whether an HTTP/1.1 request asks to switch protocols (`Connection: upgrade`).
