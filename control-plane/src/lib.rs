@@ -5,7 +5,8 @@
 //! - [`admin`]: the Admin gRPC service; [`auth`]: its bearer-token check.
 //! - [`registry`]: connected proxies, endpoints and the current snapshot;
 //!   [`discovery`]: the Discovery stream each proxy holds open.
-//! - [`server`]: `serve`; [`http`]: `/live`, `/ready`, `/metrics`.
+//! - [`server`]: `serve`; [`http`]: `/live`, `/ready`, `/metrics`;
+//!   `reflection`: what gRPC reflection describes.
 //! - [`ca`]: the certificate authority; [`ca_store`]: where it comes from and
 //!   is kept; [`identity_db`]: tokens and the CA record (redb); [`pem`].
 //! - [`tokens`]: bootstrap tokens; [`identity`]: the Identity service (CSR
@@ -32,6 +33,7 @@ pub mod inject;
 pub mod output;
 pub mod pem;
 pub mod push;
+mod reflection;
 pub mod registry;
 pub mod rotation;
 pub mod server;

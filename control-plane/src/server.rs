@@ -12,6 +12,7 @@ use crate::http::{self, Health};
 use crate::identity::{CertMetrics, IdentityService};
 use crate::identity_db::IdentityDb;
 use crate::push::DiscoveryServer;
+use crate::reflection;
 use crate::registry::Registry;
 use crate::rotation::{trust_of, Rotation};
 use crate::store::Store;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
+use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 
 /// HTTP/2 keepalive: a proxy that stops answering pings for this long is gone,
@@ -273,10 +275,19 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     reporter
         .set_service_status("remora.v1.Admin", ServingStatus::Serving)
         .await;
+    // Reflection describes the services served here, not every file of
+    // remora-proto (its set also holds the examples' Echo).
+    let served = [
+        <DiscoveryServer<DiscoveryService> as NamedService>::NAME,
+        <IdentityServer<IdentityService> as NamedService>::NAME,
+        <AdminServer<AdminService> as NamedService>::NAME,
+    ];
+    let descriptors = reflection::served_descriptors(remora_proto::FILE_DESCRIPTOR_SET, &served)
+        .context("cannot pick the descriptors for gRPC reflection")?;
     // v1 and, for older grpcurl releases, v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(remora_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(&descriptors)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection()

@@ -103,3 +103,89 @@ async fn grpc_health_and_reflection_answer() {
     }
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn reflection_lists_exactly_the_served_services() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let served = [
+        "grpc.health.v1.Health",
+        "remora.v1.Admin",
+        "remora.v1.Discovery",
+        "remora.v1.Identity",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_in(dir.path()).await;
+
+    // v1: the list, and no descriptor of the examples' Echo.
+    let mut client =
+        v1::server_reflection_client::ServerReflectionClient::new(channel(&running).await);
+    let request = |message| v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    use v1::server_reflection_request::MessageRequest as Request;
+    use v1::server_reflection_response::MessageResponse as Response;
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([
+            request(Request::ListServices(String::new())),
+            request(Request::FileContainingSymbol("remora.v1.Admin".into())),
+        ]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(Response::ListServicesResponse(list)) = response.message_response else {
+        panic!("not a service list: {response:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    let mut expected: Vec<&str> = served.to_vec();
+    expected.push("grpc.reflection.v1.ServerReflection");
+    expected.sort();
+    assert_eq!(names, expected);
+    let response = responses.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            response.message_response,
+            Some(Response::FileDescriptorResponse(_))
+        ),
+        "{response:?}"
+    );
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request(
+            Request::FileContainingSymbol("remora.examples.v1.Echo".into()),
+        )]))
+        .await
+        .unwrap()
+        .into_inner();
+    let error = responses.message().await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::NotFound, "{error:?}");
+
+    // v1alpha (older grpcurl releases): the same list.
+    let mut client =
+        v1alpha::server_reflection_client::ServerReflectionClient::new(channel(&running).await);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("not a service list: {response:?}");
+    };
+    let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    names.sort();
+    let mut expected: Vec<&str> = served.to_vec();
+    expected.push("grpc.reflection.v1alpha.ServerReflection");
+    expected.sort();
+    assert_eq!(names, expected);
+    running.shutdown().await.unwrap();
+}
