@@ -1,11 +1,13 @@
 //! The operator's commands: each one calls the Admin API of a running control
-//! plane and prints the answer. Errors come back as [`anyhow::Error`] with a
-//! message meant for a person; `main` prints them and exits 1.
+//! plane and prints the answer (through [`output::out`], never `print!`).
+//! Errors come back as [`anyhow::Error`] with a message meant for a person;
+//! `main` prints them and exits 1.
 
 use crate::auth::{read_token, token_path};
 use crate::cli::{ApplyArgs, Command, DeleteArgs, GetArgs, GlobalArgs, Output};
 use crate::connect::{self, Target};
-use crate::{identity_commands, output};
+use crate::identity_commands;
+use crate::output::{self, note, out, outln};
 use anyhow::{anyhow, bail, Context as _};
 use remora_proto::v1::admin_client::AdminClient;
 use remora_proto::v1::{
@@ -105,9 +107,9 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
                 .into_inner()
                 .entries;
             if entries.is_empty() {
-                eprintln!("no versions yet");
+                note("no versions yet");
             } else {
-                print!("{}", output::history_table(&entries));
+                out(output::history_table(&entries))?;
             }
             Ok(())
         }
@@ -122,9 +124,9 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
                 .into_inner()
                 .diff;
             if diff.is_empty() {
-                eprintln!("versions {from} and {to} are the same");
+                note(format_args!("versions {from} and {to} are the same"));
             } else {
-                print!("{diff}");
+                out(diff)?;
             }
             Ok(())
         }
@@ -134,23 +136,22 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
                 .map_err(|s| admin.error("rollback", s))?
                 .into_inner();
             if response.changed {
-                println!(
+                outln(format_args!(
                     "rolled back to version {version} as version {}",
                     response.version
-                );
+                ))?;
             } else {
-                println!(
+                outln(format_args!(
                     "unchanged at version {} (it equals version {version})",
                     response.version
-                );
+                ))?;
             }
-            print_results(&response);
-            Ok(())
+            print_results(&response)
         }
         Command::Status => {
             let response = admin.client.status(StatusRequest {}).await;
             let status = response.map_err(|s| admin.error("status", s))?.into_inner();
-            print!("{}", output::status(&status));
+            out(output::status(&status))?;
             Ok(())
         }
         Command::Token(command) => identity_commands::token(&mut admin, command).await,
@@ -158,10 +159,11 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn print_results(response: &ApplyResponse) {
+fn print_results(response: &ApplyResponse) -> anyhow::Result<()> {
     for line in &response.results {
-        println!("{line}");
+        outln(line)?;
     }
+    Ok(())
 }
 
 async fn apply(admin: &mut Admin, args: &ApplyArgs, files: Vec<SourceFile>) -> anyhow::Result<()> {
@@ -171,14 +173,14 @@ async fn apply(admin: &mut Admin, args: &ApplyArgs, files: Vec<SourceFile>) -> a
     };
     let response = admin.client.apply(request).await;
     let response = response.map_err(|s| admin.error("apply", s))?.into_inner();
-    match (args.dry_run, response.changed) {
-        (true, true) => println!("dry run: valid, would change version {}", response.version),
-        (true, false) => println!("dry run: valid, unchanged at version {}", response.version),
-        (false, true) => println!("applied version {}", response.version),
-        (false, false) => println!("unchanged at version {}", response.version),
-    }
-    print_results(&response);
-    Ok(())
+    let summary = match (args.dry_run, response.changed) {
+        (true, true) => "dry run: valid, would change version",
+        (true, false) => "dry run: valid, unchanged at version",
+        (false, true) => "applied version",
+        (false, false) => "unchanged at version",
+    };
+    outln(format_args!("{summary} {}", response.version))?;
+    print_results(&response)
 }
 
 async fn get(admin: &mut Admin, args: GetArgs) -> anyhow::Result<()> {
@@ -205,11 +207,14 @@ async fn get(admin: &mut Admin, args: GetArgs) -> anyhow::Result<()> {
     }
     match args.output {
         Output::Table if response.resources.is_empty() => {
-            eprintln!("no resources found at version {}", response.version);
+            note(format_args!(
+                "no resources found at version {}",
+                response.version
+            ));
         }
-        Output::Table => print!("{}", output::resources_table(&response.resources)),
-        Output::Yaml => print!("{}", output::resources_yaml(&response.resources)),
-        Output::Json => print!("{}", output::resources_json(&response.resources)),
+        Output::Table => out(output::resources_table(&response.resources))?,
+        Output::Yaml => out(output::resources_yaml(&response.resources))?,
+        Output::Json => out(output::resources_json(&response.resources))?,
     }
     Ok(())
 }
@@ -222,9 +227,8 @@ async fn delete(admin: &mut Admin, args: DeleteArgs) -> anyhow::Result<()> {
     };
     let response = admin.client.delete(request).await;
     let response = response.map_err(|s| admin.error("delete", s))?.into_inner();
-    println!("applied version {}", response.version);
-    print_results(&response);
-    Ok(())
+    outln(format_args!("applied version {}", response.version))?;
+    print_results(&response)
 }
 
 /// Reads `-f` arguments: files, directories (their *.yaml and *.yml, sorted)

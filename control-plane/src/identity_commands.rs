@@ -2,7 +2,7 @@
 
 use crate::cli::{CaCommand, TokenCommand};
 use crate::client::Admin;
-use crate::output;
+use crate::output::{self, note, out, outln};
 use remora_proto::v1::{
     CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, RotateCaRequest,
 };
@@ -25,14 +25,14 @@ pub(crate) async fn token(admin: &mut Admin, command: TokenCommand) -> anyhow::R
                 .map_err(|s| admin.error("token create", s))?
                 .into_inner();
             // Only the token on stdout, so that `token create ... > file` works.
-            println!("{}", created.token);
+            outln(&created.token)?;
             if std::io::stderr().is_terminal() {
-                eprintln!(
+                note(format_args!(
                     "token {} proves {} (expires {}); it is not shown again",
                     created.token_id,
                     created.spiffe_id,
                     output::unix_time_or(created.expires_unix, "never")
-                );
+                ));
             }
             Ok(())
         }
@@ -43,7 +43,7 @@ pub(crate) async fn token(admin: &mut Admin, command: TokenCommand) -> anyhow::R
             let response = admin.client.revoke_token(request).await;
             response.map_err(|s| admin.error("token revoke", s))?;
             let id = id.split_once('.').map_or(id.as_str(), |(id, _)| id);
-            println!("token {id} revoked");
+            outln(format_args!("token {id} revoked"))?;
             Ok(())
         }
         TokenCommand::List => {
@@ -53,9 +53,9 @@ pub(crate) async fn token(admin: &mut Admin, command: TokenCommand) -> anyhow::R
                 .into_inner()
                 .tokens;
             if tokens.is_empty() {
-                eprintln!("no tokens");
+                note("no tokens");
             } else {
-                print!("{}", output::tokens_table(&tokens));
+                out(output::tokens_table(&tokens))?;
             }
             Ok(())
         }
@@ -69,14 +69,14 @@ pub(crate) async fn ca(admin: &mut Admin, command: CaCommand) -> anyhow::Result<
             let rotated = response
                 .map_err(|s| admin.error("ca rotate", s))?
                 .into_inner();
-            println!(
+            outln(format_args!(
                 "root rotation started: new signer {}, retiring {}",
                 rotated.new_signer_id, rotated.old_signer_id
-            );
-            println!(
+            ))?;
+            outln(
                 "the old root is retired once every connected proxy runs a certificate from the \
-                 new one (see `remora-control status`)"
-            );
+                 new one (see `remora-control status`)",
+            )?;
             Ok(())
         }
     }

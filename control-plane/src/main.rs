@@ -3,6 +3,7 @@
 use clap::Parser;
 use remora_control::ca_store::OperatorCa;
 use remora_control::cli::{Cli, Command};
+use remora_control::output::{note, out, WriteError};
 use remora_control::{client, server};
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -55,11 +56,22 @@ async fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of the output went away (`... | head -1`): what it
+        // wanted it has; not an error, and nothing to say.
+        Err(e) if closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            note(format_args!("error: {e:#}"));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e` is a write to stdout that failed because the reader closed
+/// its end of the pipe.
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|cause| cause.downcast_ref::<WriteError>())
+        .any(WriteError::is_closed_pipe)
 }
 
 /// `inject -f FILE`: offline, so no server connection.
@@ -85,8 +97,8 @@ fn inject(args: &remora_control::cli::InjectArgs) -> anyhow::Result<()> {
         opts.control_plane = c.clone();
     }
     opts.otlp_endpoint = args.otlp_endpoint.clone();
-    let out =
+    let injected =
         remora_control::inject::inject(&text, &opts).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
-    print!("{out}");
+    out(injected)?;
     Ok(())
 }

@@ -1,9 +1,48 @@
-//! How the CLI shows answers: aligned tables, documents as YAML or JSON.
+//! How the CLI shows answers: aligned tables, documents as YAML or JSON; and
+//! where they go: every line the CLI prints goes through [`out`] (stdout) or
+//! [`note`] (stderr), never `print!`/`println!`, which panic when the output
+//! is gone (`| head -1`, a full disk).
 
 use remora_proto::policy::{Document, Kind, API_VERSION};
 use remora_proto::v1::{HistoryEntry, ProxyStatus, Resource, StatusResponse, TokenInfo};
 use std::collections::HashMap;
+use std::fmt::Display;
+use std::io::Write as _;
 use std::time::{Duration, UNIX_EPOCH};
+
+/// The CLI's output (stdout) could not be written. `main` ends quietly with
+/// exit 0 when the reader went away ([`WriteError::is_closed_pipe`], as with
+/// `| head`), and reports anything else (a full disk) with exit 1.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot write the output")]
+pub struct WriteError(#[source] pub std::io::Error);
+
+impl WriteError {
+    /// The reader closed the pipe (EPIPE).
+    pub fn is_closed_pipe(&self) -> bool {
+        self.0.kind() == std::io::ErrorKind::BrokenPipe
+    }
+}
+
+/// Writes `text` to stdout as it is (it ends with its own newline, if any)
+/// and flushes it, so a failure shows here rather than at exit.
+pub fn out(text: impl Display) -> Result<(), WriteError> {
+    let mut stdout = std::io::stdout().lock();
+    write!(stdout, "{text}")
+        .and_then(|()| stdout.flush())
+        .map_err(WriteError)
+}
+
+/// Writes `line` and a newline to stdout (see [`out`]).
+pub fn outln(line: impl Display) -> Result<(), WriteError> {
+    out(format_args!("{line}\n"))
+}
+
+/// Writes `line` and a newline to stderr: notes and error messages. A failure
+/// is ignored, since there is nowhere left to report it.
+pub fn note(line: impl Display) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
 
 /// Columns separated by three spaces, padded to the widest cell; the last
 /// column is not padded.

@@ -366,11 +366,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
 /// Runs the control plane until SIGTERM or SIGINT.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let running = start(config).await?;
-    eprintln!(
+    crate::output::note(format_args!(
         "remora-control listening on {} (TLS; trust bundle in {})",
         running.grpc_addr,
         running.ca_file.display()
-    );
+    ));
     tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, "ready");
     wait_for_signal().await?;
     tracing::info!("shutting down");
