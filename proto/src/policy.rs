@@ -218,6 +218,15 @@ pub struct ServicePort {
     pub target_port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// An opaque TCP (or upgraded) connection on this port with no bytes
+    /// either way for this long is closed (default: the proxy's
+    /// `--tcp-idle-timeout`, 1h).
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_timeout: Option<Duration>,
 }
 
 impl ServicePort {
@@ -315,6 +324,8 @@ fn default_weight() -> u32 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryPolicy {
+    /// Retries after the first try (Gateway API's and Istio's meaning): a
+    /// request is tried at most `attempts + 1` times.
     pub attempts: u32,
     #[serde(
         default,

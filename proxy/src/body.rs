@@ -2,10 +2,13 @@
 //! small one the proxy made itself. An enum rather than a boxed trait object, so
 //! forwarding a request costs no allocation for its body.
 
+use crate::error::Cause;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 #[derive(Debug)]
@@ -14,8 +17,12 @@ pub enum ProxyBody {
     Incoming(Incoming),
     /// A complete body held in memory (the proxy's own answers).
     Full(Option<Bytes>),
+    /// A client's request body, streamed once.
+    Upload(Upload),
     /// A request body that a retry can send again.
-    Replay(crate::replay::ReplayBody),
+    Replay(crate::replay::ReplayBody<Upload>),
+    /// A request body held until the upstream answers `100 Continue`.
+    Gated(Box<crate::expect::Gated>),
     /// A response streamed from upstream with what must last until its end:
     /// the bulkhead slot it holds and the telemetry recorded when it ends.
     Tracked(Incoming, Box<Tail>),
@@ -28,6 +35,10 @@ pub struct Tail {
     pub done: Option<crate::observe::Pending>,
     /// The upstream HTTP/1 connection, back to its pool at the end.
     pub checkin: Option<crate::pool::Checkin>,
+    /// Keeps the downstream connection from idling until the body ends.
+    pub in_flight: Option<crate::io::InFlight>,
+    /// Whether the body was read to its end (or had nothing to read).
+    ended: bool,
 }
 
 impl std::fmt::Debug for Tail {
@@ -43,20 +54,133 @@ impl Tail {
         }
     }
 
-    fn end(&mut self) {
+    /// Whether the body had ended (or was empty) when this was made.
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
+    /// The body ended: cleanly (`None`), or with the error that ended it.
+    fn end(&mut self, error: Option<Cause>) {
+        self.ended = true;
         if let Some(c) = self.checkin.take() {
-            c.give_back();
+            // A connection whose response broke off is not reused.
+            if error.is_none() {
+                c.give_back();
+            }
         }
         if let Some(done) = self.done.take() {
-            done.complete();
+            done.complete(error);
         }
         self.permit = None;
+        self.in_flight = None;
     }
 }
 
 impl Drop for Tail {
     fn drop(&mut self) {
-        self.end();
+        // Dropped before its end: the client stopped reading (it went away,
+        // or reset the stream, as a cancelled gRPC call does).
+        let error = (!self.ended).then_some(Cause::ClientReset);
+        self.end(error);
+    }
+}
+
+/// A client's request body on its way upstream: the bytes that came are
+/// counted, and a failure is classified as the client's (cut off, or
+/// malformed framing) so that it is never blamed on the upstream.
+#[derive(Debug)]
+pub struct Upload {
+    inner: Incoming,
+    tally: Option<Arc<Tally>>,
+}
+
+/// What a request body carried, shared with the request's record.
+#[derive(Debug, Default)]
+pub struct Tally {
+    bytes: AtomicU64,
+    failure: AtomicU8,
+}
+
+const ABORTED: u8 = 1;
+const MALFORMED: u8 = 2;
+
+impl Tally {
+    /// Bytes of body that arrived from the client.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// How the client's body failed, if it did.
+    pub fn failure(&self) -> Option<Cause> {
+        match self.failure.load(Ordering::Relaxed) {
+            ABORTED => Some(Cause::ClientReset),
+            MALFORMED => Some(Cause::BadRequest),
+            _ => None,
+        }
+    }
+}
+
+impl Upload {
+    /// `tally`: where to count (none for a body known to be empty).
+    pub fn new(inner: Incoming, tally: Option<Arc<Tally>>) -> Upload {
+        Upload { inner, tally }
+    }
+}
+
+/// Malformed framing (a bad chunk size, a body longer than declared) or
+/// a client that stopped sending (closed, reset the stream).
+fn body_failure(e: &hyper::Error) -> u8 {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+            ) {
+                return MALFORMED;
+            }
+        }
+        source = s.source();
+    }
+    if e.is_parse() {
+        MALFORMED
+    } else {
+        ABORTED
+    }
+}
+
+impl Body for Upload {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Some(tally) = &this.tally {
+            match &r {
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Some(d) = f.data_ref() {
+                        tally.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    tally.failure.store(body_failure(e), Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -83,7 +207,9 @@ impl ProxyBody {
             let ProxyBody::Incoming(b) = std::mem::replace(self, ProxyBody::Full(None)) else {
                 return None;
             };
-            *self = ProxyBody::Tracked(b, Box::default());
+            let mut tail = Box::<Tail>::default();
+            tail.ended = b.is_end_stream();
+            *self = ProxyBody::Tracked(b, tail);
         }
         match self {
             ProxyBody::Tracked(_, tail) => Some(tail),
@@ -111,7 +237,9 @@ impl Body for ProxyBody {
         match self.get_mut() {
             ProxyBody::Incoming(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ProxyBody::Upload(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Replay(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Gated(b) => b.poll_frame(cx),
             ProxyBody::Tracked(b, tail) => {
                 let r = Pin::new(&mut *b).poll_frame(cx);
                 match &r {
@@ -120,10 +248,12 @@ impl Body for ProxyBody {
                         // The last frame: finish before the peer can see it
                         // and send its next request.
                         if frame.is_trailers() || b.is_end_stream() {
-                            tail.end();
+                            tail.end(None);
                         }
                     }
-                    Poll::Ready(None) | Poll::Ready(Some(Err(_))) => tail.end(),
+                    Poll::Ready(None) => tail.end(None),
+                    // The upstream broke the response off.
+                    Poll::Ready(Some(Err(_))) => tail.end(Some(Cause::UpstreamReset)),
                     Poll::Pending => {}
                 }
                 r
@@ -135,6 +265,8 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Incoming(b) => b.is_end_stream(),
             ProxyBody::Full(b) => b.is_none(),
+            ProxyBody::Upload(b) => b.is_end_stream(),
+            ProxyBody::Gated(b) => b.is_end_stream(),
             ProxyBody::Replay(b) => b.is_end_stream(),
             ProxyBody::Tracked(b, _) => b.is_end_stream(),
         }
@@ -144,6 +276,8 @@ impl Body for ProxyBody {
         match self {
             ProxyBody::Incoming(b) => b.size_hint(),
             ProxyBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ProxyBody::Upload(b) => b.size_hint(),
+            ProxyBody::Gated(b) => b.size_hint(),
             ProxyBody::Replay(b) => b.size_hint(),
             ProxyBody::Tracked(b, _) => b.size_hint(),
         }

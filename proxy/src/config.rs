@@ -105,10 +105,28 @@ pub struct RunArgs {
     #[arg(long, env = "REMORA_DETECT_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, with = "remora_proto::policy::opt_duration")]
     pub detect_timeout: Option<Duration>,
-    /// A connection with no bytes in either direction for this long is closed (default 5m).
+    /// An HTTP connection with no request in flight and no bytes in either
+    /// direction for this long is closed (default 5m).
     #[arg(long, env = "REMORA_IDLE_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, with = "remora_proto::policy::opt_duration")]
     pub idle_timeout: Option<Duration>,
+    /// An opaque TCP connection (and an upgraded one, such as a WebSocket) with
+    /// no bytes in either direction for this long is closed (default 1h; a
+    /// Service port's `idleTimeout` overrides it). TCP keep-alive finds dead
+    /// peers sooner.
+    #[arg(long, env = "REMORA_TCP_IDLE_TIMEOUT", value_parser = parse_duration)]
+    #[serde(default, with = "remora_proto::policy::opt_duration")]
+    pub tcp_idle_timeout: Option<Duration>,
+    /// How often an HTTP/2 connection between sidecars (and to HTTP/2 clients)
+    /// is pinged when no frame arrived (default 20s). The local application is
+    /// never pinged: gRPC servers answer pings without data with GOAWAY.
+    #[arg(long, env = "REMORA_H2_KEEPALIVE_INTERVAL", value_parser = parse_duration)]
+    #[serde(default, with = "remora_proto::policy::opt_duration")]
+    pub h2_keepalive_interval: Option<Duration>,
+    /// How long a ping may go unanswered before the connection is closed (default 10s).
+    #[arg(long, env = "REMORA_H2_KEEPALIVE_TIMEOUT", value_parser = parse_duration)]
+    #[serde(default, with = "remora_proto::policy::opt_duration")]
+    pub h2_keepalive_timeout: Option<Duration>,
     /// Time to establish an upstream TCP connection (default 1s; a DestinationPolicy may override).
     #[arg(long, env = "REMORA_CONNECT_TIMEOUT", value_parser = parse_duration)]
     #[serde(default, with = "remora_proto::policy::opt_duration")]
@@ -187,7 +205,12 @@ pub struct Limits {
     pub h2_max_concurrent_streams: u32,
     pub h2_max_pending_reset_streams: usize,
     pub detect_timeout: Duration,
+    /// HTTP connections with no request in flight.
     pub idle_timeout: Duration,
+    /// Opaque TCP and upgraded connections (a Service port may override it).
+    pub tcp_idle_timeout: Duration,
+    pub h2_keepalive_interval: Duration,
+    pub h2_keepalive_timeout: Duration,
     pub connect_timeout: Duration,
     pub pool_max_idle: usize,
 }
@@ -201,6 +224,11 @@ impl Default for Limits {
             h2_max_pending_reset_streams: 20,
             detect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(300),
+            // Envoy's TCP proxy default; database pools and subscribers idle
+            // for minutes, and keep-alive probes find dead peers meanwhile.
+            tcp_idle_timeout: Duration::from_secs(3600),
+            h2_keepalive_interval: Duration::from_secs(20),
+            h2_keepalive_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(1),
             pool_max_idle: 64,
         }
@@ -239,11 +267,18 @@ impl Settings {
                 .unwrap_or(d.h2_max_pending_reset_streams),
             detect_timeout: pick!(detect_timeout).unwrap_or(d.detect_timeout),
             idle_timeout: pick!(idle_timeout).unwrap_or(d.idle_timeout),
+            tcp_idle_timeout: pick!(tcp_idle_timeout).unwrap_or(d.tcp_idle_timeout),
+            h2_keepalive_interval: pick!(h2_keepalive_interval)
+                .unwrap_or(d.h2_keepalive_interval),
+            h2_keepalive_timeout: pick!(h2_keepalive_timeout).unwrap_or(d.h2_keepalive_timeout),
             connect_timeout: pick!(connect_timeout).unwrap_or(d.connect_timeout),
             pool_max_idle: pick!(pool_max_idle).unwrap_or(d.pool_max_idle),
         };
         if pick!(cert_lifetime).is_some_and(|d| d < Duration::from_secs(60)) {
             bail!("--cert-lifetime must be at least 1m");
+        }
+        if limits.h2_keepalive_interval.is_zero() || limits.h2_keepalive_timeout.is_zero() {
+            bail!("--h2-keepalive-interval and --h2-keepalive-timeout must be longer than 0s");
         }
         if limits.max_header_bytes < MIN_HEADER_BYTES {
             bail!("--max-header-bytes must be at least {MIN_HEADER_BYTES}");

@@ -17,6 +17,20 @@ pub enum Cause {
     Denied,
     RateLimited,
     BadRequest,
+    /// The client went away, or reset its request, before the answer ended
+    /// (recorded, never answered: the client is gone).
+    ClientReset,
+    /// The upstream broke its response off after the head was sent.
+    UpstreamReset,
+}
+
+/// Who a failure belongs to. Only the upstream's count against it (breakers,
+/// ejection, the balancer, retries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+    Proxy,
 }
 
 impl Cause {
@@ -31,6 +45,21 @@ impl Cause {
             Cause::Denied => "denied",
             Cause::RateLimited => "rate-limited",
             Cause::BadRequest => "bad-request",
+            Cause::ClientReset => "client-reset",
+            Cause::UpstreamReset => "upstream-reset",
+        }
+    }
+
+    /// Who caused it.
+    pub fn side(self) -> Side {
+        match self {
+            Cause::BadRequest | Cause::ClientReset => Side::Client,
+            Cause::UpstreamFailure | Cause::UpstreamReset | Cause::Timeout => Side::Upstream,
+            Cause::NoEndpoints
+            | Cause::CircuitOpen
+            | Cause::Overloaded
+            | Cause::Denied
+            | Cause::RateLimited => Side::Proxy,
         }
     }
 
@@ -39,7 +68,9 @@ impl Cause {
             Cause::NoEndpoints | Cause::CircuitOpen | Cause::Overloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Cause::UpstreamFailure => StatusCode::BAD_GATEWAY,
+            Cause::UpstreamFailure | Cause::UpstreamReset => StatusCode::BAD_GATEWAY,
+            // nginx's "client closed request": recorded, never sent.
+            Cause::ClientReset => CLIENT_CLOSED_REQUEST,
             Cause::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Cause::Denied => StatusCode::FORBIDDEN,
             Cause::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -51,7 +82,8 @@ impl Cause {
     pub fn grpc_code(self) -> u8 {
         match self {
             Cause::NoEndpoints | Cause::CircuitOpen | Cause::Overloaded => 14,
-            Cause::UpstreamFailure => 14,
+            Cause::UpstreamFailure | Cause::UpstreamReset => 14,
+            Cause::ClientReset => 1,
             Cause::Timeout => 4,
             Cause::Denied => 7,
             Cause::RateLimited => 8,
@@ -59,6 +91,12 @@ impl Cause {
         }
     }
 }
+
+/// The status recorded for a request whose client went away (nginx's 499).
+pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
 
 /// Whether a failed attempt may be tried again, and under which condition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +181,17 @@ impl ProxyError {
             detail: detail.into(),
             retry_after: None,
         }
+    }
+
+    /// The failure was the client's after all (its request body was cut off
+    /// or malformed): never retried, never counted against the upstream.
+    pub fn blame_client(&mut self, cause: Cause) {
+        self.cause = cause;
+        self.retry = RetryClass::Never;
+        self.detail = match cause {
+            Cause::BadRequest => "malformed request body".into(),
+            _ => "the client ended its request body early".into(),
+        };
     }
 
     fn with_retry_after(mut self, wait: std::time::Duration) -> Self {
@@ -238,6 +287,8 @@ mod tests {
             (Cause::Denied, 403, 7, "denied"),
             (Cause::RateLimited, 429, 8, "rate-limited"),
             (Cause::BadRequest, 400, 13, "bad-request"),
+            (Cause::ClientReset, 499, 1, "client-reset"),
+            (Cause::UpstreamReset, 502, 14, "upstream-reset"),
         ];
         for (cause, http, grpc, name) in table {
             let r = local_response(cause, false, "x");

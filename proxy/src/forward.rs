@@ -7,6 +7,7 @@ use crate::error::{Cause, ProxyError};
 use crate::pool::{EndpointPool, Upstream};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
+use http_body::Body;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::Duration;
@@ -142,15 +143,18 @@ fn strip_present(headers: &mut HeaderMap, present: HopByHop, upgrade: bool) {
 /// proxies, so the inbound side speaks it to the application.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("remora-orig-proto");
 
-/// Sends `req` to `pool`. To a mesh peer every request but an upgrade goes as
-/// HTTP/2 (one multiplexed mTLS connection), an HTTP/1 request marked with
-/// `remora-orig-proto`; otherwise the downstream's HTTP version is kept.
+/// Sends `req` to `pool`. To a mesh peer every request but an upgrade or an
+/// `Expect: 100-continue` upload goes as HTTP/2 (one multiplexed mTLS
+/// connection), an HTTP/1 request marked with `remora-orig-proto`; to an
+/// application whose port is declared HTTP/2 (`h2_app`), HTTP/2 (h2c);
+/// otherwise the downstream's HTTP version is kept.
 pub async fn forward(
     mut req: Request<ProxyBody>,
     pool: &Arc<EndpointPool>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     limit: Option<&crate::pool::ConnLimit<'_>>,
+    h2_app: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // Everything is changed in place: the request moves once, into the pool.
     let hop = HopByHop::scan(req.headers());
@@ -159,19 +163,37 @@ pub async fn forward(
     if hop.any() {
         strip_present(req.headers_mut(), hop, upgrade);
     }
-    let version = if req.version() == Version::HTTP_2 || (pool.is_mesh() && !upgrade) {
+    // The upstream decides about an upload it was asked about, over
+    // HTTP/1.1 where its `100 Continue` can be seen.
+    let expect = req.version() == Version::HTTP_11
+        && !upgrade
+        && !h2_app
+        && !req.body().is_end_stream()
+        && crate::expect::expects_continue(req.headers());
+    let version = if req.version() == Version::HTTP_2
+        || (!upgrade && !expect && (pool.is_mesh() || h2_app))
+    {
         Upstream::Http2
     } else {
         Upstream::Http1
     };
     match version {
-        Upstream::Http2 if req.version() != Version::HTTP_2 => to_http2(&mut req)?,
+        Upstream::Http2 if req.version() != Version::HTTP_2 => to_http2(&mut req, pool.is_mesh())?,
         Upstream::Http2 => {}
         Upstream::Http1 => to_http1(&mut req),
     }
-    let (mut resp, checkin) = pool
+    let gate = expect.then(|| crate::expect::Gate::hold(&mut req));
+    let (mut resp, mut checkin) = pool
         .send(req, version, upgrade, connect_timeout, limit)
         .await?;
+    if let Some(gate) = gate {
+        if !gate.opened() {
+            // Answered without the body: it is never sent, and the
+            // connection, left mid-request, is not reused.
+            checkin = None;
+        }
+        gate.finish();
+    }
 
     if let Some(down) = downstream_upgrade {
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
@@ -179,9 +201,9 @@ pub async fn forward(
             tokio::spawn(async move {
                 match tokio::try_join!(down, up) {
                     Ok((d, u)) => {
-                        if let Err(e) =
-                            crate::tcp::relay(TokioIo::new(d), TokioIo::new(u), idle_timeout).await
-                        {
+                        let r =
+                            crate::tcp::relay(TokioIo::new(d), TokioIo::new(u), idle_timeout).await;
+                        if let Some(e) = r.error {
                             tracing::debug!(error = %e, "upgraded connection ended");
                         }
                     }
@@ -202,9 +224,9 @@ pub async fn forward(
     Ok(resp)
 }
 
-/// HTTP/1 → HTTP/2 (to a mesh peer): the authority moves from Host into the
-/// URI, and `remora-orig-proto` tells the peer to speak HTTP/1.1 onwards.
-fn to_http2<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
+/// HTTP/1 → HTTP/2: the authority moves from Host into the URI; to a mesh
+/// peer (`mark`), `remora-orig-proto` tells it to speak HTTP/1.1 onwards.
+fn to_http2<B>(req: &mut Request<B>, mark: bool) -> Result<(), ProxyError> {
     use http::uri::{Authority, PathAndQuery, Scheme};
     let authority = match req.uri().authority() {
         Some(a) => a.clone(),
@@ -230,7 +252,9 @@ fn to_http2<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
         .map_err(|_| ProxyError::new(Cause::BadRequest, "invalid Host or request target"))?;
     let headers = req.headers_mut();
     headers.remove(header::HOST);
-    headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    if mark {
+        headers.insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+    }
     *req.version_mut() = Version::HTTP_2;
     Ok(())
 }
@@ -313,7 +337,7 @@ mod tests {
             .header(header::HOST, "backend.shop:8080")
             .body(())
             .unwrap();
-        to_http2(&mut req).unwrap();
+        to_http2(&mut req, true).unwrap();
         assert_eq!(req.uri(), "http://backend.shop:8080/orders?id=7");
         assert_eq!(req.version(), Version::HTTP_2);
         assert!(!req.headers().contains_key(header::HOST));
@@ -326,12 +350,12 @@ mod tests {
         assert_eq!(req.version(), Version::HTTP_11);
 
         let mut no_host = Request::get("/").body(()).unwrap();
-        assert!(to_http2(&mut no_host).is_err());
+        assert!(to_http2(&mut no_host, true).is_err());
         let mut bad_host = Request::get("/")
             .header(header::HOST, "a b")
             .body(())
             .unwrap();
-        assert!(to_http2(&mut bad_host).is_err());
+        assert!(to_http2(&mut bad_host, true).is_err());
     }
 
     #[test]

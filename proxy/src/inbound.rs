@@ -191,17 +191,21 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
         peer,
         metrics,
     } = &*conn;
-    let tel = &state.telemetry;
-    let mut obs = Observed::begin(tel, SpanKind::Server, INBOUND, &mut req);
+    let mut obs = Observed::begin(state, SpanKind::Server, INBOUND, &mut req);
     obs.peer = peer.clone();
     obs.upstream = Some(app.addr());
     obs.routed(&req, "inbound", metrics.clone());
     let grpc = obs.grpc;
     let limits = &state.settings.limits;
-    let decision = {
+    let (h2_app, decision) = {
         let mesh = state.mesh.load();
+        // The port's declared protocol decides what the application speaks.
+        let h2_app = matches!(
+            mesh.local_protocol(app.addr().port()),
+            Some(Protocol::Http2 | Protocol::Grpc)
+        );
         let path = req.uri().path();
-        if !mesh
+        let decision = if !mesh
             .authz
             .allows_request(peer.as_deref(), req.method(), path)
         {
@@ -220,22 +224,31 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
                     state.local_metrics.rate_limited();
                     ProxyError::rate_limited(wait)
                 })
-        }
+        };
+        (h2_app, decision)
     };
     let result = match decision {
         Ok(()) => {
             restore_orig_proto(&mut req);
             let started = obs.times_upstream().then(std::time::Instant::now);
+            let (head, body) = req.into_parts();
+            let body = ProxyBody::Upload(obs.upload(body));
             let r = forward(
-                req.map(ProxyBody::Incoming),
+                Request::from_parts(head, body),
                 app,
                 limits.connect_timeout,
-                limits.idle_timeout,
+                limits.tcp_idle_timeout,
                 None,
+                h2_app,
             )
             .await;
             obs.upstream_time = started.map(|s| s.elapsed());
-            r
+            r.map_err(|mut e| {
+                if let Some(cause) = obs.client_failure() {
+                    e.blame_client(cause);
+                }
+                e
+            })
         }
         Err(e) => Err(e),
     };
@@ -247,7 +260,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
             e.to_response(grpc)
         }
     };
-    obs.respond(state, resp)
+    obs.respond(resp)
 }
 
 async fn relay<I>(
@@ -264,9 +277,15 @@ async fn relay<I>(
     let mut obs = TcpObserved::begin(INBOUND, &format!("{}.{}", s.service, s.namespace));
     obs.upstream = Some(app);
     obs.peer = peer;
+    let idle = state
+        .mesh
+        .load()
+        .local_port(app.port())
+        .and_then(|p| p.idle_timeout)
+        .unwrap_or(limits.tcp_idle_timeout);
     match pool::connect(app, limits.connect_timeout).await {
         Ok(upstream) => {
-            let r = crate::tcp::relay_tracked(io, upstream, activity, limits.idle_timeout).await;
+            let r = crate::tcp::relay_tracked(io, upstream, activity, idle).await;
             crate::outbound::finish_tcp(state, obs, r);
         }
         Err(e) => {

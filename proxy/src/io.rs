@@ -6,19 +6,33 @@ use bytes::{Buf, Bytes};
 use pin_project_lite::pin_project;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Whether a connection has moved a byte lately, in either direction. Each
-/// read or write bumps a counter (no clock read per I/O); the watchdog
-/// samples it every half timeout, so idleness is noticed between one and one
-/// and a half timeouts after the last byte.
+/// Whether a connection has moved a byte lately, in either direction, and
+/// how many of its requests are in flight. Each read or write bumps a counter
+/// (no clock read per I/O); the watchdog samples it every half timeout, so
+/// idleness is noticed between one and one and a half timeouts after the last
+/// byte. A connection with a request in flight is never idle: a quiet gRPC
+/// call or long poll may go minutes without a byte.
 #[derive(Debug, Default)]
 pub struct Activity {
     ticks: AtomicU64,
+    in_flight: AtomicU32,
+}
+
+/// One request in flight on a connection; the connection cannot be idle
+/// until it is dropped (when the response body ends or is abandoned).
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Activity {
@@ -33,7 +47,13 @@ impl Activity {
         self.ticks.store(t.wrapping_add(1), Ordering::Relaxed);
     }
 
-    /// Resolves once no byte has moved for `timeout`.
+    /// Marks a request in flight until the guard is dropped.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Resolves once no byte has moved for `timeout` with no request in flight.
     pub async fn idle(&self, timeout: Duration) {
         let step = (timeout / 2).max(Duration::from_millis(1));
         let mut last = self.ticks.load(Ordering::Relaxed);
@@ -41,7 +61,7 @@ impl Activity {
         loop {
             tokio::time::sleep(step).await;
             let now = self.ticks.load(Ordering::Relaxed);
-            if now == last {
+            if now == last && self.in_flight.load(Ordering::Relaxed) == 0 {
                 quiet += step;
                 if quiet >= timeout {
                     return;
@@ -51,6 +71,19 @@ impl Activity {
                 quiet = Duration::ZERO;
             }
         }
+    }
+}
+
+/// TCP keep-alive on a proxied connection: a peer that vanished (its host
+/// died, a NAT forgot the flow) is found within about two minutes, so a
+/// long idle timeout never leaves a dead socket held open for its length.
+pub fn keepalive(stream: &tokio::net::TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "could not set TCP keep-alive");
     }
 }
 
@@ -212,5 +245,17 @@ mod tests {
         t.write_all(b"x").await.unwrap();
         act.idle(Duration::from_millis(200)).await;
         assert!(start.elapsed() >= Duration::from_millis(200));
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_keeps_a_silent_connection_from_idling() {
+        let act = Activity::new();
+        let request = act.start_request();
+        let quiet = tokio::time::timeout(Duration::from_millis(500), act.idle(Duration::from_millis(100)));
+        assert!(quiet.await.is_err(), "idle while a request was in flight");
+        drop(request);
+        let start = tokio::time::Instant::now();
+        act.idle(Duration::from_millis(100)).await;
+        assert!(start.elapsed() >= Duration::from_millis(100));
     }
 }

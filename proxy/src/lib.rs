@@ -12,6 +12,7 @@ pub mod detect;
 pub mod discovery;
 pub mod drain;
 pub mod error;
+pub mod expect;
 pub mod forward;
 pub mod identity;
 pub mod inbound;

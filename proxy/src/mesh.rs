@@ -85,6 +85,14 @@ impl Service {
             .find(|p| p.port == port)
             .map(|p| p.protocol)
     }
+
+    /// The idle timeout the Service declares for opaque TCP on `port`.
+    pub fn tcp_idle_timeout(&self, port: u16) -> Option<std::time::Duration> {
+        self.ports
+            .iter()
+            .find(|p| p.port == port)
+            .and_then(|p| p.idle_timeout)
+    }
 }
 
 /// The compiled snapshot.
@@ -139,15 +147,17 @@ impl Mesh {
 
     /// The protocol this proxy's own service declares for `port` (inbound).
     pub fn local_protocol(&self, port: u16) -> Option<Protocol> {
-        let local = self.local.as_ref()?;
-        if let Some(p) = local
+        self.local_port(port).map(|p| p.protocol)
+    }
+
+    /// The port of this proxy's own service that delivers to application
+    /// port `port` (inbound).
+    pub fn local_port(&self, port: u16) -> Option<&ServicePort> {
+        self.local
+            .as_ref()?
             .ports
             .iter()
             .find(|p| p.target() == port || p.port == port)
-        {
-            return Some(p.protocol);
-        }
-        None
     }
 
     /// Compiles a snapshot. An invalid policy document fails the whole snapshot

@@ -4,9 +4,11 @@
 //! [`Observed::finish`] with the answer; everything in between fills in what
 //! it learns (route, destination, endpoint, attempts, error cause).
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, Tally, Upload};
 use crate::error::Cause;
 use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
 use remora_telemetry::{
     AccessLogEntry, AccessLogHandle, ExporterHandle, Metrics, RequestMetrics, Sampler, SpanKind,
     SpanRecord, TraceContext,
@@ -54,8 +56,11 @@ impl Telemetry {
     }
 }
 
-/// One request in flight.
+/// One request in flight. Recorded exactly once, whatever ends it: its
+/// answer's end, a broken response, or the client going away (the request's
+/// future or its response body dropped), which is recorded as `client-reset`.
 pub struct Observed {
+    state: Arc<crate::state::State>,
     started: Instant,
     direction: &'static str,
     ctx: TraceContext,
@@ -74,17 +79,21 @@ pub struct Observed {
     /// A gRPC call (`content-type: application/grpc...`): answered with gRPC
     /// statuses, and its `grpc-status` recorded.
     pub grpc: bool,
+    /// The client's request body as it streamed (none: it had none).
+    upload: Option<Arc<Tally>>,
+    recorded: bool,
 }
 
 impl Observed {
     /// Continues (or starts) the trace and passes the proxy's own span on as
     /// the parent of the next hop.
     pub fn begin<B>(
-        tel: &Telemetry,
+        state: &Arc<crate::state::State>,
         kind: SpanKind,
         direction: &'static str,
         req: &mut Request<B>,
     ) -> Observed {
+        let tel = &state.telemetry;
         let grpc = remora_telemetry::span::is_grpc(req.headers());
         let parent = remora_telemetry::extract(req.headers());
         let sampled = tel.sampler.decide(parent.as_ref());
@@ -115,10 +124,10 @@ impl Observed {
                     .map(str::to_string)
             });
             e.path = Some(req.uri().path().to_string());
-            e.bytes_received = content_length(req.headers());
             Box::new(e)
         });
         Observed {
+            state: state.clone(),
             started: Instant::now(),
             direction,
             ctx,
@@ -133,7 +142,22 @@ impl Observed {
             peer: None,
             circuit_state: None,
             grpc,
+            upload: None,
+            recorded: false,
         }
+    }
+
+    /// The client's request body, counted as it streams upstream.
+    pub fn upload(&mut self, body: Incoming) -> Upload {
+        let tally = (!body.is_end_stream()).then(|| Arc::new(Tally::default()));
+        self.upload = tally.clone();
+        Upload::new(body, tally)
+    }
+
+    /// How the client's request body failed, if it did: a failed exchange is
+    /// then the client's, not the upstream's.
+    pub fn client_failure(&self) -> Option<Cause> {
+        self.upload.as_ref()?.failure()
     }
 
     /// Whether anything records the upstream's own time (the access log).
@@ -163,45 +187,39 @@ impl Observed {
         }
     }
 
-    /// The answer's head is known: record now if its body is the proxy's own,
-    /// else when the streamed body ends (its duration, bytes and trailers).
-    pub fn respond(
-        self,
-        state: &Arc<crate::state::State>,
-        mut resp: Response<ProxyBody>,
-    ) -> Response<ProxyBody> {
+    /// The answer's head is known: record now if its body is the proxy's own
+    /// or empty, else when the streamed body ends (its duration, bytes and
+    /// trailers) or is abandoned.
+    pub fn respond(self, mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
         let status = resp.status().as_u16();
         let grpc_status = if self.grpc {
             remora_resilience::grpc_status_of(resp.headers())
         } else {
             None
         };
+        let size = resp.body().size_hint().exact();
         match resp.body_mut().tail() {
-            Some(tail) => {
+            Some(tail) if !tail.ended() => {
                 tail.done = Some(Pending {
-                    state: state.clone(),
                     obs: self,
                     status,
                     grpc_status,
                     bytes: 0,
                 });
             }
-            None => {
-                let bytes = content_length(resp.headers());
-                self.complete(&state.telemetry, status, grpc_status, bytes);
-            }
+            _ => self.complete(status, grpc_status, size.unwrap_or(0)),
         }
         resp
     }
 
     /// Records everything about the finished request.
-    pub fn complete(
-        mut self,
-        tel: &Telemetry,
-        status: u16,
-        grpc_status: Option<u16>,
-        bytes_sent: u64,
-    ) {
+    pub fn complete(mut self, status: u16, grpc_status: Option<u16>, bytes_sent: u64) {
+        self.record(status, grpc_status, bytes_sent);
+    }
+
+    fn record(&mut self, status: u16, grpc_status: Option<u16>, bytes_sent: u64) {
+        self.recorded = true;
+        let tel = &self.state.telemetry;
         let elapsed = self.started.elapsed();
         let metrics = self.metrics.take().unwrap_or_else(|| tel.unrouted.clone());
         metrics.record(status, grpc_status, elapsed);
@@ -238,11 +256,24 @@ impl Observed {
             e.status = Some(status);
             e.grpc_status = grpc_status;
             e.bytes_sent = bytes_sent;
+            e.bytes_received = self.upload.as_ref().map_or(0, |t| t.bytes());
             e.duration = elapsed;
             e.upstream_duration = self.upstream_time;
             e.attempts = attempts;
             e.error = self.error.map(|c| c.as_str().into());
             log.log_boxed(e);
+        }
+    }
+}
+
+impl Drop for Observed {
+    /// Dropped unrecorded: the client went away before an answer (hyper drops
+    /// the request's future when its connection closes or its stream is reset).
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.error = Some(Cause::ClientReset);
+            let grpc_status = self.grpc.then_some(u16::from(Cause::ClientReset.grpc_code()));
+            self.record(Cause::ClientReset.http_status().as_u16(), grpc_status, 0);
         }
     }
 }
@@ -303,7 +334,11 @@ impl TcpObserved {
             e.time = std::time::SystemTime::now() - elapsed;
             e.destination = Some(self.destination.clone());
             e.upstream = self.upstream;
-            e.source_identity = self.peer.clone();
+            // The peer is the caller inbound, the destination outbound.
+            e.source_identity = match self.direction {
+                remora_telemetry::INBOUND => self.peer.clone(),
+                _ => None,
+            };
             e.duration = elapsed;
             e.bytes_sent = sent;
             e.bytes_received = received;
@@ -316,7 +351,6 @@ impl TcpObserved {
 
 /// A request whose response body is still streaming: recorded when it ends.
 pub struct Pending {
-    state: Arc<crate::state::State>,
     obs: Observed,
     status: u16,
     grpc_status: Option<u16>,
@@ -335,23 +369,17 @@ impl Pending {
         }
     }
 
-    pub fn complete(self) {
+    /// The body ended, cleanly or with `error` (the side that broke it).
+    pub fn complete(self, error: Option<Cause>) {
         let Pending {
-            state,
-            obs,
+            mut obs,
             status,
             grpc_status,
             bytes,
         } = self;
-        obs.complete(&state.telemetry, status, grpc_status, bytes);
+        if error.is_some() {
+            obs.error = error;
+        }
+        obs.complete(status, grpc_status, bytes);
     }
-}
-
-/// Body size as declared by `Content-Length` (0 when streamed without one):
-/// the access log is written at the response head, before a streamed body ends.
-fn content_length(h: &http::HeaderMap) -> u64 {
-    h.get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }

@@ -38,6 +38,10 @@ pub struct PoolSettings {
     pub max_header_bytes: usize,
     /// Also bounds the TLS handshake.
     pub connect_timeout: Duration,
+    /// HTTP/2 pings to a peer sidecar: interval, then how long one may go
+    /// unanswered. The local application is never pinged (gRPC servers count
+    /// pings without data as abuse and answer GOAWAY `too_many_pings`).
+    pub h2_keepalive: (Duration, Duration),
 }
 
 /// Which HTTP version to speak upstream.
@@ -326,11 +330,19 @@ impl EndpointPool {
         }
         let permit = acquire(limit)?;
         let io = self.open(Carry::H2, connect_timeout).await?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
             .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .max_header_list_size(self.settings.max_header_bytes as u32)
+            .max_header_list_size(self.settings.max_header_bytes as u32);
+        if self.is_mesh() {
+            // A peer sidecar accepts pings at any rate; they find a dead peer
+            // that TCP keep-alive would take minutes to notice.
+            let (interval, timeout) = self.settings.h2_keepalive;
+            builder
+                .keep_alive_interval(interval)
+                .keep_alive_timeout(timeout);
+        }
+        let (sender, conn) = builder
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::connect(format!("{}: h2 handshake: {e}", self.addr)))?;
@@ -402,6 +414,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, P
     match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => {
             let _ = s.set_nodelay(true);
+            crate::io::keepalive(&s);
             Ok(s)
         }
         Ok(Err(e)) => Err(ProxyError::connect(format!("connect {addr}: {e}"))),

@@ -66,8 +66,8 @@ macro_rules! http2_settings {
             .max_concurrent_streams($limits.h2_max_concurrent_streams)
             .max_pending_accept_reset_streams($limits.h2_max_pending_reset_streams)
             .max_header_list_size($limits.max_header_bytes as u32)
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_interval($limits.h2_keepalive_interval)
+            .keep_alive_timeout($limits.h2_keepalive_timeout)
     };
 }
 
@@ -98,7 +98,11 @@ pub async fn serve_http<I, F, Fut>(
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
+    let requests = activity.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        // In flight until its response body ends: the connection may be
+        // silent meanwhile (a quiet gRPC call) without being idle.
+        let in_flight = Some(requests.start_request());
         // The request's future (route, policy, retries, forwarding) is several
         // KiB. HTTP/2 moves each stream's future into a task of its own, so it
         // is boxed there and a pointer moves; HTTP/1 keeps it in a slot the
@@ -106,9 +110,13 @@ pub async fn serve_http<I, F, Fut>(
         if req.version() == http::Version::HTTP_2 {
             Handled::Boxed {
                 fut: Box::pin(handler(req)),
+                in_flight,
             }
         } else {
-            Handled::Inline { fut: handler(req) }
+            Handled::Inline {
+                fut: handler(req),
+                in_flight,
+            }
         }
     });
     let io = TokioIo::new(Tracked::new(io, activity.clone()));
@@ -187,11 +195,13 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// One request's answer, its future inline or on the heap.
+    /// One request's answer, its future inline or on the heap, and the
+    /// request's place among the connection's requests in flight (moved into
+    /// the response body, which holds it until it ends).
     #[project = HandledProj]
     enum Handled<F> {
-        Inline { #[pin] fut: F },
-        Boxed { fut: std::pin::Pin<Box<F>> },
+        Inline { #[pin] fut: F, in_flight: Option<crate::io::InFlight> },
+        Boxed { fut: std::pin::Pin<Box<F>>, in_flight: Option<crate::io::InFlight> },
     }
 }
 
@@ -202,10 +212,16 @@ impl<F: Future<Output = Response<ProxyBody>>> Future for Handled<F> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
-        match self.project() {
-            HandledProj::Inline { fut } => fut.poll(cx).map(Ok),
-            HandledProj::Boxed { fut } => fut.as_mut().poll(cx).map(Ok),
-        }
+        let (poll, in_flight) = match self.project() {
+            HandledProj::Inline { fut, in_flight } => (fut.poll(cx), in_flight),
+            HandledProj::Boxed { fut, in_flight } => (fut.as_mut().poll(cx), in_flight),
+        };
+        poll.map(|mut resp| {
+            if let Some(tail) = resp.body_mut().tail() {
+                tail.in_flight = in_flight.take();
+            }
+            Ok(resp)
+        })
     }
 }
 
@@ -225,6 +241,7 @@ pub async fn accept_loop<F, Fut>(
             r = listener.accept() => match r {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
+                    crate::io::keepalive(&stream);
                     tokio::spawn(connection(stream, drain.clone()));
                 }
                 Err(e) => {

@@ -146,10 +146,10 @@ spec:
     - name: strict
       matches: [{path: {prefix: /strict}}]
       backends: [{service: backend}]
-      retry: {attempts: 3, on: [5xx], backoff: {base: 10ms, max: 50ms}}
+      retry: {attempts: 2, on: [5xx], backoff: {base: 10ms, max: 50ms}}
     - name: retry
       backends: [{service: backend}]
-      retry: {attempts: 3, on: [5xx], backoff: {base: 10ms, max: 50ms}, allowNonIdempotent: true}
+      retry: {attempts: 2, on: [5xx], backoff: {base: 10ms, max: 50ms}, allowNonIdempotent: true}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1249,7 +1249,7 @@ spec:
   rules:
     - name: retry
       backends: [{service: echo}]
-      retry: {attempts: 3, on: [unavailable], backoff: {base: 10ms, max: 50ms}}
+      retry: {attempts: 2, on: [unavailable], backoff: {base: 10ms, max: 50ms}}
 "#,
     ))
     .await;

@@ -19,8 +19,7 @@ pub(crate) async fn handle(
     target: Target,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let tel = &state.telemetry;
-    let mut obs = Observed::begin(tel, SpanKind::Client, OUTBOUND, &mut req);
+    let mut obs = Observed::begin(&state, SpanKind::Client, OUTBOUND, &mut req);
     let grpc = obs.grpc;
     let resp = match route_and_forward(&state, &target, req, grpc, &mut obs).await {
         Ok(resp) => resp,
@@ -30,7 +29,7 @@ pub(crate) async fn handle(
             e.to_response(grpc)
         }
     };
-    obs.respond(&state, resp)
+    obs.respond(resp)
 }
 
 async fn route_and_forward(

@@ -75,10 +75,10 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
             if protocol == Some(Protocol::Tcp) {
                 // Declared TCP is never held up by detection (server-speaks-first
                 // protocols such as MySQL or SMTP).
-                relay_to_service(&state, stream, activity, &svc).await;
+                relay_to_service(&state, stream, activity, &svc, dst.port()).await;
                 return;
             }
-            (Target::Service(svc.fqdn.clone()), Some((svc, protocol)))
+            (Target::Service(svc.fqdn.clone()), Some((svc, protocol, dst.port())))
         }
     };
     // Clients speak first in HTTP: the first bytes tell HTTP/1, HTTP/2 or
@@ -91,9 +91,9 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
         }
     };
     let io = Prefixed::new(prefix, stream);
-    if let Some((svc, None)) = &declared {
+    if let Some((svc, None, port)) = &declared {
         if proto == detect::Detected::Opaque {
-            relay_to_service(&state, io, activity, svc).await;
+            relay_to_service(&state, io, activity, svc, *port).await;
             return;
         }
     }
@@ -137,7 +137,7 @@ pub(crate) async fn connect_tunnel(
         )
         .await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let idle = limits.idle_timeout;
+    let idle = limits.tcp_idle_timeout;
     let mut obs = TcpObserved::begin(OUTBOUND, &svc.fqdn);
     obs.upstream = Some(endpoint.addr);
     obs.peer = Some(svc.identity.clone());
@@ -162,9 +162,14 @@ pub(crate) fn pick_any(svc: &Service) -> Result<&Arc<Endpoint>, ProxyError> {
     })
 }
 
-/// Opaque TCP to an endpoint of `svc`.
-async fn relay_to_service<I>(state: &State, io: I, activity: Arc<Activity>, svc: &Service)
-where
+/// Opaque TCP to an endpoint of `svc`, dialled on `port`.
+async fn relay_to_service<I>(
+    state: &State,
+    io: I,
+    activity: Arc<Activity>,
+    svc: &Service,
+    port: u16,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let endpoint = match pick_any(svc) {
@@ -176,9 +181,12 @@ where
     let mut obs = TcpObserved::begin(OUTBOUND, &svc.fqdn);
     obs.upstream = Some(endpoint.addr);
     obs.peer = Some(svc.identity.clone());
+    let idle = svc
+        .tcp_idle_timeout(port)
+        .unwrap_or(limits.tcp_idle_timeout);
     match endpoint.pool.open(Carry::Tcp, timeout).await {
         Ok(upstream) => {
-            let r = tcp::relay_tracked(io, upstream, activity, limits.idle_timeout).await;
+            let r = tcp::relay_tracked(io, upstream, activity, idle).await;
             finish_tcp(state, obs, r);
         }
         Err(e) => {
@@ -197,7 +205,7 @@ where
     obs.upstream = Some(addr);
     match pool::connect(addr, limits.connect_timeout).await {
         Ok(upstream) => {
-            let r = tcp::relay_tracked(io, upstream, activity, limits.idle_timeout).await;
+            let r = tcp::relay_tracked(io, upstream, activity, limits.tcp_idle_timeout).await;
             finish_tcp(state, obs, r);
         }
         Err(e) => {
@@ -207,13 +215,11 @@ where
     }
 }
 
-/// Records a relayed connection's end: `(a→b, b→a)` bytes from `tcp::relay`.
-pub(crate) fn finish_tcp(state: &State, obs: TcpObserved, r: std::io::Result<(u64, u64)>) {
-    match r {
-        Ok((from_client, to_client)) => obs.finish(&state.telemetry, to_client, from_client, None),
-        Err(e) => {
-            tracing::debug!(error = %e, "tcp relay ended");
-            obs.finish(&state.telemetry, 0, 0, Some(e.to_string()));
-        }
+/// Records a relayed connection's end, with the bytes it really carried.
+pub(crate) fn finish_tcp(state: &State, obs: TcpObserved, r: tcp::Relayed) {
+    if let Some(e) = &r.error {
+        tracing::debug!(error = %e, "tcp relay ended");
     }
+    let error = r.error.map(|e| e.to_string());
+    obs.finish(&state.telemetry, r.to_client, r.from_client, error);
 }

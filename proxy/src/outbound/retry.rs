@@ -6,8 +6,8 @@
 //! Breakers and the balancer's latency record the response head: a gRPC error
 //! that only arrives in trailers is not counted against the endpoint.
 
-use crate::body::ProxyBody;
-use crate::error::{Cause, ProxyError, RetryClass};
+use crate::body::{ProxyBody, Upload};
+use crate::error::{Cause, ProxyError, RetryClass, Side};
 use crate::forward::{forward, is_upgrade};
 use crate::mesh::{Endpoint, Service};
 use crate::observe::Observed;
@@ -26,8 +26,8 @@ use std::time::Instant;
 
 /// The request body: streamed once, or replayable for retries.
 enum Body {
-    Once(Option<Incoming>),
-    Replay(Replay),
+    Once(Option<Upload>),
+    Replay(Replay<Upload>),
 }
 
 pub(super) async fn attempts(
@@ -50,6 +50,7 @@ pub(super) async fn attempts(
         b.deposit();
     }
     let (parts, body) = req.into_parts();
+    let body = obs.upload(body);
     let idempotent = is_idempotent(&parts.method);
     let mut parts = Some(parts);
     let mut body = match retry {
@@ -71,7 +72,7 @@ pub(super) async fn attempts(
         let (mut head, this_body) = match &mut body {
             Body::Once(b) => (
                 parts.take().ok_or_else(internal)?,
-                ProxyBody::Incoming(b.take().ok_or_else(internal)?),
+                ProxyBody::Upload(b.take().ok_or_else(internal)?),
             ),
             Body::Replay(r) => (
                 clone_head(parts.as_ref().ok_or_else(internal)?),
@@ -97,10 +98,11 @@ pub(super) async fn attempts(
             Request::from_parts(head, this_body),
             &endpoint.pool,
             connect_timeout,
-            limits.idle_timeout,
+            limits.tcp_idle_timeout,
             conn_limit.as_ref(),
+            false,
         );
-        let result = match per_try {
+        let mut result = match per_try {
             Some(t) => tokio::time::timeout(t, send).await.unwrap_or_else(|_| {
                 Err(ProxyError::timeout(format!(
                     "{} attempt {attempt} took longer than {t:?}",
@@ -110,18 +112,27 @@ pub(super) async fn attempts(
             None => send.await,
         };
         obs.upstream_time = Some(started.elapsed());
+        if let Err(e) = &mut result {
+            // The client's body broke off or was malformed: its failure,
+            // never retried and never counted against the endpoint.
+            if let Some(cause) = obs.client_failure() {
+                e.blame_client(cause);
+            }
+        }
 
-        // Record the outcome for the breaker and the balancer.
+        // Record the outcome for the breaker and the balancer: only what
+        // the upstream caused counts against it.
         let outcome = classify(&result);
-        let failed = match &result {
-            Err(_) => true,
-            Ok(r) => r.status().is_server_error() || grpc_status_of(r.headers()) == Some(14),
+        let ok = match &result {
+            Err(e) if e.cause.side() != Side::Upstream => None,
+            Err(_) => Some(false),
+            Ok(r) => Some(!(r.status().is_server_error() || grpc_status_of(r.headers()) == Some(14))),
         };
         if result.is_ok() {
             in_flight.finish();
         }
-        if let Some(a) = admission {
-            a.record(!failed);
+        if let (Some(a), Some(ok)) = (admission, ok) {
+            a.record(ok);
         }
         if let (Some(b), Some(g)) = (&endpoint.breaker, &endpoint.breaker_gauge) {
             g.set_open(b.state() == BreakerState::Open);
@@ -137,7 +148,9 @@ pub(super) async fn attempts(
         // that answered with it (gRPC's own retry design), though every gRPC
         // call is a POST.
         let consent = r.allow_non_idempotent || (grpc && matches!(outcome, Outcome::Grpc(_)));
-        if attempt >= r.attempts
+        // `attempts` counts retries, as Gateway API and Istio do: the
+        // first try is not one of them.
+        if attempt > r.attempts
             || !r.on.should_retry(outcome, idempotent, sent, consent)
             || !replayable
             || !dest.budget.as_ref().is_none_or(|b| b.try_withdraw())
