@@ -8,6 +8,7 @@
 //! | `--data-dir DIR` | `REMORA_DATA_DIR` | `./remora-data` |
 //! | `--ca-file FILE` | `REMORA_CA_FILE` | `<data-dir>/trust-bundle.pem` (serve writes it, clients verify with it) |
 //! | `--server-name NAME` | `REMORA_SERVER_NAME` | `remora-control` (serve: extra certificate names; clients: the name verified) |
+//! | `get`, `delete` `-n NS` | | `default` (`get -A`: every namespace) |
 //! | `serve --listen ADDR` | `REMORA_LISTEN` | `127.0.0.1:15012` |
 //! | `serve --http-listen ADDR` | `REMORA_HTTP_LISTEN` | `127.0.0.1:15014` |
 //! | `serve --trust-domain NAME` | `REMORA_TRUST_DOMAIN` | `cluster.local` |
@@ -15,12 +16,15 @@
 //! | `serve --cert-lifetime DUR` | `REMORA_CERT_LIFETIME` | `24h` |
 //! | `serve --max-cert-lifetime DUR` | `REMORA_MAX_CERT_LIFETIME` | `24h` |
 
+use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub const DEFAULT_SERVER: &str = "https://127.0.0.1:15012";
+/// The namespace `get` and `delete` use without `-n` (as kubectl does).
+pub const DEFAULT_NAMESPACE: &str = "default";
 /// The name clients verify in the control plane's certificate by default.
 pub const DEFAULT_SERVER_NAME: &str = "remora-control";
 
@@ -252,9 +256,12 @@ pub struct GetArgs {
     /// Service, HTTPRoute (route), DestinationPolicy, AuthorizationPolicy, TelemetryPolicy
     pub kind: Option<String>,
     pub name: Option<String>,
-    /// Only this namespace (default: every namespace)
-    #[arg(short = 'n', long)]
+    /// The namespace [default: default]
+    #[arg(short = 'n', long, value_name = "NS", value_parser = NonEmptyStringValueParser::new())]
     pub namespace: Option<String>,
+    /// Every namespace
+    #[arg(short = 'A', long, conflicts_with = "namespace")]
+    pub all_namespaces: bool,
     #[arg(short = 'o', long, value_enum, default_value = "table")]
     pub output: Output,
     /// Show an earlier version (default: the current one)
@@ -262,11 +269,30 @@ pub struct GetArgs {
     pub version: Option<u64>,
 }
 
+impl GetArgs {
+    /// The namespace to look in: `-n`, else `default`; None with `-A`
+    /// (every namespace).
+    pub fn selected_namespace(&self) -> Option<&str> {
+        if self.all_namespaces {
+            None
+        } else {
+            Some(self.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE))
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
     pub kind: String,
     pub name: String,
-    #[arg(short = 'n', long, default_value = "default")]
+    /// The namespace
+    #[arg(
+        short = 'n',
+        long,
+        value_name = "NS",
+        default_value = DEFAULT_NAMESPACE,
+        value_parser = NonEmptyStringValueParser::new()
+    )]
     pub namespace: String,
 }
 
@@ -374,6 +400,30 @@ mod tests {
         assert_eq!(get.namespace.as_deref(), Some("shop"));
         assert_eq!(get.output, Output::Yaml);
         assert_eq!(get.version, Some(3));
+    }
+
+    #[test]
+    fn get_and_delete_default_to_namespace_default() {
+        let get = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["remora-control", "get"].iter().chain(args))?;
+            let Command::Get(get) = cli.command else {
+                panic!("not get")
+            };
+            Ok::<_, clap::Error>(get.selected_namespace().map(str::to_string))
+        };
+        assert_eq!(get(&[]).unwrap().as_deref(), Some("default"));
+        assert_eq!(get(&["-n", "shop"]).unwrap().as_deref(), Some("shop"));
+        assert_eq!(get(&["-A"]).unwrap(), None);
+        assert_eq!(get(&["--all-namespaces"]).unwrap(), None);
+        assert!(get(&["-A", "-n", "shop"]).is_err());
+        assert!(get(&["-n", ""]).is_err());
+
+        let cli = Cli::try_parse_from(["remora-control", "delete", "route", "backend"]).unwrap();
+        let Command::Delete(delete) = cli.command else {
+            panic!("not delete")
+        };
+        assert_eq!(delete.namespace, DEFAULT_NAMESPACE);
+        assert!(Cli::try_parse_from(["remora-control", "delete", "route", "b", "-A"]).is_err());
     }
 
     #[test]

@@ -184,23 +184,28 @@ async fn apply(admin: &mut Admin, args: &ApplyArgs, files: Vec<SourceFile>) -> a
 }
 
 async fn get(admin: &mut Admin, args: GetArgs) -> anyhow::Result<()> {
+    let namespace = args.selected_namespace();
     let request = GetRequest {
         kind: args.kind.clone().unwrap_or_default(),
         name: args.name.clone().unwrap_or_default(),
-        namespace: args.namespace.clone().unwrap_or_default(),
+        // Empty: every namespace.
+        namespace: namespace.unwrap_or_default().to_string(),
         version: args.version.unwrap_or(0),
     };
     let response = admin.client.get(request).await;
     let response = response.map_err(|s| admin.error("get", s))?.into_inner();
+    let place = namespace
+        .map(|n| format!(" in namespace {n}"))
+        .unwrap_or_default();
     if response.resources.is_empty() {
         if let (Some(kind), Some(name)) = (&args.kind, &args.name) {
-            let ns = args
-                .namespace
-                .as_deref()
-                .map(|n| format!(" in namespace {n}"))
-                .unwrap_or_default();
+            let hint = if args.namespace.is_none() && namespace.is_some() {
+                " (-n NS: another namespace, -A: every namespace)"
+            } else {
+                ""
+            };
             bail!(
-                "{kind} {name}{ns} not found at version {}",
+                "{kind} {name}{place} not found at version {}{hint}",
                 response.version
             );
         }
@@ -208,7 +213,7 @@ async fn get(admin: &mut Admin, args: GetArgs) -> anyhow::Result<()> {
     match args.output {
         Output::Table if response.resources.is_empty() => {
             note(format_args!(
-                "no resources found at version {}",
+                "no resources found{place} at version {}",
                 response.version
             ));
         }

@@ -64,7 +64,7 @@ async fn apply_get_history_diff_rollback_and_status() {
         out.stderr
     );
 
-    let out = run_cli(&["get"], None).await;
+    let out = run_cli(&["get", "-A"], None).await;
     assert_eq!(out.code, 0, "{}", out.stderr);
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(
@@ -84,7 +84,7 @@ async fn apply_get_history_diff_rollback_and_status() {
     assert_eq!(docs[0]["apiVersion"], "remora.dev/v1");
     assert_eq!(docs[0]["spec"]["rules"][0]["timeout"], "2s");
 
-    let out = run_cli(&["get", "-o", "yaml"], None).await;
+    let out = run_cli(&["get", "-A", "-o", "yaml"], None).await;
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.stdout.matches("\n---\n").count(), 1, "{}", out.stdout);
 
@@ -231,4 +231,106 @@ async fn a_missing_token_file_says_how_to_pass_one() {
     let out = run(&["history", "--data-dir", &dir], None).await;
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("no admin token"), "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_and_delete_both_default_to_namespace_default() {
+    let data = tempfile::tempdir().unwrap();
+    let running = start_in(data.path()).await;
+    let server = running.grpc_addr.to_string();
+    let data_dir = dir_arg(data.path());
+    let cli = |extra: &[&str]| {
+        let args: Vec<String> = ["--server", server.as_str(), "--data-dir", data_dir.as_str()]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+        async move {
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(&refs, None).await
+        }
+    };
+    // The table's rows (without the header), sorted.
+    let rows = |stdout: &str| -> Vec<Vec<String>> {
+        let mut rows: Vec<Vec<String>> = stdout
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().map(str::to_string).collect())
+            .collect();
+        rows.sort();
+        rows
+    };
+    let row = |kind: &str, ns: &str, name: &str| vec![kind.to_string(), ns.into(), name.into()];
+
+    let policies = tempfile::tempdir().unwrap();
+    let in_default = SERVICE.replace("namespace: shop", "namespace: default");
+    let route_in_default = ROUTE.replace("namespace: shop", "namespace: default");
+    std::fs::write(
+        policies.path().join("all.yaml"),
+        format!("{SERVICE}---\n{ROUTE}---\n{in_default}---\n{route_in_default}"),
+    )
+    .unwrap();
+    let out = cli(&["apply", "-f", &dir_arg(policies.path())]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+
+    // get: namespace default, -n NS, or -A / --all-namespaces.
+    let out = cli(&["get"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        rows(&out.stdout),
+        [
+            row("HTTPRoute", "default", "backend"),
+            row("Service", "default", "backend")
+        ]
+    );
+    let out = cli(&["get", "-n", "shop"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        rows(&out.stdout).iter().all(|r| r[1] == "shop"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(rows(&out.stdout).len(), 2, "{}", out.stdout);
+    for all in ["-A", "--all-namespaces"] {
+        let out = cli(&["get", all]).await;
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(rows(&out.stdout).len(), 4, "{}", out.stdout);
+    }
+    assert_eq!(cli(&["get", "-A", "-n", "shop"]).await.code, 2);
+
+    // delete: what `get` shows is what `delete` removes, with the same flags.
+    let out = cli(&["get", "route", "backend"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(rows(&out.stdout), [row("HTTPRoute", "default", "backend")]);
+    let out = cli(&["delete", "route", "backend"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(
+        out.stdout,
+        "applied version 2\nHTTPRoute/default/backend deleted\n"
+    );
+    let out = cli(&["get", "route", "backend"]).await;
+    assert_eq!(out.code, 1);
+    assert!(
+        out.stderr
+            .starts_with("error: route backend in namespace default not found at version 2"),
+        "{}",
+        out.stderr
+    );
+    let out = cli(&["get", "route", "backend", "-A"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(rows(&out.stdout), [row("HTTPRoute", "shop", "backend")]);
+    let out = cli(&["delete", "route", "backend", "-n", "shop"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+
+    // An empty namespace says which one it looked in.
+    let out = cli(&["get", "route"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, "");
+    assert!(
+        out.stderr
+            .contains("no resources found in namespace default at version 3"),
+        "{}",
+        out.stderr
+    );
+    running.shutdown().await.unwrap();
 }
