@@ -268,8 +268,7 @@ impl Settings {
             detect_timeout: pick!(detect_timeout).unwrap_or(d.detect_timeout),
             idle_timeout: pick!(idle_timeout).unwrap_or(d.idle_timeout),
             tcp_idle_timeout: pick!(tcp_idle_timeout).unwrap_or(d.tcp_idle_timeout),
-            h2_keepalive_interval: pick!(h2_keepalive_interval)
-                .unwrap_or(d.h2_keepalive_interval),
+            h2_keepalive_interval: pick!(h2_keepalive_interval).unwrap_or(d.h2_keepalive_interval),
             h2_keepalive_timeout: pick!(h2_keepalive_timeout).unwrap_or(d.h2_keepalive_timeout),
             connect_timeout: pick!(connect_timeout).unwrap_or(d.connect_timeout),
             pool_max_idle: pick!(pool_max_idle).unwrap_or(d.pool_max_idle),

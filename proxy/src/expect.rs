@@ -19,9 +19,9 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http::{header, HeaderMap, Request};
 use http_body::{Body, Frame, SizeHint};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -174,7 +174,10 @@ mod tests {
         let gate = Gate::hold(&mut req);
         let body = req.body_mut();
         let held = tokio::time::timeout(Duration::from_millis(500), next(body)).await;
-        assert!(held.is_err(), "the body went before the upstream asked for it");
+        assert!(
+            held.is_err(),
+            "the body went before the upstream asked for it"
+        );
         gate.set(OPEN);
         assert_eq!(next(body).await.as_deref(), Some(&b"payload"[..]));
         assert!(gate.opened());

@@ -39,12 +39,18 @@ pub async fn serve(state: Arc<State>, builder: Arc<Builder>, listener: TcpListen
 
 async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStream, drain: Drain) {
     // Where the application is.
-    let (app, pool) = match intercept::redirected_destination(&stream) {
-        Some(dst) => (dst, state.pools.get(dst, None)),
+    let app = match intercept::redirected_destination(&stream) {
+        Some(dst) => App {
+            addr: dst,
+            pool: state.pools.get(dst, None),
+            explicit: false,
+        },
         None => match (state.settings.app_port, &state.app_pool) {
-            (Some(port), Some(pool)) => {
-                (SocketAddr::from((Ipv4Addr::LOCALHOST, port)), pool.clone())
-            }
+            (Some(port), Some(pool)) => App {
+                addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                pool: pool.clone(),
+                explicit: true,
+            },
             _ => {
                 tracing::warn!("inbound connection but no --app-port and not redirected; closing");
                 return;
@@ -63,26 +69,35 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
     };
     let io = Prefixed::new(prefix, stream);
     if detected == Detected::Tls {
-        return mesh_connection(state, builder, io, activity, app, pool, drain).await;
+        return mesh_connection(state, builder, io, activity, app, drain).await;
     }
     let mesh = state.mesh.load_full();
     if !mesh.authz.allows_plaintext() {
-        tracing::info!(%app, "refused a plaintext connection: mTLS is strict for this service");
+        tracing::info!(app = %app.addr, "refused a plaintext connection: mTLS is strict for this service");
         return;
     }
-    let http = match mesh.local_protocol(app.port()) {
+    let http = match mesh.local_protocol(app.addr.port(), app.explicit) {
         Some(Protocol::Tcp) => false,
         Some(_) => true,
         None => detected != Detected::Opaque,
     };
     if http {
         let speaks = Speaks::detected(detected);
-        serve_requests(&state, &builder, io, speaks, activity, drain, pool, None).await;
+        serve_requests(&state, &builder, io, speaks, activity, drain, app, None).await;
     } else if mesh.authz.allows_connection(None) {
-        relay(&state, io, activity, app, None).await;
+        relay(&state, io, activity, &app, None).await;
     } else {
-        tracing::info!(%app, "denied a plaintext TCP connection");
+        tracing::info!(app = %app.addr, "denied a plaintext TCP connection");
     }
+}
+
+/// Where inbound traffic is delivered.
+struct App {
+    addr: SocketAddr,
+    pool: Arc<EndpointPool>,
+    /// Explicit mode: the application is `--app-port`, not the connection's
+    /// original destination.
+    explicit: bool,
 }
 
 /// A connection from a peer proxy: mTLS, then what its ALPN says it carries.
@@ -91,8 +106,7 @@ async fn mesh_connection(
     builder: Arc<Builder>,
     io: Prefixed<TcpStream>,
     activity: Arc<Activity>,
-    app: SocketAddr,
-    pool: Arc<EndpointPool>,
+    app: App,
     drain: Drain,
 ) {
     let limits = &state.settings.limits;
@@ -121,11 +135,11 @@ async fn mesh_connection(
             } else {
                 Speaks::Http1
             };
-            serve_requests(&state, &builder, tls, speaks, activity, drain, pool, peer).await;
+            serve_requests(&state, &builder, tls, speaks, activity, drain, app, peer).await;
         }
         Some(Carry::Tcp) => {
             if state.mesh.load().authz.allows_connection(peer.as_deref()) {
-                relay(&state, tls, activity, app, peer).await;
+                relay(&state, tls, activity, &app, peer).await;
             } else {
                 tracing::info!(peer = ?peer, "denied a TCP connection by authorization policy");
             }
@@ -144,7 +158,7 @@ async fn serve_requests<I>(
     speaks: Speaks,
     activity: Arc<Activity>,
     drain: Drain,
-    app: Arc<EndpointPool>,
+    app: App,
     peer: Option<Arc<str>>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -164,8 +178,7 @@ async fn serve_requests<I>(
 /// clone per request, not four.
 struct Conn {
     state: Arc<State>,
-    /// The pool to the application.
-    app: Arc<EndpointPool>,
+    app: App,
     /// The peer's SPIFFE identity (mTLS), or none (plaintext).
     peer: Option<Arc<str>>,
     metrics: Arc<RequestMetrics>,
@@ -193,7 +206,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
     } = &*conn;
     let mut obs = Observed::begin(state, SpanKind::Server, INBOUND, &mut req);
     obs.peer = peer.clone();
-    obs.upstream = Some(app.addr());
+    obs.upstream = Some(app.addr);
     obs.routed(&req, "inbound", metrics.clone());
     let grpc = obs.grpc;
     let limits = &state.settings.limits;
@@ -201,7 +214,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
         let mesh = state.mesh.load();
         // The port's declared protocol decides what the application speaks.
         let h2_app = matches!(
-            mesh.local_protocol(app.addr().port()),
+            mesh.local_protocol(app.addr.port(), app.explicit),
             Some(Protocol::Http2 | Protocol::Grpc)
         );
         let path = req.uri().path();
@@ -235,7 +248,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
             let body = ProxyBody::Upload(obs.upload(body));
             let r = forward(
                 Request::from_parts(head, body),
-                app,
+                &app.pool,
                 limits.connect_timeout,
                 limits.tcp_idle_timeout,
                 None,
@@ -263,27 +276,22 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
     obs.respond(resp)
 }
 
-async fn relay<I>(
-    state: &State,
-    io: I,
-    activity: Arc<Activity>,
-    app: SocketAddr,
-    peer: Option<Arc<str>>,
-) where
+async fn relay<I>(state: &State, io: I, activity: Arc<Activity>, app: &App, peer: Option<Arc<str>>)
+where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let limits = &state.settings.limits;
     let s = &state.settings;
     let mut obs = TcpObserved::begin(INBOUND, &format!("{}.{}", s.service, s.namespace));
-    obs.upstream = Some(app);
+    obs.upstream = Some(app.addr);
     obs.peer = peer;
     let idle = state
         .mesh
         .load()
-        .local_port(app.port())
+        .local_port(app.addr.port(), app.explicit)
         .and_then(|p| p.idle_timeout)
         .unwrap_or(limits.tcp_idle_timeout);
-    match pool::connect(app, limits.connect_timeout).await {
+    match pool::connect(app.addr, limits.connect_timeout).await {
         Ok(upstream) => {
             let r = crate::tcp::relay_tracked(io, upstream, activity, idle).await;
             crate::outbound::finish_tcp(state, obs, r);

@@ -251,7 +251,10 @@ mod tests {
     async fn a_request_in_flight_keeps_a_silent_connection_from_idling() {
         let act = Activity::new();
         let request = act.start_request();
-        let quiet = tokio::time::timeout(Duration::from_millis(500), act.idle(Duration::from_millis(100)));
+        let quiet = tokio::time::timeout(
+            Duration::from_millis(500),
+            act.idle(Duration::from_millis(100)),
+        );
         assert!(quiet.await.is_err(), "idle while a request was in flight");
         drop(request);
         let start = tokio::time::Instant::now();

@@ -145,19 +145,23 @@ impl Mesh {
         self.addrs.get(addr)
     }
 
-    /// The protocol this proxy's own service declares for `port` (inbound).
-    pub fn local_protocol(&self, port: u16) -> Option<Protocol> {
-        self.local_port(port).map(|p| p.protocol)
+    /// The protocol this proxy's own service declares for application port
+    /// `port` (inbound); see [`Mesh::local_port`].
+    pub fn local_protocol(&self, port: u16, explicit: bool) -> Option<Protocol> {
+        self.local_port(port, explicit).map(|p| p.protocol)
     }
 
     /// The port of this proxy's own service that delivers to application
-    /// port `port` (inbound).
-    pub fn local_port(&self, port: u16) -> Option<&ServicePort> {
-        self.local
-            .as_ref()?
-            .ports
-            .iter()
-            .find(|p| p.target() == port || p.port == port)
+    /// port `port` (inbound): the one whose target (or port) it is; in
+    /// explicit mode (`explicit`), where `--app-port` is the application
+    /// whatever number the Service gives it, else the service's only port.
+    pub fn local_port(&self, port: u16, explicit: bool) -> Option<&ServicePort> {
+        let ports = &self.local.as_ref()?.ports;
+        let declared = ports.iter().find(|p| p.target() == port || p.port == port);
+        match (declared, ports.as_slice()) {
+            (None, [only]) if explicit => Some(only),
+            _ => declared,
+        }
     }
 
     /// Compiles a snapshot. An invalid policy document fails the whole snapshot

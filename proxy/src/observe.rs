@@ -272,7 +272,9 @@ impl Drop for Observed {
     fn drop(&mut self) {
         if !self.recorded {
             self.error = Some(Cause::ClientReset);
-            let grpc_status = self.grpc.then_some(u16::from(Cause::ClientReset.grpc_code()));
+            let grpc_status = self
+                .grpc
+                .then_some(u16::from(Cause::ClientReset.grpc_code()));
             self.record(Cause::ClientReset.http_status().as_u16(), grpc_status, 0);
         }
     }

@@ -89,7 +89,11 @@ impl<T: AsyncRead> AsyncRead for Counted<T> {
 }
 
 impl<T: AsyncWrite> AsyncWrite for Counted<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {

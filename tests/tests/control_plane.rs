@@ -140,7 +140,7 @@ async fn apply_get_delete_history_diff_and_rollback() {
     let json: serde_json::Value =
         serde_json::from_str(&json).unwrap_or_else(|e| panic!("-o json is not JSON ({e}): {json}"));
     assert!(json_has_number(&json, 8081), "{json}");
-    let all = cp.cli_ok(&["get"]).await;
+    let all = cp.cli_ok(&["get", "-A"]).await;
     assert!(all.contains("backend"), "{all}");
     let route = cp
         .cli_ok(&["get", "httproute", "backend", "-n", "shop", "-o", "yaml"])

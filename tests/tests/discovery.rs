@@ -200,7 +200,7 @@ async fn traffic_survives_control_plane_loss_and_a_restart_restores_its_state() 
     let client = http1_via_proxy(frontend.proxy.outbound());
     wait_served(&client, URL, &[], "backend/v1").await;
     let history = cp.cli_ok(&["history"]).await;
-    let documents = cp.cli_ok(&["get", "-o", "yaml"]).await;
+    let documents = cp.cli_ok(&["get", "-A", "-o", "yaml"]).await;
     assert!(contains_number(&history, version), "{history}");
 
     let requests = RequestLoop::start(client.clone(), URL, Duration::from_millis(5));
@@ -223,7 +223,7 @@ async fn traffic_survives_control_plane_loss_and_a_restart_restores_its_state() 
 
     cp.restart().await;
     assert_eq!(cp.cli_ok(&["history"]).await, history, "history changed");
-    assert_eq!(cp.cli_ok(&["get", "-o", "yaml"]).await, documents);
+    assert_eq!(cp.cli_ok(&["get", "-A", "-o", "yaml"]).await, documents);
 
     // Every proxy reconnects, registers again and acks the current snapshot.
     for p in proxies {

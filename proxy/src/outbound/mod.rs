@@ -78,7 +78,10 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
                 relay_to_service(&state, stream, activity, &svc, dst.port()).await;
                 return;
             }
-            (Target::Service(svc.fqdn.clone()), Some((svc, protocol, dst.port())))
+            (
+                Target::Service(svc.fqdn.clone()),
+                Some((svc, protocol, dst.port())),
+            )
         }
     };
     // Clients speak first in HTTP: the first bytes tell HTTP/1, HTTP/2 or

@@ -126,7 +126,9 @@ pub(super) async fn attempts(
         let ok = match &result {
             Err(e) if e.cause.side() != Side::Upstream => None,
             Err(_) => Some(false),
-            Ok(r) => Some(!(r.status().is_server_error() || grpc_status_of(r.headers()) == Some(14))),
+            Ok(r) => {
+                Some(!(r.status().is_server_error() || grpc_status_of(r.headers()) == Some(14)))
+            }
         };
         if result.is_ok() {
             in_flight.finish();
