@@ -11,10 +11,15 @@ log() { printf '\n==> %s\n' "$*"; }
 
 need_pkgs=()
 for pair in iptables:iptables ip:iproute2 tcpdump:tcpdump redis-server:redis-server \
-            redis-cli:redis-tools promtool:prometheus setpriv:util-linux curl:curl; do
+            redis-cli:redis-tools redis-benchmark:redis-tools promtool:prometheus \
+            setpriv:util-linux curl:curl h2load:nghttp2-client nghttpd:nghttp2-server \
+            pgbench:postgresql psql:postgresql-client python3:python3; do
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || need_pkgs+=("$pkg")
 done
+# The real-client tests (tests/tests/real_clients.rs) run PostgreSQL's server,
+# whose Debian binaries (initdb, postgres) live off PATH.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_pkgs+=(postgresql)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     log "installing ${need_pkgs[*]}"
@@ -24,6 +29,23 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
       echo "warning: could not install ${need_pkgs[*]}; the tests that need them will fail"
   else
     echo "note: not root, so not installing ${need_pkgs[*]}; the tests that need them will skip"
+  fi
+fi
+
+# ...and Python's grpcio and websockets (the asyncio API, 13 or later), from PyPI.
+py_mods='import grpc, websockets.asyncio.client'
+if ! python3 -c "$py_mods" >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    log "installing grpcio websockets (PyPI)"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+      apt-get install -y -qq --no-install-recommends python3-pip >/dev/null || true
+    fi
+    # A Debian python3 is "externally managed": allow the install there.
+    python3 -m pip install --quiet grpcio 'websockets>=13' ||
+      python3 -m pip install --quiet --break-system-packages grpcio 'websockets>=13' ||
+      echo "warning: could not install grpcio and websockets; the tests that need them will fail"
+  else
+    echo "note: not root, so not installing grpcio and websockets; the tests that need them will skip"
   fi
 fi
 

@@ -39,7 +39,8 @@ pub fn skip_reason(tools: &[&str]) -> Option<String> {
     missing.dedup();
     if !missing.is_empty() {
         return Some(format!(
-            "missing {} (Debian: apt-get install -y iproute2 iptables util-linux tcpdump redis-server redis-tools curl)",
+            "missing {} (Debian: apt-get install -y iproute2 iptables util-linux tcpdump redis-server \
+                 redis-tools curl postgresql nghttp2-client nghttp2-server; or run scripts/test.sh as root)",
             missing.join(", ")
         ));
     }
@@ -266,6 +267,32 @@ impl Pod {
             .unwrap_or_else(|e| panic!("cannot run {program} in {}: {e}", self.ns))
     }
 
+    /// Waits until something listens on TCP `port` in the pod (`ss`), or
+    /// panics after `timeout` with `proc`'s output (and at once if it exited).
+    pub fn wait_listening(&self, port: u16, timeout: Duration, proc: &mut Proc) {
+        let filter = format!("sport = :{port}");
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.run("ss", &["-Hltn", &filter]);
+            if out.status.success() && !out.stdout.is_empty() {
+                return;
+            }
+            assert!(
+                proc.running(),
+                "the app meant to listen on port {port} in {} exited\n{}",
+                self.ns,
+                proc.logs()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on port {port} in {} after {timeout:?}\n{}",
+                self.ns,
+                proc.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// `iptables -t nat -S` in the pod.
     pub fn nat_rules(&self) -> String {
         must(self.command("iptables").args(["-t", "nat", "-S"]))
@@ -436,6 +463,19 @@ pub enum AppSpec {
     /// `sample-app --mode banner` on 0.0.0.0:7000: the server speaks first
     /// (`220 SERVICE/v1 ready`), then echoes lines.
     Banner,
+    /// PostgreSQL (Debian's server binaries, see [`postgres_bin_dir`]) on
+    /// 0.0.0.0:5432, run as the `postgres` user on a fresh data directory in
+    /// the pod's scratch dir: superuser `remora`, trust authentication,
+    /// nothing synced to disk.
+    Postgres,
+    /// `python3 tests/clients/SCRIPT --port PORT --dir SCRATCH`, listening on
+    /// 0.0.0.0:PORT (the scripts there take `--port`; those that serve files
+    /// take `--dir`, the pod's scratch dir).
+    Python { script: &'static str, port: u16 },
+    /// `nghttpd --no-tls PORT`: an h2c-only server (HTTP/2 with prior
+    /// knowledge; an HTTP/1.1 request gets no answer), serving the pod's
+    /// scratch dir, which starts with `index.html` = `hello h2c\n`.
+    Nghttpd { port: u16 },
 }
 
 impl AppSpec {
@@ -444,7 +484,55 @@ impl AppSpec {
             AppSpec::Sample { .. } => 8080,
             AppSpec::Redis => 6379,
             AppSpec::Banner => 7000,
+            AppSpec::Postgres => 5432,
+            AppSpec::Python { port, .. } | AppSpec::Nghttpd { port } => *port,
         }
+    }
+}
+
+/// The directory of the test clients and servers (`tests/clients`).
+pub fn clients_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("clients")
+}
+
+/// Debian's PostgreSQL server binaries (`/usr/lib/postgresql/<ver>/bin`,
+/// the newest version), which are not on `PATH`.
+pub fn postgres_bin_dir() -> Option<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_string_lossy().parse().ok()?;
+            let bin = e.path().join("bin");
+            (bin.join("postgres").is_file() && bin.join("initdb").is_file())
+                .then_some((version, bin))
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|(_, dir)| dir)
+}
+
+/// Why the Python test servers and clients cannot run here (no `python3`,
+/// or one of `modules` not importable), or `None`.
+pub fn python_skip_reason(modules: &[&str]) -> Option<String> {
+    let code = modules
+        .iter()
+        .map(|m| format!("import {m}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    match Command::new("python3")
+        .args(["-c", &code])
+        .stdin(Stdio::null())
+        .output()
+    {
+        Err(e) => Some(format!("cannot run python3: {e}")),
+        Ok(out) if !out.status.success() => Some(format!(
+            "python3 cannot import {} (python3 -m pip install grpcio websockets): {}",
+            modules.join(", "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(_) => None,
     }
 }
 
@@ -470,6 +558,19 @@ impl MeshedPod {
         namespace: &str,
         app: Option<AppSpec>,
     ) -> MeshedPod {
+        MeshedPod::start_with(cp, pod, service, namespace, app, &[])
+    }
+
+    /// [`MeshedPod::start`], with `proxy_args` added to `remora-proxy run`'s
+    /// command line (`--idle-timeout 2s`, ...).
+    pub fn start_with(
+        cp: &NsControlPlane,
+        pod: Pod,
+        service: &str,
+        namespace: &str,
+        app: Option<AppSpec>,
+        proxy_args: &[&str],
+    ) -> MeshedPod {
         must(pod.command(bin("remora-proxy")).arg("init"));
         let mut meshed = MeshedPod::bare(pod, service, app.clone());
         let identity = cp.identity(service, namespace);
@@ -488,6 +589,7 @@ impl MeshedPod {
                 cmd.args(["--label", &format!("version={version}")]);
             }
         }
+        cmd.args(proxy_args);
         let proxy = Proc::spawn(&format!("remora-proxy-{service}"), &mut cmd);
         meshed.proxy = Some(proxy);
         meshed._identity = Some(identity);
@@ -521,7 +623,7 @@ impl MeshedPod {
             .tempdir()
             .expect("a temp dir");
         let app = app.map(|spec| {
-            let mut cmd = match spec {
+            let mut cmd = match spec.clone() {
                 AppSpec::Sample { version, any } => {
                     let host = if any { Ipv4Addr::UNSPECIFIED } else { pod.ip };
                     let mut c = pod.command(bin("sample-app"));
@@ -533,6 +635,24 @@ impl MeshedPod {
                     let mut c = pod.command(bin("sample-app"));
                     c.args(["--name", service, "--version", "v1", "--mode", "banner"])
                         .args(["--listen", "0.0.0.0:7000"]);
+                    c
+                }
+                AppSpec::Postgres => postgres_command(&pod, scratch.path()),
+                AppSpec::Python { script, port } => {
+                    let mut c = pod.command("python3");
+                    c.arg(clients_dir().join(script))
+                        .args(["--port", &port.to_string()])
+                        .arg("--dir")
+                        .arg(scratch.path());
+                    c
+                }
+                AppSpec::Nghttpd { port } => {
+                    std::fs::write(scratch.path().join("index.html"), "hello h2c\n")
+                        .expect("writing index.html");
+                    let mut c = pod.command("nghttpd");
+                    c.args(["--no-tls", "-d"])
+                        .arg(scratch.path())
+                        .arg(port.to_string());
                     c
                 }
                 AppSpec::Redis => {
@@ -551,7 +671,12 @@ impl MeshedPod {
                     c
                 }
             };
-            Proc::spawn(&format!("{service}-app"), &mut cmd)
+            let mut proc = Proc::spawn(&format!("{service}-app"), &mut cmd);
+            if !matches!(spec, AppSpec::Sample { .. } | AppSpec::Banner) {
+                // Slower starters: wait until the app listens.
+                pod.wait_listening(spec.port(), Duration::from_secs(30), &mut proc);
+            }
+            proc
         });
         MeshedPod {
             pod,
@@ -563,6 +688,24 @@ impl MeshedPod {
         }
     }
 
+    /// The pod's scratch dir (the app's files, such as what `/files/` serves).
+    pub fn scratch(&self) -> &Path {
+        self._scratch.path()
+    }
+
+    /// The proxy's JSON access-log lines so far (its stdout).
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        let Some(proxy) = &self.proxy else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(proxy.log_dir().join("stdout"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("direction").is_some())
+            .collect()
+    }
+
     /// The app's and the proxy's output.
     pub fn logs(&self) -> String {
         let mut text = String::new();
@@ -571,4 +714,42 @@ impl MeshedPod {
         }
         text
     }
+}
+
+/// PostgreSQL in `pod`: `initdb` (as the `postgres` user, which the server
+/// binaries demand) on `scratch/pgdata`, then the `postgres` command to run,
+/// listening on 0.0.0.0:5432 with its unix socket in `scratch/pgsock`.
+fn postgres_command(pod: &Pod, scratch: &Path) -> Command {
+    let bin_dir = postgres_bin_dir().expect("PostgreSQL's server binaries (Debian: postgresql)");
+    let (data, sock) = (scratch.join("pgdata"), scratch.join("pgsock"));
+    std::fs::set_permissions(scratch, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for dir in [&data, &sock] {
+        std::fs::create_dir(dir).expect("a PostgreSQL dir");
+        must(Command::new("chown").arg("postgres:postgres").arg(dir));
+    }
+    must(
+        pod.command("setpriv")
+            .args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+            .arg(bin_dir.join("initdb"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "remora", "--auth=trust", "--no-sync", "-E", "UTF8"])
+            .args(["--locale=C"]),
+    );
+    // initdb trusts loopback only; the sidecar dials the app on the pod's IP.
+    let hba = data.join("pg_hba.conf");
+    let mut rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+    rules.push_str("host all all 0.0.0.0/0 trust\n");
+    std::fs::write(&hba, rules).expect("writing pg_hba.conf");
+    let mut c = pod.command("setpriv");
+    c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"])
+        .arg(bin_dir.join("postgres"))
+        .arg("-D")
+        .arg(&data)
+        .arg("-k")
+        .arg(&sock)
+        .args(["-c", "listen_addresses=0.0.0.0", "-p", "5432"])
+        .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+        .args(["-c", "full_page_writes=off", "-c", "max_connections=50"]);
+    c
 }
