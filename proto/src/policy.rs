@@ -270,7 +270,15 @@ pub struct RouteRule {
     pub fallback: Option<Backend>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultInjection>,
+    /// The protocols a request of this rule may upgrade its connection to
+    /// (HTTP/1.1 `Upgrade`). Unset: `[websocket]`; `[]`: no upgrade at all.
+    /// `h2c` is never forwarded (its `Upgrade` header is removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrades: Option<Vec<String>>,
 }
+
+/// What a rule allows when it names no `upgrades`.
+pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
 
 fn is_false(b: &bool) -> bool {
     !*b
@@ -856,6 +864,18 @@ fn validate_route(r: &HttpRouteSpec) -> Result<(), String> {
                 !t.is_zero(),
                 || format!("{at}.timeout"),
                 "must be more than 0",
+            )?;
+        }
+        for (j, u) in rule.upgrades.iter().flatten().enumerate() {
+            check(
+                is_token(u),
+                || format!("{at}.upgrades[{j}]"),
+                "must be a protocol name such as websocket",
+            )?;
+            check(
+                !u.eq_ignore_ascii_case("h2c"),
+                || format!("{at}.upgrades[{j}]"),
+                "h2c upgrades are never forwarded (use HTTP/2 with prior knowledge)",
             )?;
         }
         if let Some(retry) = &rule.retry {

@@ -2,8 +2,12 @@
 //! - health (default 0.0.0.0:15020): `/ready`, `/live`, `/metrics`;
 //! - admin (127.0.0.1:15000 only): `/config_dump`, `/logging`, `/shutdown`.
 //!
-//! Both read with a timeout and answer from the shared state; neither touches
-//! the data path.
+//! Neither touches the data path, and neither can be starved or exhausted by
+//! connections that say nothing: each holds at most [`HEALTH_MAX_CONNECTIONS`]
+//! / [`ADMIN_MAX_CONNECTIONS`] connections, a new connection at the cap takes
+//! the place of the oldest idle one (no request being answered), and a request
+//! head must arrive within [`HEAD_READ_TIMEOUT`] of the connection opening or
+//! of the previous answer, so a probe or a scrape always gets through.
 
 use crate::state::State;
 use bytes::Bytes;
@@ -11,12 +15,23 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+
+/// Connections the health listener holds at once (probes, scrapes).
+pub const HEALTH_MAX_CONNECTIONS: usize = 64;
+/// Connections the admin listener (127.0.0.1 only) holds at once.
+pub const ADMIN_MAX_CONNECTIONS: usize = 16;
+/// Time to send a request head, from the connection's start or the previous
+/// answer (so an idle keep-alive connection is closed after it too).
+pub const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a connection is kept, whatever it does.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 type Reply = Response<Full<Bytes>>;
 
@@ -30,34 +45,136 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
     r
 }
 
-/// Serves a small HTTP/1.1 endpoint with a header read timeout.
-async fn serve_small<F, Fut>(listener: TcpListener, handler: F)
+/// The connections of one small listener: at most `max`; at the cap a new
+/// one evicts the oldest idle one, and is refused only when all are busy.
+struct Slots {
+    max: usize,
+    inner: Mutex<SlotsInner>,
+}
+
+#[derive(Default)]
+struct SlotsInner {
+    next_id: u64,
+    /// By id, which is also by age: whether busy, and how to evict it.
+    conns: BTreeMap<u64, (bool, Arc<Notify>)>,
+}
+
+/// One connection's place; freed when dropped.
+struct Slot {
+    slots: Arc<Slots>,
+    id: u64,
+    evict: Arc<Notify>,
+}
+
+impl Slots {
+    fn new(max: usize) -> Arc<Slots> {
+        Arc::new(Slots {
+            max: max.max(1),
+            inner: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn admit(self: &Arc<Self>) -> Option<Slot> {
+        let mut inner = self.lock();
+        if inner.conns.len() >= self.max {
+            let oldest_idle = inner
+                .conns
+                .iter()
+                .find(|(_, (busy, _))| !busy)
+                .map(|(id, _)| *id)?;
+            if let Some((_, evict)) = inner.conns.remove(&oldest_idle) {
+                // Kept as a permit if its task is not waiting yet.
+                evict.notify_one();
+            }
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let evict = Arc::new(Notify::new());
+        inner.conns.insert(id, (false, evict.clone()));
+        Some(Slot {
+            slots: self.clone(),
+            id,
+            evict,
+        })
+    }
+}
+
+impl Slot {
+    fn set_busy(&self, busy: bool) {
+        if let Some(conn) = self.slots.lock().conns.get_mut(&self.id) {
+            conn.0 = busy;
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.lock().conns.remove(&self.id);
+    }
+}
+
+/// Marks a slot idle again when a request's answer is done (or dropped).
+struct Busy(Arc<Slot>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.set_busy(false);
+    }
+}
+
+/// Serves a small HTTP/1.1 endpoint: at most `max_connections` connections,
+/// idle ones evicted first, request heads read within [`HEAD_READ_TIMEOUT`].
+async fn serve_small<F, Fut>(listener: TcpListener, max_connections: usize, handler: F)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Reply> + Send + 'static,
 {
+    let slots = Slots::new(max_connections);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        // Accepts at once, never waiting for a free slot: a new connection
+        // takes an idle one's place.
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Some(slot) = slots.admit() else {
+            tracing::debug!(%peer, "every connection is busy; refused");
+            continue;
+        };
+        let slot = Arc::new(slot);
         let handler = handler.clone();
         tokio::spawn(async move {
+            let in_service = slot.clone();
             let svc = hyper::service::service_fn(move |req| {
+                in_service.set_busy(true);
+                let busy = Busy(in_service.clone());
                 let fut = handler(req);
-                async move { Ok::<_, Infallible>(fut.await) }
+                async move {
+                    let reply = fut.await;
+                    drop(busy);
+                    Ok::<_, Infallible>(reply)
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(HEAD_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(Duration::from_secs(60), conn).await;
+            tokio::select! {
+                _ = slot.evict.notified() => {
+                    tracing::debug!(%peer, "idle connection closed to make room");
+                }
+                _ = tokio::time::timeout(CONNECTION_LIFETIME, conn) => {}
+            }
         });
     }
 }
 
 pub async fn serve_health(state: Arc<State>, listener: TcpListener) {
-    serve_small(listener, move |req| {
+    serve_small(listener, HEALTH_MAX_CONNECTIONS, move |req| {
         let state = state.clone();
         async move {
             match req.uri().path() {
@@ -86,7 +203,7 @@ pub async fn serve_admin(
     reload: LogReload,
     current_log: Arc<std::sync::Mutex<String>>,
 ) {
-    serve_small(listener, move |req| {
+    serve_small(listener, ADMIN_MAX_CONNECTIONS, move |req| {
         let state = state.clone();
         let shutdown = shutdown.clone();
         let reload = reload.clone();

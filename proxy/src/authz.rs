@@ -148,6 +148,12 @@ impl Authz {
         Ok(())
     }
 
+    /// Whether any rule is about HTTP (a rate limit, methods or paths): a
+    /// connection that does not speak HTTP would pass them unchecked.
+    pub fn has_http_rules(&self) -> bool {
+        !self.limits.is_empty() || self.rules.iter().any(|r| !r.to.is_empty())
+    }
+
     /// Whether a plaintext (non-mesh) connection may be served at all.
     pub fn allows_plaintext(&self) -> bool {
         !self.strict

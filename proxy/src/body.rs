@@ -37,6 +37,9 @@ pub struct Tail {
     pub checkin: Option<crate::pool::Checkin>,
     /// Keeps the downstream connection from idling until the body ends.
     pub in_flight: Option<crate::io::InFlight>,
+    /// A request body held for `100 Continue`: never sent once this
+    /// response (which answered without it) has ended.
+    pub gate: Option<crate::expect::Gate>,
     /// Whether the body was read to its end (or had nothing to read).
     ended: bool,
 }
@@ -70,6 +73,9 @@ impl Tail {
         }
         if let Some(done) = self.done.take() {
             done.complete(error);
+        }
+        if let Some(g) = self.gate.take() {
+            g.finish();
         }
         self.permit = None;
         self.in_flight = None;

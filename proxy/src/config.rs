@@ -235,6 +235,20 @@ impl Default for Limits {
     }
 }
 
+/// Each HTTP/2 stream's receive window. A stream whose reader stops (a client
+/// that never reads its download, an app that never reads its upload) holds
+/// at most this much of its connection's window.
+pub const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+impl Limits {
+    /// An HTTP/2 connection's receive window: room for every stream it may
+    /// carry to be stalled at once, so stalled streams can never starve the
+    /// others on the connection (head-of-line blocking between sidecars).
+    pub fn h2_connection_window(&self) -> u32 {
+        H2_STREAM_WINDOW.saturating_mul(self.h2_max_concurrent_streams.max(1))
+    }
+}
+
 /// hyper's HTTP/1 reader needs at least this much buffer.
 pub const MIN_HEADER_BYTES: usize = 8192;
 

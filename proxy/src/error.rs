@@ -17,6 +17,8 @@ pub enum Cause {
     Denied,
     RateLimited,
     BadRequest,
+    /// The request target is longer than the proxy takes (414).
+    UriTooLong,
     /// The client went away, or reset its request, before the answer ended
     /// (recorded, never answered: the client is gone).
     ClientReset,
@@ -45,6 +47,7 @@ impl Cause {
             Cause::Denied => "denied",
             Cause::RateLimited => "rate-limited",
             Cause::BadRequest => "bad-request",
+            Cause::UriTooLong => "uri-too-long",
             Cause::ClientReset => "client-reset",
             Cause::UpstreamReset => "upstream-reset",
         }
@@ -53,7 +56,7 @@ impl Cause {
     /// Who caused it.
     pub fn side(self) -> Side {
         match self {
-            Cause::BadRequest | Cause::ClientReset => Side::Client,
+            Cause::BadRequest | Cause::UriTooLong | Cause::ClientReset => Side::Client,
             Cause::UpstreamFailure | Cause::UpstreamReset | Cause::Timeout => Side::Upstream,
             Cause::NoEndpoints
             | Cause::CircuitOpen
@@ -75,6 +78,7 @@ impl Cause {
             Cause::Denied => StatusCode::FORBIDDEN,
             Cause::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Cause::BadRequest => StatusCode::BAD_REQUEST,
+            Cause::UriTooLong => StatusCode::URI_TOO_LONG,
         }
     }
 
@@ -87,7 +91,7 @@ impl Cause {
             Cause::Timeout => 4,
             Cause::Denied => 7,
             Cause::RateLimited => 8,
-            Cause::BadRequest => 13,
+            Cause::BadRequest | Cause::UriTooLong => 13,
         }
     }
 }
@@ -251,7 +255,7 @@ pub fn local_response(cause: Cause, grpc: bool, detail: &str) -> Response<ProxyB
     };
     resp.headers_mut()
         .insert("x-remora-error", HeaderValue::from_static(cause.as_str()));
-    if cause == Cause::BadRequest {
+    if matches!(cause, Cause::BadRequest | Cause::UriTooLong) {
         // The framing can't be trusted: don't read another request from it.
         resp.headers_mut()
             .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
@@ -287,6 +291,7 @@ mod tests {
             (Cause::Denied, 403, 7, "denied"),
             (Cause::RateLimited, 429, 8, "rate-limited"),
             (Cause::BadRequest, 400, 13, "bad-request"),
+            (Cause::UriTooLong, 414, 13, "uri-too-long"),
             (Cause::ClientReset, 499, 1, "client-reset"),
             (Cause::UpstreamReset, 502, 14, "upstream-reset"),
         ];

@@ -70,6 +70,24 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     HopByHop::scan(req.headers()).is_upgrade(req)
 }
 
+/// The protocol an HTTP/1.1 upgrade request asks for: its first `Upgrade`
+/// token, lowercased (`websocket`, `h2c`, ...); None for any other request.
+pub fn upgrade_protocol<B>(req: &Request<B>) -> Option<String> {
+    if !is_upgrade(req) {
+        return None;
+    }
+    let value = req.headers().get(header::UPGRADE)?.to_str().ok()?;
+    let first = value.split(',').next()?.trim();
+    let name = first.split('/').next().unwrap_or(first);
+    Some(name.to_ascii_lowercase())
+}
+
+/// Whether an upgrade to `protocol` is allowed where no route says (only
+/// WebSocket; `h2c` is never forwarded but stripped, see [`forward`]).
+pub fn upgrade_allowed_by_default(protocol: &str) -> bool {
+    remora_proto::policy::DEFAULT_UPGRADES.contains(&protocol)
+}
+
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get_all(header::CONNECTION)
@@ -77,6 +95,68 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// The longest request target (path and query, or absolute URI) the proxy
+/// takes: longer gets 414. A head longer than `--max-header-bytes` gets 431
+/// first.
+pub const MAX_URI_BYTES: usize = 16 * 1024;
+
+/// RFC 9112 checks of an HTTP/1 request head that hyper leaves to its user:
+/// exactly one `Host` in HTTP/1.1 (at most one in 1.0), and a request target
+/// within [`MAX_URI_BYTES`]. HTTP/2 requests carry `:authority` instead.
+pub fn check_http1_head<B>(req: &Request<B>) -> Result<(), ProxyError> {
+    let version = req.version();
+    if version != Version::HTTP_11 && version != Version::HTTP_10 {
+        return Ok(());
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => {
+            return Err(ProxyError::new(
+                Cause::BadRequest,
+                "more than one Host header",
+            ))
+        }
+        (None, _) if version == Version::HTTP_11 => {
+            return Err(ProxyError::new(
+                Cause::BadRequest,
+                "an HTTP/1.1 request without Host",
+            ))
+        }
+        _ => {}
+    }
+    let target = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len())
+        + req.uri().authority().map_or(0, |a| a.as_str().len());
+    if target > MAX_URI_BYTES {
+        return Err(ProxyError::new(
+            Cause::UriTooLong,
+            format!("the request target is longer than {MAX_URI_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// End-to-end headers the proxy itself relies on (routing, framing, tracing,
+/// deadlines): a `Connection` header naming one of them is ignored for it,
+/// so a client cannot make the proxy strip what it routes or frames by.
+fn protected(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host"
+            | "content-length"
+            | "content-type"
+            | "expect"
+            | "authorization"
+            | "traceparent"
+            | "tracestate"
+            | "b3"
+            | "x-b3-traceid"
+            | "x-b3-spanid"
+            | "x-b3-parentspanid"
+            | "x-b3-sampled"
+            | "grpc-timeout"
+    )
 }
 
 /// Removes hop-by-hop headers, including those the Connection header names, and
@@ -102,6 +182,7 @@ fn strip_present(headers: &mut HeaderMap, present: HopByHop, upgrade: bool) {
             .flat_map(|v| v.split(','))
             .filter(|t| !t.trim().eq_ignore_ascii_case("close"))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !protected(n))
             .collect();
         for name in listed {
             if !(upgrade && name == header::UPGRADE) && headers.remove(&name).is_some() {
@@ -158,7 +239,10 @@ pub async fn forward(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // Everything is changed in place: the request moves once, into the pool.
     let hop = HopByHop::scan(req.headers());
-    let upgrade = hop.is_upgrade(&req);
+    // `Upgrade: h2c` is never forwarded (RFC 9113 removed it; a tunnel it
+    // opened would carry requests no policy saw): the request goes on as an
+    // ordinary one, its Upgrade and HTTP2-Settings removed as hop-by-hop.
+    let upgrade = hop.is_upgrade(&req) && upgrade_protocol(&req).is_none_or(|p| p != "h2c");
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     if hop.any() {
         strip_present(req.headers_mut(), hop, upgrade);
@@ -186,13 +270,10 @@ pub async fn forward(
     let (mut resp, mut checkin) = pool
         .send(req, version, upgrade, connect_timeout, limit)
         .await?;
-    if let Some(gate) = gate {
-        if !gate.opened() {
-            // Answered without the body: it is never sent, and the
-            // connection, left mid-request, is not reused.
-            checkin = None;
-        }
-        gate.finish();
+    if gate.as_ref().is_some_and(|g| !g.opened()) {
+        // Answered without the body: the connection, left mid-request, is
+        // not reused.
+        checkin = None;
     }
 
     if let Some(down) = downstream_upgrade {
@@ -215,10 +296,23 @@ pub async fn forward(
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(resp.headers_mut(), switching);
     let mut resp = resp.map(ProxyBody::Incoming);
-    if let Some(c) = checkin {
+    if checkin.is_some() || gate.is_some() {
         match resp.body_mut().tail() {
-            Some(tail) => tail.checkin = Some(c),
-            None => c.give_back(),
+            Some(tail) => {
+                tail.checkin = checkin;
+                // A held body is given up only once this answer has been
+                // read whole: ending it sooner would make hyper abort the
+                // connection under the answer.
+                tail.gate = gate;
+            }
+            None => {
+                if let Some(c) = checkin {
+                    c.give_back();
+                }
+                if let Some(g) = gate {
+                    g.finish();
+                }
+            }
         }
     }
     Ok(resp)
@@ -263,10 +357,9 @@ fn to_http2<B>(req: &mut Request<B>, mark: bool) -> Result<(), ProxyError> {
 /// authority staying in Host.
 fn to_http1<B>(req: &mut Request<B>) {
     if let Some(auth) = req.uri().authority() {
-        if !req.headers().contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
+        // RFC 9112 §3.2.2: an absolute-form target's authority replaces Host.
+        if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
         }
         let pq = req
             .uri()

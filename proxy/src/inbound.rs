@@ -84,11 +84,32 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
     if http {
         let speaks = Speaks::detected(detected);
         serve_requests(&state, &builder, io, speaks, activity, drain, app, None).await;
-    } else if mesh.authz.allows_connection(None) {
+    } else if may_relay(&mesh, &app, None) {
         relay(&state, io, activity, &app, None).await;
-    } else {
-        tracing::info!(app = %app.addr, "denied a plaintext TCP connection");
     }
+}
+
+/// Whether an opaque TCP connection from `peer` (None: plaintext) may reach
+/// the application: never on a port declared HTTP, nor past HTTP-level rules
+/// (a rate limit, method or path rules) that a relay would skip.
+fn may_relay(mesh: &crate::mesh::Mesh, app: &App, peer: Option<&str>) -> bool {
+    let declared = mesh.local_protocol(app.addr.port(), app.explicit);
+    let allowed = if declared.is_some_and(|p| p != Protocol::Tcp) {
+        tracing::info!(app = %app.addr, "refused a TCP connection to a port declared HTTP");
+        false
+    } else if declared.is_none() && mesh.authz.has_http_rules() {
+        tracing::info!(
+            app = %app.addr,
+            "refused a connection that does not speak HTTP: HTTP rules cover this workload"
+        );
+        false
+    } else {
+        mesh.authz.allows_connection(peer)
+    };
+    if !allowed {
+        tracing::info!(app = %app.addr, ?peer, "denied a TCP connection");
+    }
+    allowed
 }
 
 /// Where inbound traffic is delivered.
@@ -138,10 +159,8 @@ async fn mesh_connection(
             serve_requests(&state, &builder, tls, speaks, activity, drain, app, peer).await;
         }
         Some(Carry::Tcp) => {
-            if state.mesh.load().authz.allows_connection(peer.as_deref()) {
+            if may_relay(&state.mesh.load(), &app, peer.as_deref()) {
                 relay(&state, tls, activity, &app, peer).await;
-            } else {
-                tracing::info!(peer = ?peer, "denied a TCP connection by authorization policy");
             }
         }
         None => tracing::info!("TLS connection without a known ALPN protocol; closing"),
@@ -218,7 +237,15 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
             Some(Protocol::Http2 | Protocol::Grpc)
         );
         let path = req.uri().path();
-        let decision = if !mesh
+        // The local service's own route rules say which upgrades it takes.
+        let rule = mesh.local.as_ref().and_then(|svc| {
+            svc.rules
+                .iter()
+                .find(|r| r.matches(req.method(), path, req.headers()))
+        });
+        let decision = if let Err(e) = crate::forward::check_http1_head(&req) {
+            Err(e)
+        } else if !mesh
             .authz
             .allows_request(peer.as_deref(), req.method(), path)
         {
@@ -237,6 +264,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
                     state.local_metrics.rate_limited();
                     ProxyError::rate_limited(wait)
                 })
+                .and_then(|()| crate::route::check_upgrade(rule, &req))
         };
         (h2_app, decision)
     };

@@ -38,6 +38,8 @@ pub struct PoolSettings {
     pub max_header_bytes: usize,
     /// Also bounds the TLS handshake.
     pub connect_timeout: Duration,
+    /// An HTTP/2 connection's receive window (see `Limits::h2_connection_window`).
+    pub h2_connection_window: u32,
     /// HTTP/2 pings to a peer sidecar: interval, then how long one may go
     /// unanswered. The local application is never pinged (gRPC servers count
     /// pings without data as abuse and answer GOAWAY `too_many_pings`).
@@ -260,12 +262,16 @@ impl EndpointPool {
     ) -> Result<http1::SendRequest<ProxyBody>, ProxyError> {
         let permit = acquire(limit)?;
         let io = self.open(Carry::Http1, connect_timeout).await?;
+        let head_limit = self
+            .settings
+            .max_header_bytes
+            .max(crate::config::MIN_HEADER_BYTES);
+        // The response head's limit is checked on the parsed head, so it does
+        // not depend on how the bytes happened to arrive; the read buffer has
+        // room beyond it so a head just over the limit is parsed and refused.
         let (sender, conn) = http1::Builder::new()
-            .max_buf_size(
-                self.settings
-                    .max_header_bytes
-                    .max(crate::config::MIN_HEADER_BYTES),
-            )
+            .max_header_size(head_limit)
+            .max_buf_size(head_limit + 16 * 1024)
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::connect(format!("{}: handshake: {e}", self.addr)))?;
@@ -333,7 +339,9 @@ impl EndpointPool {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
-            .max_header_list_size(self.settings.max_header_bytes as u32);
+            .max_header_list_size(self.settings.max_header_bytes as u32)
+            .initial_stream_window_size(crate::config::H2_STREAM_WINDOW)
+            .initial_connection_window_size(self.settings.h2_connection_window);
         if self.is_mesh() {
             // A peer sidecar accepts pings at any rate; they find a dead peer
             // that TCP keep-alive would take minutes to notice.

@@ -3,7 +3,7 @@
 
 use crate::mesh::{EndpointSet, SetCache};
 use http::{HeaderName, HeaderValue, Method};
-use remora_proto::policy::RouteRule;
+use remora_proto::policy::{RouteRule, DEFAULT_UPGRADES};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,8 @@ pub struct Rule {
     pub critical: bool,
     /// Used when the chosen backend has no available endpoint.
     pub fallback: Option<Arc<EndpointSet>>,
+    /// The protocols its requests may upgrade to, lowercased.
+    upgrades: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -97,7 +99,16 @@ impl Rule {
                     &b.subset,
                 )
             }),
+            upgrades: match &rule.upgrades {
+                Some(list) => list.iter().map(|u| u.to_ascii_lowercase()).collect(),
+                None => DEFAULT_UPGRADES.iter().map(|u| (*u).to_owned()).collect(),
+            },
         })
+    }
+
+    /// Whether a request of this rule may upgrade to `protocol` (lowercase).
+    pub fn allows_upgrade(&self, protocol: &str) -> bool {
+        self.upgrades.iter().any(|u| u == protocol)
     }
 
     /// Whether this rule selects the request. No matches selects everything.
@@ -125,6 +136,30 @@ impl Match {
         self.headers
             .iter()
             .all(|(n, v)| headers.get_all(n).iter().any(|x| x == v))
+    }
+}
+
+/// Refuses an upgrade its route (or, with no route, the default: WebSocket
+/// only) does not allow; `h2c` passes here and is stripped when forwarded.
+pub fn check_upgrade<B>(
+    rule: Option<&Rule>,
+    req: &http::Request<B>,
+) -> Result<(), crate::error::ProxyError> {
+    let Some(protocol) = crate::forward::upgrade_protocol(req) else {
+        return Ok(());
+    };
+    let allowed = protocol == "h2c"
+        || rule.map_or_else(
+            || crate::forward::upgrade_allowed_by_default(&protocol),
+            |r| r.allows_upgrade(&protocol),
+        );
+    if allowed {
+        Ok(())
+    } else {
+        Err(crate::error::ProxyError::new(
+            crate::error::Cause::Denied,
+            format!("an upgrade to {protocol} is not allowed on this route"),
+        ))
     }
 }
 

@@ -68,6 +68,8 @@ macro_rules! http2_settings {
             .max_header_list_size($limits.max_header_bytes as u32)
             .keep_alive_interval($limits.h2_keepalive_interval)
             .keep_alive_timeout($limits.h2_keepalive_timeout)
+            .initial_stream_window_size(crate::config::H2_STREAM_WINDOW)
+            .initial_connection_window_size($limits.h2_connection_window())
     };
 }
 

@@ -44,6 +44,7 @@ impl State {
                 max_idle_per_endpoint: settings.limits.pool_max_idle,
                 max_header_bytes: settings.limits.max_header_bytes,
                 connect_timeout: settings.limits.connect_timeout,
+                h2_connection_window: settings.limits.h2_connection_window(),
                 h2_keepalive: (
                     settings.limits.h2_keepalive_interval,
                     settings.limits.h2_keepalive_timeout,

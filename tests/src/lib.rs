@@ -15,6 +15,7 @@
 
 pub mod clients;
 pub mod faults;
+pub mod inproc;
 pub mod mesh;
 pub mod netns;
 pub mod observability;

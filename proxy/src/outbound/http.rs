@@ -39,6 +39,7 @@ async fn route_and_forward(
     grpc: bool,
     obs: &mut Observed,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    crate::forward::check_http1_head(&req)?;
     let mesh = state.mesh.load_full();
     if req.method() == http::Method::CONNECT {
         return connect_tunnel(state, &mesh, req).await;
@@ -80,6 +81,7 @@ async fn route_and_forward(
         Some(r) => obs.routed(&req, &r.name, r.metrics.clone()),
         None => obs.routed(&req, "default", svc.default_metrics.clone()),
     }
+    crate::route::check_upgrade(rule, &req)?;
 
     // Policy: fault injection first (the user's chaos experiment).
     if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
