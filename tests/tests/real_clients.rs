@@ -642,6 +642,22 @@ fn grpcio_deadlines_and_cancels_reach_the_server_through_the_mesh() {
         &[&["--target", target.as_str()], &cases[..]].concat(),
     );
     assert_cases_passed(&out, &cases, &mesh);
+    // The cancelled call is logged and counted once, as the client's doing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = mesh.client.access_log();
+        let cancelled = log
+            .iter()
+            .any(|l| l["protocol"] == "grpc" && l["error"] == "client-reset");
+        if cancelled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no client-reset line for the cancelled call: {log:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
