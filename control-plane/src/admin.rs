@@ -294,9 +294,14 @@ impl Admin for AdminService {
         &self,
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        admin_identity::create_token(&self.identity.tokens, request.into_inner())
-            .await
-            .map(Response::new)
+        let max_uses = admin_identity::max_uses_of(request.metadata())?;
+        let created =
+            admin_identity::create_token(&self.identity.tokens, request.into_inner(), max_uses)
+                .await?;
+        Ok(admin_identity::with_uses_echo(
+            Response::new(created),
+            max_uses,
+        ))
     }
 
     async fn revoke_token(
@@ -312,9 +317,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        admin_identity::list_tokens(&self.identity.tokens)
-            .await
-            .map(Response::new)
+        admin_identity::list_tokens(&self.identity.tokens).await
     }
 
     async fn rotate_ca(

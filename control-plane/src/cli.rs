@@ -15,6 +15,11 @@
 //! | `serve --ca-cert F --ca-key F [--ca-bundle F]` | `REMORA_CA_CERT`, `REMORA_CA_KEY`, `REMORA_CA_BUNDLE` | a generated root |
 //! | `serve --cert-lifetime DUR` | `REMORA_CERT_LIFETIME` | `24h` |
 //! | `serve --max-cert-lifetime DUR` | `REMORA_MAX_CERT_LIFETIME` | `24h` |
+//! | `serve --handshake-timeout DUR` | `REMORA_HANDSHAKE_TIMEOUT` | `3s` |
+//! | `serve --max-handshakes N` | `REMORA_MAX_HANDSHAKES` | `1024` |
+//! | `serve --max-handshakes-per-source N` | `REMORA_MAX_HANDSHAKES_PER_SOURCE` | `64` |
+//! | `serve --http-max-connections N` | `REMORA_HTTP_MAX_CONNECTIONS` | `64` |
+//! | `serve --http-header-read-timeout DUR` | `REMORA_HTTP_HEADER_READ_TIMEOUT` | `5s` |
 
 use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -143,11 +148,17 @@ pub enum TokenCommand {
         service: String,
         #[arg(short = 'n', long, value_name = "N")]
         namespace: String,
-        /// How long the token may be used (e.g. 1h, 7d) [default: no expiry]
+        /// How long the token may bootstrap new certificates (e.g. 10m, 7d);
+        /// workloads it bootstrapped keep renewing after it [default: no expiry]
         #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         ttl: Option<Duration>,
+        /// How many certificates the token may bootstrap (each proxy start
+        /// takes one; renewals take none) [default: no limit]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        uses: Option<u32>,
     },
-    /// Revoke a token: Identity.Certify refuses it from now on
+    /// Revoke a token: Identity.Certify refuses it from now on, for new
+    /// certificates and for renewals
     Revoke {
         #[arg(value_name = "ID")]
         id: String,
@@ -223,6 +234,62 @@ pub struct ServeArgs {
         value_parser = parse_duration
     )]
     pub max_cert_lifetime: Duration,
+    /// gRPC port: the time a client has to finish its TLS handshake
+    #[arg(
+        long,
+        env = "REMORA_HANDSHAKE_TIMEOUT",
+        default_value = "3s",
+        value_name = "DUR",
+        value_parser = parse_positive_duration
+    )]
+    pub handshake_timeout: Duration,
+    /// gRPC port: TLS handshakes in progress at once; at the cap the source
+    /// holding the most gives up its oldest
+    #[arg(
+        long,
+        env = "REMORA_MAX_HANDSHAKES",
+        default_value = "1024",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_handshakes: u32,
+    /// gRPC port: TLS handshakes in progress from one source (an IPv4
+    /// address, an IPv6 /64); more closes that source's oldest
+    #[arg(
+        long,
+        env = "REMORA_MAX_HANDSHAKES_PER_SOURCE",
+        default_value = "64",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub max_handshakes_per_source: u32,
+    /// HTTP port: connections held at once; at the cap the oldest idle one
+    /// is closed for a new one
+    #[arg(
+        long,
+        env = "REMORA_HTTP_MAX_CONNECTIONS",
+        default_value = "64",
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub http_max_connections: u32,
+    /// HTTP port: the time to send a request head (an idle keep-alive
+    /// connection is closed after it too)
+    #[arg(
+        long,
+        env = "REMORA_HTTP_HEADER_READ_TIMEOUT",
+        default_value = "5s",
+        value_name = "DUR",
+        value_parser = parse_positive_duration
+    )]
+    pub http_header_read_timeout: Duration,
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be longer than 0".into()),
+        d => Ok(d),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -2,6 +2,7 @@
 //! `/live`, `/ready` and `/metrics` (Prometheus text).
 
 use crate::ca::Authority;
+use crate::conn_limit::ConnLimiter;
 use crate::identity::CertMetrics;
 use crate::registry::Registry;
 use bytes::Bytes;
@@ -19,10 +20,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-/// How long a client may take to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// The most HTTP connections served at once; more wait in the accept queue.
-const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send a request head, counted from when
+/// the connection is accepted or its previous answer was sent (so an idle
+/// keep-alive connection is closed after it too): `--http-header-read-timeout`.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most HTTP connections held at once (`--http-max-connections`); at the
+/// cap, the oldest idle one (no request being answered) is closed for a new
+/// one, so idle connections cannot keep a scrape or a probe out.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
 
 /// What the HTTP endpoints report on.
 #[derive(Debug)]
@@ -31,15 +36,19 @@ pub struct Health {
     pub registry: Arc<Registry>,
     pub certs: Arc<CertMetrics>,
     pub authority: Arc<Authority>,
+    /// The listeners' connection slots (`remora_control_connections_shed_total`).
+    pub listeners: Vec<Arc<ConnLimiter>>,
 }
 
-/// Serves until `shutdown` resolves.
+/// Serves until `shutdown` resolves; each connection holds a slot of `slots`
+/// and must send each request head within `header_read_timeout`.
 pub async fn serve(
     listener: TcpListener,
     health: Arc<Health>,
+    slots: Arc<ConnLimiter>,
+    header_read_timeout: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let upkeep = tokio::spawn(upkeep(vec![
         health.registry.metrics.handle(),
         health.certs.handle(),
@@ -47,14 +56,9 @@ pub async fn serve(
     let _stop_upkeep = AbortOnDrop(upkeep);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => return,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (stream, _) = tokio::select! {
+        // Never waits for a free slot before accepting: a new connection
+        // takes the slot of an idle one instead.
+        let (stream, peer) = tokio::select! {
             _ = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -65,21 +69,37 @@ pub async fn serve(
                 }
             },
         };
+        let Some(slot) = slots.admit(peer.ip()) else {
+            tracing::debug!(%peer, "every HTTP connection is busy; connection refused");
+            continue;
+        };
         let health = health.clone();
+        let slots = slots.clone();
         tokio::spawn(async move {
+            let slot = Arc::new(slot);
+            let in_service = slot.clone();
             let service = service_fn(move |req| {
-                let health = health.clone();
-                async move { Ok::<_, Infallible>(respond(&health, &req)) }
+                // Busy while answering; idle (evictable) while waiting for
+                // the next request head.
+                in_service.set_busy(true);
+                let response = respond(&health, &req);
+                in_service.set_busy(false);
+                async move { Ok::<_, Infallible>(response) }
             });
-            let result = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "http connection ended");
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = slot.evicted() => {
+                    tracing::debug!(%peer, "idle http connection closed to make room");
+                }
+                result = connection => match result {
+                    Err(e) if e.is_timeout() => slots.count_timeout(),
+                    Err(e) => tracing::debug!(error = %e, "http connection ended"),
+                    Ok(()) => {}
+                },
             }
-            drop(permit);
         });
     }
 }
@@ -131,6 +151,12 @@ pub fn metrics(health: &Health) -> String {
     registry.metrics.set_ca(ca.rotating(), ca.roots.len());
     let mut out = registry.metrics.render();
     health.certs.render(&mut out);
+    if !health.listeners.is_empty() {
+        crate::conn_limit::render_header(&mut out);
+        for listener in &health.listeners {
+            listener.render(&mut out);
+        }
+    }
     out
 }
 

@@ -1,10 +1,18 @@
 //! The `remora.v1.Identity` service: signs a workload's CSR when its
 //! credential proves the identity the CSR asks for.
 //!
-//! No client certificate is needed (this is how a proxy gets its first one).
+//! No client certificate is needed for a first certificate: the bootstrap
+//! token proves the identity, and the certificate counts as one of its uses
+//! (`token create --uses N`) and must come within its TTL. A workload that
+//! presents its current certificate as its TLS client certificate is renewing:
+//! the certificate proves the identity (the CSR must ask for the same one),
+//! the token it sends along must only be genuine and not revoked, and no use
+//! is counted, so a single-use token keeps its workload renewing.
+//!
 //! Refusals: UNAUTHENTICATED when the token proves nothing (the message says
-//! why: malformed, unknown, revoked, expired), INVALID_ARGUMENT for a CSR that
-//! cannot be used, PERMISSION_DENIED when the CSR asks for another identity.
+//! why: malformed, unknown, revoked, expired, used up), INVALID_ARGUMENT for a
+//! CSR that cannot be used, PERMISSION_DENIED when the CSR asks for another
+//! identity (or the token proves another one than the client certificate).
 //! Every answer is counted for `/metrics`.
 
 use crate::ca::Authority;
@@ -21,11 +29,12 @@ use tonic::{Request, Response, Status};
 pub const MAX_CSR_PEM_BYTES: usize = 16 * 1024;
 
 /// The `reason` labels of refused certificates.
-pub const REFUSAL_REASONS: [&str; 7] = [
+pub const REFUSAL_REASONS: [&str; 8] = [
     "token_malformed",
     "token_unknown",
     "token_revoked",
     "token_expired",
+    "token_used_up",
     "csr_invalid",
     "identity_mismatch",
     "internal",
@@ -33,6 +42,9 @@ pub const REFUSAL_REASONS: [&str; 7] = [
 
 /// Workload certificates signed.
 pub const CERTIFICATES_ISSUED_TOTAL: &str = "remora_control_certificates_issued_total";
+/// Of those, renewals: the workload authenticated with its current
+/// certificate (no token use counted).
+pub const CERTIFICATES_RENEWED_TOTAL: &str = "remora_control_certificates_renewed_total";
 /// Certify requests refused, by `reason` (one of [`REFUSAL_REASONS`]).
 pub const CERTIFICATES_REFUSED_TOTAL: &str = "remora_control_certificates_refused_total";
 
@@ -41,6 +53,7 @@ pub const CERTIFICATES_REFUSED_TOTAL: &str = "remora_control_certificates_refuse
 pub struct CertMetrics {
     handle: PrometheusHandle,
     issued: Counter,
+    renewed: Counter,
     refused: [Counter; REFUSAL_REASONS.len()],
 }
 
@@ -55,6 +68,12 @@ impl Default for CertMetrics {
                 "Workload certificates signed."
             );
             describe_counter!(
+                CERTIFICATES_RENEWED_TOTAL,
+                Unit::Count,
+                "Workload certificates signed for a workload that authenticated with its current \
+                 certificate (renewals; also counted as issued)."
+            );
+            describe_counter!(
                 CERTIFICATES_REFUSED_TOTAL,
                 Unit::Count,
                 "Certify requests refused, by reason."
@@ -62,6 +81,7 @@ impl Default for CertMetrics {
             CertMetrics {
                 handle: handle.clone(),
                 issued: counter!(CERTIFICATES_ISSUED_TOTAL),
+                renewed: counter!(CERTIFICATES_RENEWED_TOTAL),
                 // Every reason is registered up front, so each shows 0 until it happens.
                 refused: REFUSAL_REASONS
                     .map(|reason| counter!(CERTIFICATES_REFUSED_TOTAL, "reason" => reason)),
@@ -77,8 +97,16 @@ impl std::fmt::Debug for CertMetrics {
 }
 
 impl CertMetrics {
-    pub fn issue(&self) {
+    pub fn issue(&self, renewal: bool) {
         self.issued.increment(1);
+        if renewal {
+            self.renewed.increment(1);
+        }
+    }
+
+    /// Renewals so far.
+    pub fn renewed(&self) -> u64 {
+        self.read(CERTIFICATES_RENEWED_TOTAL, "")
     }
 
     /// Counts a refusal; an unknown reason counts as `internal`.
@@ -139,21 +167,36 @@ impl IdentityService {
         }
     }
 
+    /// Signs `req`'s CSR. `renewal_by`: the SPIFFE ID of the client
+    /// certificate the caller presented (verified by the TLS layer), if any.
     async fn certify_inner(
         &self,
         req: CertifyRequest,
+        renewal_by: Option<&str>,
     ) -> Result<CertifyResponse, (&'static str, Status)> {
-        let who = self
-            .authenticator
-            .authenticate(&req.token)
-            .await
-            .map_err(|e| {
-                let status = match &e {
-                    AuthError::Internal(_) => Status::unavailable(e.to_string()),
-                    _ => Status::unauthenticated(e.to_string()),
-                };
-                (e.reason(), status)
-            })?;
+        let refused = |e: AuthError| {
+            let status = match &e {
+                AuthError::Internal(_) => Status::unavailable(e.to_string()),
+                _ => Status::unauthenticated(e.to_string()),
+            };
+            (e.reason(), status)
+        };
+        let who = match renewal_by {
+            Some(_) => self.authenticator.authenticate_renewal(&req.token).await,
+            None => self.authenticator.authenticate(&req.token).await,
+        }
+        .map_err(refused)?;
+        if let Some(holder) = renewal_by {
+            if holder != who.spiffe_id {
+                return Err((
+                    "identity_mismatch",
+                    Status::permission_denied(format!(
+                        "the client certificate is for {holder}, the token proves {}",
+                        who.spiffe_id
+                    )),
+                ));
+            }
+        }
         let bad_csr = |message: String| ("csr_invalid", Status::invalid_argument(message));
         if req.csr_pem.len() > MAX_CSR_PEM_BYTES {
             return Err(bad_csr(format!(
@@ -191,6 +234,11 @@ impl IdentityService {
                 )),
             ));
         }
+        // A first certificate takes one of the token's uses; checked again
+        // here, atomically, so two requests cannot both take the last one.
+        if renewal_by.is_none() {
+            self.authenticator.consume(&who).await.map_err(refused)?;
+        }
         let lifetime = self.authority.lifetimes.lifetime(req.lifetime_seconds);
         let state = self.authority.current();
         let issued = state
@@ -199,6 +247,8 @@ impl IdentityService {
             .map_err(|e| ("internal", Status::internal(e.to_string())))?;
         tracing::info!(
             spiffe_id = %who.spiffe_id,
+            token_id = who.token_id.as_deref().unwrap_or("-"),
+            renewal = renewal_by.is_some(),
             not_after = issued.not_after_unix,
             signer_id = %issued.signer_id,
             "certificate issued"
@@ -220,9 +270,21 @@ impl Identity for IdentityService {
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
         let peer = request.remote_addr();
-        match self.certify_inner(request.into_inner()).await {
+        let renewal_by = match crate::tls::peer_spiffe_id(&request) {
+            Ok(holder) => holder,
+            Err(status) => {
+                self.metrics.refuse("identity_mismatch");
+                tracing::warn!(?peer, error = %status.message(), "certificate refused");
+                return Err(status);
+            }
+        };
+        let renewal = renewal_by.is_some();
+        match self
+            .certify_inner(request.into_inner(), renewal_by.as_deref())
+            .await
+        {
             Ok(response) => {
-                self.metrics.issue();
+                self.metrics.issue(renewal);
                 Ok(Response::new(response))
             }
             Err((reason, status)) => {

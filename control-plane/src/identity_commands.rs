@@ -1,5 +1,6 @@
 //! `remora-control token create|revoke|list` and `remora-control ca rotate`.
 
+use crate::admin_identity;
 use crate::cli::{CaCommand, TokenCommand};
 use crate::client::Admin;
 use crate::output::{self, note, out, outln};
@@ -14,21 +15,56 @@ pub(crate) async fn token(admin: &mut Admin, command: TokenCommand) -> anyhow::R
             service,
             namespace,
             ttl,
+            uses,
         } => {
-            let request = CreateTokenRequest {
+            let mut request = tonic::Request::new(CreateTokenRequest {
                 service,
                 namespace,
                 ttl_seconds: ttl.map_or(0, |d| d.as_secs().max(1)),
-            };
-            let response = admin.client.create_token(request).await;
-            let created = response
-                .map_err(|s| admin.error("token create", s))?
-                .into_inner();
+            });
+            if let Some(n) = uses {
+                request.metadata_mut().insert(
+                    admin_identity::MAX_USES_METADATA,
+                    tonic::metadata::AsciiMetadataValue::from(n),
+                );
+            }
+            let response = admin
+                .client
+                .create_token(request)
+                .await
+                .map_err(|s| admin.error("token create", s))?;
+            let confirmed = response
+                .metadata()
+                .get(admin_identity::MAX_USES_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok());
+            let created = response.into_inner();
+            if uses.is_some() && confirmed != uses {
+                // A server that ignored --uses made an unlimited token: take
+                // it back rather than hand it out.
+                let revoked = admin
+                    .client
+                    .revoke_token(RevokeTokenRequest {
+                        token_id: created.token_id.clone(),
+                    })
+                    .await;
+                anyhow::bail!(
+                    "token create: the control plane did not confirm the --uses limit (is it an \
+                     older release?); the token it made ({}) {}",
+                    created.token_id,
+                    if revoked.is_ok() {
+                        "was revoked"
+                    } else {
+                        "could not be revoked: revoke it"
+                    }
+                );
+            }
             // Only the token on stdout, so that `token create ... > file` works.
             outln(&created.token)?;
             if std::io::stderr().is_terminal() {
+                let limit = uses.map_or(String::new(), |n| format!(", at most {n} use(s)"));
                 note(format_args!(
-                    "token {} proves {} (expires {}); it is not shown again",
+                    "token {} proves {} (expires {}{limit}); it is not shown again",
                     created.token_id,
                     created.spiffe_id,
                     output::unix_time_or(created.expires_unix, "never")
@@ -47,15 +83,17 @@ pub(crate) async fn token(admin: &mut Admin, command: TokenCommand) -> anyhow::R
             Ok(())
         }
         TokenCommand::List => {
-            let response = admin.client.list_tokens(ListTokensRequest {}).await;
-            let tokens = response
-                .map_err(|s| admin.error("token list", s))?
-                .into_inner()
-                .tokens;
+            let response = admin
+                .client
+                .list_tokens(ListTokensRequest {})
+                .await
+                .map_err(|s| admin.error("token list", s))?;
+            let uses = admin_identity::uses_from(response.metadata());
+            let tokens = response.into_inner().tokens;
             if tokens.is_empty() {
                 note("no tokens");
             } else {
-                out(output::tokens_table(&tokens))?;
+                out(output::tokens_table(&tokens, &uses))?;
             }
             Ok(())
         }

@@ -82,6 +82,36 @@ impl IdentityDb {
         Ok(())
     }
 
+    /// Reads `key` and writes what `f` makes of it, in one durable write
+    /// transaction (redb runs one at a time, so nothing changes `key` in
+    /// between). `f` gets the current value; Some(new) writes it, None
+    /// leaves the entry as it is.
+    pub(crate) fn update(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        f: impl FnOnce(Option<&[u8]>) -> Result<Option<Vec<u8>>, DbError>,
+    ) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        let changed = {
+            let mut table = txn.open_table(table).map_err(db_err)?;
+            let current = table.get(key).map_err(db_err)?.map(|v| v.value().to_vec());
+            match f(current.as_deref())? {
+                Some(next) => {
+                    table.insert(key, next.as_slice()).map_err(db_err)?;
+                    true
+                }
+                None => false,
+            }
+        };
+        if changed {
+            txn.commit().map_err(db_err)?;
+        } else {
+            txn.abort().map_err(db_err)?;
+        }
+        Ok(())
+    }
+
     /// Every entry, in key order.
     pub(crate) fn list(
         &self,

@@ -6,7 +6,8 @@
 //! - [`registry`]: connected proxies, endpoints and the current snapshot;
 //!   [`discovery`]: the Discovery stream each proxy holds open.
 //! - [`server`]: `serve`; [`http`]: `/live`, `/ready`, `/metrics`;
-//!   `reflection`: what gRPC reflection describes.
+//!   `reflection`: what gRPC reflection describes; [`conn_limit`]: the
+//!   listeners' connection slots.
 //! - [`ca`]: the certificate authority; [`ca_store`]: where it comes from and
 //!   is kept; [`identity_db`]: tokens and the CA record (redb); [`pem`].
 //! - [`tokens`]: bootstrap tokens; [`identity`]: the Identity service (CSR
@@ -23,6 +24,7 @@ pub mod ca_store;
 pub mod changes;
 pub mod cli;
 pub mod client;
+pub mod conn_limit;
 pub mod connect;
 pub mod discovery;
 pub mod http;

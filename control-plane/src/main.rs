@@ -45,6 +45,11 @@ async fn main() -> ExitCode {
                 operator_ca,
                 cert_lifetime: args.cert_lifetime,
                 max_cert_lifetime: args.max_cert_lifetime,
+                handshake_timeout: args.handshake_timeout,
+                max_handshakes: args.max_handshakes as usize,
+                max_handshakes_per_source: args.max_handshakes_per_source as usize,
+                http_max_connections: args.http_max_connections as usize,
+                http_header_read_timeout: args.http_header_read_timeout,
             })
             .await
         }

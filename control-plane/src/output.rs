@@ -136,7 +136,12 @@ fn short_id(id: &str) -> String {
     or_dash(crate::rotation::short(id))
 }
 
-pub fn tokens_table(tokens: &[TokenInfo]) -> String {
+/// `token list`: `uses` maps a token id to `used/max` (`used/-` without a
+/// limit); a token missing from it shows `?`.
+pub fn tokens_table(
+    tokens: &[TokenInfo],
+    uses: &std::collections::HashMap<String, String>,
+) -> String {
     let rows: Vec<Vec<String>> = tokens
         .iter()
         .map(|t| {
@@ -145,11 +150,15 @@ pub fn tokens_table(tokens: &[TokenInfo]) -> String {
                 t.spiffe_id.clone(),
                 unix_time_or(t.created_unix, "-"),
                 unix_time_or(t.expires_unix, "never"),
+                uses.get(&t.token_id).cloned().unwrap_or_else(|| "?".into()),
                 if t.revoked { "yes" } else { "no" }.to_string(),
             ]
         })
         .collect();
-    table(&["ID", "IDENTITY", "CREATED", "EXPIRES", "REVOKED"], &rows)
+    table(
+        &["ID", "IDENTITY", "CREATED", "EXPIRES", "USES", "REVOKED"],
+        &rows,
+    )
 }
 
 /// `remora-control status`: the versions, the CA signer (and a rotation in

@@ -7,6 +7,7 @@ use crate::admin::{AdminIdentity, AdminService};
 use crate::auth::{load_or_create_token, AdminAuth};
 use crate::ca::{Authority, LifetimePolicy, MIN_CERT_LIFETIME};
 use crate::ca_store::{self, OperatorCa};
+use crate::conn_limit::{ConnLimiter, Limits};
 use crate::discovery::DiscoveryService;
 use crate::http::{self, Health};
 use crate::identity::{CertMetrics, IdentityService};
@@ -56,6 +57,15 @@ pub struct ServeConfig {
     /// Workload certificates: the default and the longest lifetime.
     pub cert_lifetime: Duration,
     pub max_cert_lifetime: Duration,
+    /// The gRPC port: how long a client has to finish its TLS handshake, and
+    /// how many handshakes may be in progress, in all and from one source.
+    pub handshake_timeout: Duration,
+    pub max_handshakes: usize,
+    pub max_handshakes_per_source: usize,
+    /// The HTTP port: connections held at once, and the time to send a
+    /// request head.
+    pub http_max_connections: usize,
+    pub http_header_read_timeout: Duration,
 }
 
 /// The default workload certificate lifetime (and longest).
@@ -74,6 +84,11 @@ impl ServeConfig {
             operator_ca: None,
             cert_lifetime: DEFAULT_CERT_LIFETIME,
             max_cert_lifetime: DEFAULT_CERT_LIFETIME,
+            handshake_timeout: crate::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: crate::tls::DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: crate::tls::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            http_max_connections: http::DEFAULT_MAX_CONNECTIONS,
+            http_header_read_timeout: http::DEFAULT_HEADER_READ_TIMEOUT,
         }
     }
 
@@ -323,7 +338,25 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         )))
         .add_service(IdentityServer::new(identity))
         .add_service(AdminServer::with_interceptor(admin, AdminAuth::new(&token)));
-    let incoming = tls.incoming(grpc_listener);
+    let handshake_slots = ConnLimiter::new(
+        "grpc",
+        Limits {
+            max: config.max_handshakes,
+            max_per_source: config.max_handshakes_per_source,
+        },
+    );
+    let http_slots = ConnLimiter::new(
+        "http",
+        Limits {
+            max: config.http_max_connections,
+            max_per_source: config.http_max_connections,
+        },
+    );
+    let incoming = tls.incoming(
+        grpc_listener,
+        handshake_slots.clone(),
+        config.handshake_timeout,
+    );
     let grpc_shutdown = signal(shutdown_rx.clone());
     let grpc = tokio::spawn(async move {
         router
@@ -337,10 +370,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         registry: registry.clone(),
         certs: cert_metrics.clone(),
         authority: authority.clone(),
+        listeners: vec![handshake_slots, http_slots.clone()],
     });
     let http = tokio::spawn(http::serve(
         http_listener,
         health.clone(),
+        http_slots,
+        config.http_header_read_timeout,
         signal(shutdown_rx),
     ));
     health.ready.store(true, Ordering::Release);

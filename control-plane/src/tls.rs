@@ -5,12 +5,17 @@
 //! The `rustls::ServerConfig` sits behind an `ArcSwap`: a root rotation (or
 //! the server certificate's renewal) builds a new one and every later
 //! handshake uses it, without a restart and without touching open
-//! connections. Handshakes run in their own tasks (bounded in number and
-//! time) and finished `tokio_rustls` streams feed tonic's
-//! `serve_with_incoming`, whose `Connected` impl for them puts the peer's
-//! certificates in each request (`Request::peer_certs`).
+//! connections. Every connection is accepted at once and its handshake runs
+//! in a task of its own, bounded in time (`--handshake-timeout`) and in
+//! number, in all and per source ([`crate::conn_limit`]: a source at its
+//! bound, or the busiest one when all slots are taken, gives up its oldest
+//! pending handshake), so connections that never finish a handshake cannot
+//! keep anyone else from connecting. Finished `tokio_rustls` streams feed
+//! tonic's `serve_with_incoming`, whose `Connected` impl for them puts the
+//! peer's certificates in each request (`Request::peer_certs`).
 
 use crate::ca::{self, CaState, ServerCert};
+use crate::conn_limit::ConnLimiter;
 use arc_swap::ArcSwap;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -19,7 +24,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,10 +32,12 @@ use tonic::{Request, Status};
 
 /// The names every server certificate carries, besides `--server-name`s.
 pub const DEFAULT_SERVER_NAMES: [&str; 3] = ["remora-control", "localhost", "127.0.0.1"];
-/// How long a client has to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; more connections wait in the accept queue.
-const MAX_HANDSHAKES: usize = 256;
+/// How long a client has to finish its handshake (`--handshake-timeout`).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Handshakes in progress at once (`--max-handshakes`).
+pub const DEFAULT_MAX_HANDSHAKES: usize = 1024;
+/// Handshakes in progress from one source (`--max-handshakes-per-source`).
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 64;
 /// Finished connections waiting for the gRPC server to take them.
 const ACCEPTED_QUEUE: usize = 64;
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -141,31 +148,33 @@ impl ServerTls {
         &self.names
     }
 
-    /// Accepts TCP connections and completes their TLS handshakes; yields
-    /// the finished streams. Ends (closing the listener) when the stream is
-    /// dropped.
+    /// Accepts TCP connections and completes their TLS handshakes, each
+    /// within `timeout` and holding a slot of `slots`; yields the finished
+    /// streams. Ends (closing the listener) when the stream is dropped.
     pub fn incoming(
         self: &Arc<Self>,
         listener: TcpListener,
+        slots: Arc<ConnLimiter>,
+        timeout: Duration,
     ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
         let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
-        tokio::spawn(accept_loop(self.clone(), listener, tx));
+        tokio::spawn(accept_loop(self.clone(), listener, tx, slots, timeout));
         ReceiverStream::new(rx)
     }
 }
 
 type Accepted = mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>;
 
-async fn accept_loop(tls: Arc<ServerTls>, listener: TcpListener, tx: Accepted) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+async fn accept_loop(
+    tls: Arc<ServerTls>,
+    listener: TcpListener,
+    tx: Accepted,
+    slots: Arc<ConnLimiter>,
+    timeout: Duration,
+) {
     loop {
-        let permit = tokio::select! {
-            _ = tx.closed() => return,
-            permit = handshakes.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
+        // Never waits for a handshake slot: pending handshakes must not keep
+        // a new connection in the accept queue.
         let (tcp, peer) = tokio::select! {
             _ = tx.closed() => return,
             accepted = listener.accept() => match accepted {
@@ -177,12 +186,27 @@ async fn accept_loop(tls: Arc<ServerTls>, listener: TcpListener, tx: Accepted) {
                 }
             },
         };
+        let Some(slot) = slots.admit(peer.ip()) else {
+            tracing::debug!(%peer, "every handshake slot is busy; connection refused");
+            continue;
+        };
         configure_tcp(&tcp);
         let acceptor = TlsAcceptor::from(tls.config.load_full());
         let tx = tx.clone();
+        let slots = slots.clone();
         tokio::spawn(async move {
-            handshake(acceptor, tcp, peer, tx).await;
-            drop(permit);
+            let stream = tokio::select! {
+                _ = slot.evicted() => {
+                    tracing::debug!(%peer, "pending TLS handshake closed to make room");
+                    return;
+                }
+                stream = handshake(acceptor, tcp, peer, timeout, &slots) => stream,
+            };
+            // The slot is for the handshake only.
+            drop(slot);
+            if let Some(stream) = stream {
+                let _ = tx.send(Ok(stream)).await;
+            }
         });
     }
 }
@@ -193,13 +217,25 @@ fn configure_tcp(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive);
 }
 
-async fn handshake(acceptor: TlsAcceptor, tcp: TcpStream, peer: SocketAddr, tx: Accepted) {
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => {
-            let _ = tx.send(Ok(stream)).await;
+async fn handshake(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    timeout: Duration,
+    slots: &ConnLimiter,
+) -> Option<TlsStream<TcpStream>> {
+    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            None
         }
-        Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake failed"),
-        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+        Err(_) => {
+            // Counted on /metrics; a flood would flood the log.
+            slots.count_timeout();
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
     }
 }
 

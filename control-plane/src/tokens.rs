@@ -5,6 +5,18 @@
 //! with the identity, creation and expiry times and a revoked flag; the token
 //! itself is shown once, when it is created.
 //!
+//! A token may be limited in time (`--ttl`: after it, it bootstraps no new
+//! certificate) and in uses (`--uses N`: it bootstraps at most N
+//! certificates). Uses are counted in the record, in the same durable
+//! transaction that checks them, so a restart does not reset them and two
+//! concurrent requests cannot both take the last one.
+//!
+//! Only a workload's first certificate consumes a use and must be within the
+//! TTL. A renewal is authenticated by the certificate the workload holds (its
+//! mTLS client certificate on the Certify call); the token it presents with it
+//! need only be genuine and not revoked, so revoking a token still ends the
+//! renewals of every workload it bootstrapped.
+//!
 //! Verification sits behind [`WorkloadAuthenticator`], so that another kind of
 //! credential (a Kubernetes ServiceAccount token, say) can be added beside it.
 
@@ -26,6 +38,9 @@ pub struct WorkloadIdentity {
     pub service: String,
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service>`.
     pub spiffe_id: String,
+    /// The bootstrap token that proved it, if a token did (its uses are
+    /// counted against it).
+    pub token_id: Option<String>,
 }
 
 /// Why a credential proves nothing.
@@ -39,6 +54,8 @@ pub enum AuthError {
     Revoked,
     #[error("expired token")]
     Expired,
+    #[error("token used up: it has bootstrapped {0} certificate(s), its limit (renewals authenticate with the workload's certificate; a new workload needs a new token)")]
+    UsedUp(u32),
     #[error("cannot check the token: {0}")]
     Internal(String),
 }
@@ -51,6 +68,7 @@ impl AuthError {
             AuthError::Unknown => "token_unknown",
             AuthError::Revoked => "token_revoked",
             AuthError::Expired => "token_expired",
+            AuthError::UsedUp(_) => "token_used_up",
             AuthError::Internal(_) => "internal",
         }
     }
@@ -59,7 +77,23 @@ impl AuthError {
 /// Turns a workload's credential into the identity it proves.
 #[tonic::async_trait]
 pub trait WorkloadAuthenticator: Send + Sync + std::fmt::Debug {
+    /// For a first certificate: the credential must still be good for a new
+    /// one (for a token: not revoked, not expired, a use left).
     async fn authenticate(&self, credential: &str) -> Result<WorkloadIdentity, AuthError>;
+
+    /// For a renewal by a workload that proved with its current certificate
+    /// that it holds the identity: the credential need only be genuine and
+    /// not revoked.
+    async fn authenticate_renewal(&self, credential: &str) -> Result<WorkloadIdentity, AuthError> {
+        self.authenticate(credential).await
+    }
+
+    /// Counts a first certificate against the credential that proved `who`,
+    /// refusing if it has no use left (checked again, atomically).
+    async fn consume(&self, who: &WorkloadIdentity) -> Result<(), AuthError> {
+        let _ = who;
+        Ok(())
+    }
 }
 
 /// One stored token (never the secret itself).
@@ -74,6 +108,36 @@ pub struct TokenRecord {
     /// 0: never.
     pub expires_unix: i64,
     pub revoked: bool,
+    /// How many first certificates it may bootstrap; 0: no limit.
+    #[serde(default)]
+    pub max_uses: u32,
+    /// How many it has bootstrapped (renewals are not counted).
+    #[serde(default)]
+    pub uses: u32,
+}
+
+impl TokenRecord {
+    /// `used/max` (`used/-` without a limit).
+    pub fn uses_text(&self) -> String {
+        if self.max_uses == 0 {
+            format!("{}/-", self.uses)
+        } else {
+            format!("{}/{}", self.uses, self.max_uses)
+        }
+    }
+
+    /// Why it cannot bootstrap a new certificate at `now`, if it cannot.
+    fn refuses_new(&self, now: i64) -> Option<AuthError> {
+        if self.revoked {
+            Some(AuthError::Revoked)
+        } else if self.expires_unix != 0 && now >= self.expires_unix {
+            Some(AuthError::Expired)
+        } else if self.max_uses != 0 && self.uses >= self.max_uses {
+            Some(AuthError::UsedUp(self.uses))
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +228,23 @@ impl TokenStore {
         service: &str,
         ttl: Option<Duration>,
     ) -> Result<(String, TokenRecord), TokenError> {
+        self.create_limited(namespace, service, ttl, None)
+    }
+
+    /// [`create`](Self::create), bootstrapping at most `max_uses`
+    /// certificates (None: no limit).
+    pub fn create_limited(
+        &self,
+        namespace: &str,
+        service: &str,
+        ttl: Option<Duration>,
+        max_uses: Option<u32>,
+    ) -> Result<(String, TokenRecord), TokenError> {
+        if max_uses == Some(0) {
+            return Err(TokenError::Invalid(
+                "--uses must be at least 1 (leave it out for no limit)".into(),
+            ));
+        }
         check_name("namespace", namespace).map_err(TokenError::Invalid)?;
         check_name("service", service).map_err(TokenError::Invalid)?;
         let id = random_hex(ID_BYTES)?;
@@ -181,6 +262,8 @@ impl TokenStore {
             created_unix: now,
             expires_unix,
             revoked: false,
+            max_uses: max_uses.unwrap_or(0),
+            uses: 0,
         };
         self.save(&record)?;
         Ok((format!("{id}.{secret}"), record))
@@ -232,9 +315,9 @@ impl TokenStore {
         Ok(out)
     }
 
-    /// Checks a credential at time `now`. The secret is checked before the
-    /// revoked and expiry flags, so that only its holder learns them.
-    pub fn verify(&self, credential: &str, now: i64) -> Result<WorkloadIdentity, AuthError> {
+    /// The record of a genuine credential (its secret matches), whatever
+    /// its state.
+    fn genuine(&self, credential: &str) -> Result<TokenRecord, AuthError> {
         let credential = credential.trim();
         if credential.is_empty() {
             return Err(AuthError::Malformed("no token given".into()));
@@ -260,18 +343,84 @@ impl TokenStore {
         if !constant_time_eq(presented.as_bytes(), record.secret_sha256.as_bytes()) {
             return Err(AuthError::Unknown);
         }
-        if record.revoked {
-            return Err(AuthError::Revoked);
-        }
-        if record.expires_unix != 0 && now >= record.expires_unix {
-            return Err(AuthError::Expired);
-        }
-        Ok(WorkloadIdentity {
+        Ok(record)
+    }
+
+    fn identity_of(&self, record: TokenRecord) -> WorkloadIdentity {
+        WorkloadIdentity {
             spiffe_id: self.spiffe_id(&record.namespace, &record.service),
             namespace: record.namespace,
             service: record.service,
-        })
+            token_id: Some(record.id),
+        }
     }
+
+    /// Checks a credential for a first certificate at time `now`: genuine,
+    /// not revoked, not expired, a use left. The secret is checked before
+    /// the rest, so that only its holder learns the token's state.
+    pub fn verify(&self, credential: &str, now: i64) -> Result<WorkloadIdentity, AuthError> {
+        let record = self.genuine(credential)?;
+        if let Some(refusal) = record.refuses_new(now) {
+            return Err(refusal);
+        }
+        Ok(self.identity_of(record))
+    }
+
+    /// Checks a credential presented with a renewal (the workload proved its
+    /// identity with its current certificate): genuine and not revoked; its
+    /// TTL and uses are for new certificates only.
+    pub fn verify_renewal(&self, credential: &str) -> Result<WorkloadIdentity, AuthError> {
+        let record = self.genuine(credential)?;
+        if record.revoked {
+            return Err(AuthError::Revoked);
+        }
+        Ok(self.identity_of(record))
+    }
+
+    /// Counts one first certificate against token `id` at time `now`, in one
+    /// durable transaction with the check that it may still bootstrap one.
+    pub fn consume(&self, id: &str, now: i64) -> Result<TokenRecord, AuthError> {
+        let internal = |e: &dyn std::fmt::Display| AuthError::Internal(e.to_string());
+        let mut outcome = Err(AuthError::Unknown);
+        self.db
+            .update(TOKENS, id, |bytes| {
+                let Some(bytes) = bytes else {
+                    return Ok(None);
+                };
+                let mut record = match Self::decode(id, bytes) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        outcome = Err(internal(&e));
+                        return Ok(None);
+                    }
+                };
+                if let Some(refusal) = record.refuses_new(now) {
+                    outcome = Err(refusal);
+                    return Ok(None);
+                }
+                record.uses = record.uses.saturating_add(1);
+                let encoded = serde_json::to_vec(&record).map_err(|e| internal(&e));
+                outcome = Ok(record);
+                match encoded {
+                    Ok(encoded) => Ok(Some(encoded)),
+                    Err(e) => {
+                        outcome = Err(e);
+                        Ok(None)
+                    }
+                }
+            })
+            .map_err(|e| internal(&e))?;
+        outcome
+    }
+}
+
+/// Runs a token-store call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, AuthError> + Send + 'static,
+) -> Result<T, AuthError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AuthError::Internal(e.to_string()))?
 }
 
 #[tonic::async_trait]
@@ -279,9 +428,21 @@ impl WorkloadAuthenticator for TokenStore {
     async fn authenticate(&self, credential: &str) -> Result<WorkloadIdentity, AuthError> {
         let store = self.clone();
         let credential = credential.to_string();
-        tokio::task::spawn_blocking(move || store.verify(&credential, now_unix()))
-            .await
-            .map_err(|e| AuthError::Internal(e.to_string()))?
+        blocking(move || store.verify(&credential, now_unix())).await
+    }
+
+    async fn authenticate_renewal(&self, credential: &str) -> Result<WorkloadIdentity, AuthError> {
+        let store = self.clone();
+        let credential = credential.to_string();
+        blocking(move || store.verify_renewal(&credential)).await
+    }
+
+    async fn consume(&self, who: &WorkloadIdentity) -> Result<(), AuthError> {
+        let Some(id) = who.token_id.clone() else {
+            return Ok(());
+        };
+        let store = self.clone();
+        blocking(move || store.consume(&id, now_unix()).map(|_| ())).await
     }
 }
 
@@ -332,6 +493,57 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_limited_token_bootstraps_its_uses_and_no_more_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(IdentityDb::open(dir.path()).unwrap(), "cluster.local");
+        let (token, record) = store
+            .create_limited("shop", "backend", None, Some(2))
+            .unwrap();
+        for _ in 0..2 {
+            let who = store.verify(&token, now_unix()).unwrap();
+            assert_eq!(who.token_id.as_deref(), Some(record.id.as_str()));
+            store.consume(&record.id, now_unix()).unwrap();
+        }
+        assert_eq!(store.verify(&token, now_unix()), Err(AuthError::UsedUp(2)));
+        assert_eq!(
+            store.consume(&record.id, now_unix()),
+            Err(AuthError::UsedUp(2))
+        );
+        // Renewals (by a workload holding its certificate) still pass.
+        assert!(store.verify_renewal(&token).is_ok());
+        drop(store);
+        let store = TokenStore::new(IdentityDb::open(dir.path()).unwrap(), "cluster.local");
+        assert_eq!(store.verify(&token, now_unix()), Err(AuthError::UsedUp(2)));
+        assert_eq!(store.get(&record.id).unwrap().unwrap().uses_text(), "2/2");
+        store.revoke(&record.id).unwrap();
+        assert_eq!(store.verify_renewal(&token), Err(AuthError::Revoked));
+        assert!(store
+            .create_limited("shop", "backend", None, Some(0))
+            .is_err());
+    }
+
+    #[test]
+    fn an_expired_token_is_refused_for_new_certificates_but_not_renewals() {
+        let (_dir, store) = store();
+        let (token, record) = store
+            .create("shop", "backend", Some(Duration::from_secs(600)))
+            .unwrap();
+        let later = record.created_unix + 600;
+        assert_eq!(store.verify(&token, later), Err(AuthError::Expired));
+        assert_eq!(store.consume(&record.id, later), Err(AuthError::Expired));
+        assert!(store.verify_renewal(&token).is_ok());
+    }
+
+    #[test]
+    fn records_without_use_counts_read_as_unlimited() {
+        let old = r#"{"id":"a","namespace":"shop","service":"b","secret_sha256":"x",
+            "created_unix":1,"expires_unix":0,"revoked":false}"#;
+        let record: TokenRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((record.max_uses, record.uses), (0, 0));
+        assert_eq!(record.refuses_new(2), None);
     }
 
     #[test]

@@ -76,7 +76,7 @@ async fn token_create_prints_only_the_token_and_revoke_ends_it() {
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(
         lines[0].split_whitespace().collect::<Vec<_>>(),
-        ["ID", "IDENTITY", "CREATED", "EXPIRES", "REVOKED"]
+        ["ID", "IDENTITY", "CREATED", "EXPIRES", "USES", "REVOKED"]
     );
     assert_eq!(lines.len(), 3);
     let row = lines.iter().find(|l| l.starts_with(id)).unwrap();

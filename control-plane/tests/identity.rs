@@ -177,6 +177,7 @@ async fn tokens_that_prove_nothing_are_refused_and_counted() {
         registry: running.registry.clone(),
         certs: running.cert_metrics.clone(),
         authority: running.authority.clone(),
+        listeners: Vec::new(),
     });
     assert!(
         text.contains("remora_control_certificates_refused_total{reason=\"token_revoked\"} 1"),

@@ -2,7 +2,9 @@
 //! leaves the process and is never written to disk), a CSR for
 //! `spiffe://<trust-domain>/ns/<namespace>/sa/<service>` sent with the bootstrap
 //! token, and the certificate that comes back. Renewed at about 70% of its
-//! lifetime, at once when the control plane starts signing with a new root,
+//! lifetime (a renewal presents the current certificate as its TLS client
+//! certificate, which authenticates it, so a single-use token keeps working),
+//! at once when the control plane starts signing with a new root,
 //! and retried with jitter while the control plane is away, keeping the valid
 //! certificate meanwhile. New handshakes use the new certificate; open
 //! connections keep theirs.
@@ -185,7 +187,31 @@ pub async fn certify(
     token: &str,
     lifetime: Duration,
 ) -> Result<(WorkloadCert, String), String> {
-    let (key, csr_pem) = make_csr(&identity.spiffe_id)?;
+    certify_status(channel, identity, token, lifetime)
+        .await
+        .map_err(|e| match e {
+            Ok(status) => refused(&status),
+            Err(message) => message,
+        })
+}
+
+fn refused(status: &tonic::Status) -> String {
+    format!(
+        "certificate refused: {} ({:?})",
+        status.message(),
+        status.code()
+    )
+}
+
+/// [`certify`], telling the control plane's answer (`Err(Ok(status))`)
+/// from any other failure.
+async fn certify_status(
+    channel: tonic::transport::Channel,
+    identity: &Identity,
+    token: &str,
+    lifetime: Duration,
+) -> Result<(WorkloadCert, String), Result<tonic::Status, String>> {
+    let (key, csr_pem) = make_csr(&identity.spiffe_id).map_err(Err)?;
     let resp = IdentityClient::new(channel)
         .certify(CertifyRequest {
             token: token.to_string(),
@@ -193,8 +219,16 @@ pub async fn certify(
             lifetime_seconds: lifetime.as_secs(),
         })
         .await
-        .map_err(|s| format!("certificate refused: {} ({:?})", s.message(), s.code()))?
+        .map_err(Ok)?
         .into_inner();
+    checked(identity, key, resp).map_err(Err)
+}
+
+fn checked(
+    identity: &Identity,
+    key: rcgen::KeyPair,
+    resp: remora_proto::v1::CertifyResponse,
+) -> Result<(WorkloadCert, String), String> {
     let chain = tls::certs_from_pem(&resp.certificate_chain_pem);
     let leaf = chain
         .first()
@@ -229,6 +263,15 @@ pub async fn certify(
     ))
 }
 
+/// Whether a failed call never got an answer from the control plane (the
+/// connection or its TLS handshake failed), rather than a refusal.
+fn transport_failure(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
 /// Keeps a valid certificate for as long as the process runs.
 pub async fn run(state: Arc<crate::state::State>) {
     let identity = state.identity.clone();
@@ -241,8 +284,30 @@ pub async fn run(state: Arc<crate::state::State>) {
                     .map_err(|e| format!("reading the token file {}: {e}", path.display()))?,
                 None => return Err("no --token-file: cannot prove this workload's identity".into()),
             };
+            let token = token.trim();
+            // A renewal presents the certificate we hold, which is what
+            // authenticates it (a single-use token has been used already).
+            // If the control plane cannot take it (it no longer trusts its
+            // root, say), the token alone is tried: a new certificate.
+            if identity.has_cert() {
+                let renewal = async {
+                    let channel = crate::control_plane::channel(&state, true)
+                        .await
+                        .map_err(Err)?;
+                    certify_status(channel, &identity, token, s.cert_lifetime).await
+                };
+                match renewal.await {
+                    Ok(done) => return Ok(done),
+                    // The control plane's answer stands (a revoked token).
+                    Err(Ok(status)) if !transport_failure(&status) => return Err(refused(&status)),
+                    Err(e) => {
+                        let e = e.map_or_else(|message| message, |status| refused(&status));
+                        tracing::debug!(error = %e, "renewal with the current certificate failed; trying the token alone");
+                    }
+                }
+            }
             let channel = crate::control_plane::channel(&state, false).await?;
-            certify(channel, &identity, token.trim(), s.cert_lifetime).await
+            certify(channel, &identity, token, s.cert_lifetime).await
         };
         match attempt.await {
             Ok((cert, bundle)) => {
