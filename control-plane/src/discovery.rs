@@ -318,6 +318,16 @@ fn handle_message(
             registry.deregister_endpoint(id);
             None
         }
+        Some(RequestKind::Health(health)) => {
+            let reason: String = health.reason.chars().take(MAX_FIELD_LEN).collect();
+            if health.serving {
+                tracing::info!(stream = id, "proxy's application is serving again");
+            } else {
+                tracing::warn!(stream = id, %reason, "proxy's application is unreachable; endpoint withdrawn");
+            }
+            registry.set_serving(id, health.serving);
+            None
+        }
         Some(RequestKind::Register(_)) => Some(End::Refused(Status::invalid_argument(
             "Register may only be sent once per stream",
         ))),

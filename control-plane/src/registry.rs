@@ -137,6 +137,13 @@ impl RegistryMetrics {
     }
 }
 
+impl Proxy {
+    /// Whether peers should dial it now.
+    fn is_endpoint(&self) -> bool {
+        self.endpoint_registered && self.app_serving
+    }
+}
+
 /// A count as a gauge value (exact far beyond any count here).
 #[allow(clippy::cast_precision_loss)]
 fn count(n: impl TryInto<u64>) -> f64 {
@@ -146,7 +153,10 @@ fn count(n: impl TryInto<u64>) -> f64 {
 struct Proxy {
     register: Register,
     connected_since_unix_ms: i64,
+    /// Registered with an address and not deregistered (draining).
     endpoint_registered: bool,
+    /// Its application can be reached (the proxy's Health reports).
+    app_serving: bool,
     sent_version: String,
     acked_version: String,
     last_nack_version: String,
@@ -345,6 +355,7 @@ impl Registry {
                 register,
                 connected_since_unix_ms: now_unix_ms,
                 endpoint_registered,
+                app_serving: true,
                 sent_version: String::new(),
                 acked_version: String::new(),
                 last_nack_version: String::new(),
@@ -372,7 +383,23 @@ impl Registry {
         let Some(proxy) = inner.proxies.get_mut(&id) else {
             return;
         };
-        if std::mem::take(&mut proxy.endpoint_registered) {
+        let was = proxy.is_endpoint();
+        proxy.endpoint_registered = false;
+        if was {
+            self.publish(&mut inner);
+        }
+    }
+
+    /// Records whether a proxy's application can be reached: an instance
+    /// whose application cannot is not an endpoint until it can again.
+    pub fn set_serving(&self, id: StreamId, serving: bool) {
+        let mut inner = self.lock();
+        let Some(proxy) = inner.proxies.get_mut(&id) else {
+            return;
+        };
+        let was = proxy.is_endpoint();
+        proxy.app_serving = serving;
+        if proxy.is_endpoint() != was {
             self.publish(&mut inner);
         }
     }
@@ -384,7 +411,7 @@ impl Registry {
             self.metrics
                 .proxies_connected
                 .set(count(inner.proxies.len()));
-            if proxy.endpoint_registered {
+            if proxy.is_endpoint() {
                 self.publish(&mut inner);
             }
             self.proxy_changes.notify_one();
@@ -470,7 +497,7 @@ impl Registry {
                 last_nack_error: p.last_nack_error.clone(),
                 connected_since_unix_ms: p.connected_since_unix_ms,
                 cert_not_after_unix: p.cert_not_after_unix,
-                endpoint_registered: p.endpoint_registered,
+                endpoint_registered: p.is_endpoint(),
                 cert_signer_id: p.cert_signer_id.clone(),
             })
             .collect();
@@ -496,7 +523,7 @@ impl Registry {
         let mut endpoints: Vec<Endpoint> = inner
             .proxies
             .values()
-            .filter(|p| p.endpoint_registered)
+            .filter(|p| p.is_endpoint())
             .map(|p| Endpoint {
                 service: p.register.service.clone(),
                 namespace: p.register.namespace.clone(),
@@ -528,11 +555,7 @@ impl Registry {
 }
 
 fn endpoint_count(inner: &Inner) -> usize {
-    inner
-        .proxies
-        .values()
-        .filter(|p| p.endpoint_registered)
-        .count()
+    inner.proxies.values().filter(|p| p.is_endpoint()).count()
 }
 
 /// The documents of a state as snapshot resources, in key order.

@@ -144,6 +144,17 @@ pub struct RunArgs {
     #[arg(long, env = "REMORA_DRAIN_GRACE", value_parser = parse_duration)]
     #[serde(default, with = "remora_proto::policy::opt_duration")]
     pub drain_grace: Option<Duration>,
+    /// How the application's health is probed: tcp (a connect), http:/PATH
+    /// (a GET answered 2xx/3xx, e.g. the pod's readiness path), or none
+    /// (only failed requests mark it down). An unreachable application's
+    /// endpoint is withdrawn until it answers again (default tcp).
+    #[arg(long, env = "REMORA_APP_PROBE")]
+    pub app_probe: Option<String>,
+    /// How often the application is probed while it is serving (default 5s;
+    /// every 1s while it is not).
+    #[arg(long, env = "REMORA_APP_PROBE_INTERVAL", value_parser = parse_duration)]
+    #[serde(default, with = "remora_proto::policy::opt_duration")]
+    pub app_probe_interval: Option<Duration>,
     /// OTLP/gRPC collector for trace spans, e.g. http://jaeger:4317 (none: no spans).
     #[arg(long, env = "REMORA_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -187,6 +198,8 @@ pub struct Settings {
     pub admin_addr: SocketAddr,
     pub health_addr: SocketAddr,
     pub limits: Limits,
+    pub app_probe: crate::app_health::Probe,
+    pub app_probe_interval: Duration,
     pub drain_delay: Duration,
     pub drain_grace: Duration,
     pub otlp_endpoint: Option<String>,
@@ -344,6 +357,11 @@ impl Settings {
                 pick!(health_port).unwrap_or(15020),
             ),
             limits,
+            app_probe: match pick!(app_probe) {
+                Some(p) => p.parse().map_err(|e| anyhow::anyhow!("--app-probe {e}"))?,
+                None => crate::app_health::Probe::Tcp,
+            },
+            app_probe_interval: pick!(app_probe_interval).unwrap_or(Duration::from_secs(5)),
             drain_delay: pick!(drain_delay).unwrap_or(Duration::from_secs(1)),
             drain_grace: pick!(drain_grace).unwrap_or(Duration::from_secs(10)),
             otlp_endpoint: pick!(otlp_endpoint).filter(|e| !e.is_empty()),

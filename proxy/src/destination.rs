@@ -23,6 +23,9 @@ pub struct Destination {
     pub budget: Option<RetryBudget>,
     pub bulkhead: Option<Bulkhead>,
     pub breaker: Option<BreakerConfig>,
+    /// The breaker is the default outlier detection, not a policy's: it
+    /// counts only gateway errors, and never ejects every endpoint.
+    pub ejection_only: bool,
     pub connect_timeout: Option<Duration>,
     /// How long a request may wait for an in-flight slot before `overloaded`.
     pub queue_timeout: Duration,
@@ -37,7 +40,8 @@ impl Destination {
                 balancer: Balancer::default(),
                 budget: default_budget(),
                 bulkhead: None,
-                breaker: None,
+                breaker: Some(default_ejection()),
+                ejection_only: true,
                 connect_timeout: None,
                 queue_timeout: Duration::from_secs(1),
                 metrics,
@@ -89,15 +93,29 @@ impl Destination {
             }
             None => None,
         };
+        let ejection_only = breaker.is_none();
         Ok(Destination {
             balancer,
             budget,
             bulkhead,
-            breaker,
+            breaker: breaker.or_else(|| Some(default_ejection())),
+            ejection_only,
             connect_timeout: p.connect_timeout,
             queue_timeout: p.connect_timeout.unwrap_or(Duration::from_secs(1)),
             metrics,
         })
+    }
+}
+
+/// Outlier detection every destination has unless its policy sets a
+/// circuitBreaker: five gateway errors in a row eject an endpoint for 5 s,
+/// doubling while it keeps failing, up to 5 min (Envoy's and Linkerd's
+/// defaults are of this kind).
+fn default_ejection() -> BreakerConfig {
+    BreakerConfig {
+        consecutive_failures: Some(5),
+        open_for: Duration::from_secs(5),
+        ..BreakerConfig::default()
     }
 }
 

@@ -6,7 +6,7 @@
 use crate::mesh::Mesh;
 use crate::state::State;
 use remora_proto::v1::discovery_client::DiscoveryClient;
-use remora_proto::v1::{discovery_request, Ack, Deregister, DiscoveryRequest, Register};
+use remora_proto::v1::{discovery_request, Ack, Deregister, DiscoveryRequest, Health, Register};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -101,6 +101,12 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
             .send(send(discovery_request::Kind::Deregister(Deregister {})))
             .await;
     }
+    let mut health = state.app_health.subscribe();
+    // Register implies serving; say so only if it is not.
+    let now = health.borrow_and_update().clone();
+    if !now.serving {
+        let _ = tx.send(send(health_message(now))).await;
+    }
     let mut snapshots = client
         .stream(ReceiverStream::new(rx))
         .await
@@ -161,6 +167,14 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
                     }
                 }
             }
+            r = health.changed() => {
+                if r.is_ok() {
+                    let now = health.borrow_and_update().clone();
+                    if tx.send(send(health_message(now))).await.is_err() {
+                        return Err(lost(got_one, "stream closed".into()));
+                    }
+                }
+            }
             r = leave.changed(), if leave_open => {
                 leave_open = r.is_ok();
                 if leave_open && *leave.borrow() {
@@ -170,6 +184,14 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
             }
         }
     }
+}
+
+/// The application's health, as the control plane hears it.
+fn health_message(now: crate::app_health::Serving) -> discovery_request::Kind {
+    discovery_request::Kind::Health(Health {
+        serving: now.serving,
+        reason: now.reason,
+    })
 }
 
 fn lost(got_one: bool, e: String) -> Session {

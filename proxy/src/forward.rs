@@ -15,7 +15,7 @@ use std::time::Duration;
 /// Headers that describe one connection, not the message, and
 /// [`ORIG_PROTO`] (which only proxies may set): bit `i` of a [`HopByHop`] is
 /// `HOP_BY_HOP[i]`.
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     header::TE,
     header::TRANSFER_ENCODING,
@@ -24,15 +24,17 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     ORIG_PROTO,
+    UNREACHED,
 ];
-const CONNECTION_BIT: u8 = 1 << 0;
-const TE_BIT: u8 = 1 << 1;
-const UPGRADE_BIT: u8 = 1 << 3;
+const CONNECTION_BIT: u16 = 1 << 0;
+const TE_BIT: u16 = 1 << 1;
+const UPGRADE_BIT: u16 = 1 << 3;
+const UNREACHED_BIT: u16 = 1 << 8;
 
 /// Which of [`HOP_BY_HOP`] a message carries, found in one pass over its
 /// header names without hashing any of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HopByHop(u8);
+pub struct HopByHop(u16);
 
 impl HopByHop {
     pub fn scan(headers: &HeaderMap) -> HopByHop {
@@ -58,7 +60,7 @@ impl HopByHop {
 
 /// The bit of `name` in a [`HopByHop`] (its place in [`HOP_BY_HOP`]), or 0.
 /// Standard names compare as enum tags, custom ones by length first.
-fn hop_bit(name: &HeaderName) -> u8 {
+fn hop_bit(name: &HeaderName) -> u16 {
     HOP_BY_HOP
         .iter()
         .position(|h| h == name)
@@ -224,6 +226,11 @@ fn strip_present(headers: &mut HeaderMap, present: HopByHop, upgrade: bool) {
 /// proxies, so the inbound side speaks it to the application.
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("remora-orig-proto");
 
+/// On a peer sidecar's own answer: its application could not be reached, so
+/// the request was never processed and may go to another endpoint, whatever
+/// its method. Only proxies set it (an application's is removed as hop-by-hop).
+pub const UNREACHED: HeaderName = HeaderName::from_static("remora-unreached");
+
 /// Sends `req` to `pool`. To a mesh peer every request but an upgrade or an
 /// `Expect: 100-continue` upload goes as HTTP/2 (one multiplexed mTLS
 /// connection), an HTTP/1 request marked with `remora-orig-proto`; to an
@@ -294,7 +301,16 @@ pub async fn forward(
         }
     }
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-    strip_hop_by_hop(resp.headers_mut(), switching);
+    let hop = HopByHop::scan(resp.headers());
+    if hop.0 & UNREACHED_BIT != 0 && pool.is_mesh() {
+        return Err(ProxyError::connect(format!(
+            "{}: the peer could not reach its application",
+            pool.addr()
+        )));
+    }
+    if hop.any() {
+        strip_present(resp.headers_mut(), hop, switching);
+    }
     let mut resp = resp.map(ProxyBody::Incoming);
     if checkin.is_some() || gate.is_some() {
         match resp.body_mut().tail() {

@@ -11,7 +11,7 @@
 use crate::body::ProxyBody;
 use crate::detect::{self, Detected};
 use crate::drain::Drain;
-use crate::error::{Cause, ProxyError};
+use crate::error::{Cause, ProxyError, RetryClass};
 use crate::forward::{forward, restore_orig_proto};
 use crate::intercept;
 use crate::io::{Activity, Prefixed};
@@ -298,7 +298,21 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
         Err(e) => {
             tracing::debug!(error = %e, "inbound request failed");
             obs.error = Some(e.cause);
-            e.to_response(grpc)
+            let unreached = e.retry == RetryClass::ConnectFailure;
+            let mut resp = e.to_response(grpc);
+            if unreached {
+                // The application is gone: withdraw this endpoint, and tell a
+                // peer sidecar the request was never processed (it may try
+                // another endpoint).
+                state.app_health.unreachable(&e.to_string());
+                if peer.is_some() {
+                    resp.headers_mut().insert(
+                        crate::forward::UNREACHED,
+                        http::HeaderValue::from_static("1"),
+                    );
+                }
+            }
+            resp
         }
     };
     obs.respond(resp)

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app_health;
 pub mod authz;
 pub mod body;
 pub mod config;

@@ -110,6 +110,9 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
     ));
     tokio::spawn(crate::identity::run(state.clone()));
     tokio::spawn(discovery::run(state.clone(), leave_rx));
+    if let Some(target) = app_probe_target(&state.settings) {
+        tokio::spawn(crate::app_health::run(state.clone(), target));
+    }
     drop(drain);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -167,5 +170,19 @@ fn start_telemetry(s: &Settings) -> crate::observe::Telemetry {
             "unknown",
             "unknown",
         )),
+    }
+}
+
+/// Where the application is probed: `--app-port` on 127.0.0.1 (explicit
+/// mode), else the advertised address (transparent mode: the pod's IP and the
+/// application's port). None when this instance is not an endpoint.
+fn app_probe_target(s: &crate::config::Settings) -> Option<std::net::SocketAddr> {
+    let advertised = s.advertise.as_deref()?;
+    match s.app_port {
+        Some(port) => Some(std::net::SocketAddr::from((
+            std::net::Ipv4Addr::LOCALHOST,
+            port,
+        ))),
+        None => advertised.parse().ok(),
     }
 }

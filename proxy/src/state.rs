@@ -24,6 +24,8 @@ pub struct State {
     pub local_metrics: remora_telemetry::ServiceMetrics,
     /// The pool to the local application in explicit mode (127.0.0.1:app-port).
     pub app_pool: Option<Arc<EndpointPool>>,
+    /// Whether the local application can be reached.
+    pub app_health: crate::app_health::AppHealth,
     has_snapshot: AtomicBool,
     draining: AtomicBool,
 }
@@ -64,6 +66,7 @@ impl State {
             local_metrics,
             telemetry,
             app_pool,
+            app_health: crate::app_health::AppHealth::default(),
             has_snapshot: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         })

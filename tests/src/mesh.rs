@@ -340,6 +340,11 @@ impl App {
     pub fn logs(&self) -> String {
         self.proc.logs()
     }
+
+    /// Kills the app with SIGKILL (its sidecar lives on).
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
 }
 
 // ------------------------------------------------------------------ proxies

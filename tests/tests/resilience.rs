@@ -1070,8 +1070,11 @@ spec:
     ))
     .await;
     let echo = Sidecar::start(&cp, "shop", "echo", "v1", Mode::Http).await;
-    // A workload whose application refuses connections: nothing listens there.
-    let dead = Proxy::start(&cp, ProxyOpts::new("dead", "shop", free_port())).await;
+    // A workload whose application drops every connection without an answer
+    // (one that refused connections would have its endpoint withdrawn by its
+    // own sidecar, and the caller would see no-endpoints).
+    let dead = Sidecar::start(&cp, "shop", "dead", "v1", Mode::Http).await;
+    reset_next(&dead.app, 1000).await;
     let frontend = Sidecar::start(&cp, "shop", "frontend", "v1", Mode::Http).await;
     let outbound = frontend.proxy.outbound();
     let mut client = grpc_via_proxy(outbound, ECHO).await;
@@ -1097,7 +1100,7 @@ spec:
         "{message}"
     );
 
-    // The upstream refuses connections: UNAVAILABLE from the proxy, twice,
+    // The upstream drops the calls: UNAVAILABLE from the proxy, twice,
     // which opens dead's circuit; then UNAVAILABLE circuit-open.
     let mut dead_client = grpc_via_proxy(outbound, "http://dead.shop:50051").await;
     let failures = eventually(
@@ -1131,7 +1134,7 @@ spec:
         (code, error.as_deref()),
         (tonic::Code::Unavailable, Some("circuit-open")),
         "{message}\n{}",
-        dead.logs()
+        dead.proxy.logs()
     );
 
     // Overloaded: echo allows one call in flight.

@@ -188,11 +188,24 @@ pub struct InFlight {
     started: Instant,
 }
 
+/// What a failed request costs an endpoint's estimate: failure is treated as
+/// slowness (Finagle's and Linkerd's peak EWMA), so an endpoint that fails
+/// fast never looks like the fastest. The estimate then decays as usual.
+pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
 impl InFlight {
     /// Records the time since [`Load::start`] as an RTT sample, and stops counting the
     /// request. Call it when the response head arrives.
     pub fn finish(self) {
         self.load.observe(self.started.elapsed());
+    }
+
+    /// Records a failure the endpoint caused (it could not be reached, reset,
+    /// or answered a gateway error) as a sample of [`FAILURE_PENALTY`], or of
+    /// the time it took if that was longer.
+    pub fn fail(self) {
+        self.load
+            .observe(self.started.elapsed().max(FAILURE_PENALTY));
     }
 }
 
@@ -213,6 +226,18 @@ impl fmt::Debug for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fast_failure_makes_an_endpoint_look_slow_not_fast() {
+        let good = Load::with_config(Duration::ZERO, DEFAULT_DECAY);
+        let dead = Load::with_config(Duration::ZERO, DEFAULT_DECAY);
+        good.observe(Duration::from_millis(2));
+        // An instant 502 from a dead endpoint.
+        dead.start().fail();
+        assert!(dead.rtt_estimate() >= Duration::from_millis(900));
+        assert!(dead.cost() > good.cost() * 100.0);
+        assert_eq!(dead.in_flight(), 0);
+    }
     use tokio::time::advance;
 
     fn ms(n: u64) -> Duration {

@@ -17,18 +17,26 @@ use crate::route::Rule;
 use crate::state::State;
 use http::request::Parts;
 use http::{Request, Response};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use remora_resilience::{
-    grpc_status_of, is_idempotent, BreakerState, Deadline, Outcome, GRPC_TIMEOUT,
+    grpc_status_of, is_idempotent, Admission, BreakerState, Deadline, Outcome, GRPC_TIMEOUT,
 };
 use std::sync::Arc;
 use std::time::Instant;
 
-/// The request body: streamed once, or replayable for retries.
+/// The request body: streamed once, replayable for retries, or none at all
+/// (then the head is copied for each attempt when a retry may need it).
 enum Body {
     Once(Option<Upload>),
     Replay(Replay<Upload>),
+    Empty { keep_head: bool },
 }
+
+/// Retries made without a route asking, for requests that never reached an
+/// application (a failed connect, a refused stream, a peer whose application
+/// is gone): each goes to another endpoint.
+const DEFAULT_RETRIES: u32 = 2;
 
 pub(super) async fn attempts(
     state: &State,
@@ -49,23 +57,25 @@ pub(super) async fn attempts(
     if let Some(b) = &dest.budget {
         b.deposit();
     }
+    let upgrade = is_upgrade(&req);
     let (parts, body) = req.into_parts();
-    let body = obs.upload(body);
     let idempotent = is_idempotent(&parts.method);
     let mut parts = Some(parts);
     let mut body = match retry {
-        Some(_) => Body::Replay(Replay::new(body, DEFAULT_CAP)),
-        None => Body::Once(Some(body)),
+        Some(_) => Body::Replay(Replay::new(obs.upload(body), DEFAULT_CAP)),
+        // A request without a body can go to another endpoint if it never
+        // reached the first; the head is kept only where there is another.
+        None if body.is_end_stream() && !upgrade => Body::Empty {
+            keep_head: svc.all.pick().is_some_and(|s| s.endpoints.len() > 1),
+        },
+        None => Body::Once(Some(obs.upload(body))),
     };
     let mut attempt: u32 = 0;
+    let mut last: Option<Arc<Endpoint>> = None;
     loop {
         attempt += 1;
         obs.attempts = attempt;
-        let endpoint = choose(svc, rule)?;
-        let admission = match &endpoint.breaker {
-            Some(b) => Some(b.admit().ok_or_else(|| circuit_open(svc))?),
-            None => None,
-        };
+        let (endpoint, admission) = choose(svc, rule, last.as_ref())?;
         obs.upstream = Some(endpoint.addr);
         obs.circuit_state = endpoint.breaker.as_ref().map(|b| state_name(b.state()));
 
@@ -78,6 +88,13 @@ pub(super) async fn attempts(
                 clone_head(parts.as_ref().ok_or_else(internal)?),
                 ProxyBody::Replay(r.body()),
             ),
+            Body::Empty { keep_head: true } => (
+                clone_head(parts.as_ref().ok_or_else(internal)?),
+                ProxyBody::empty(),
+            ),
+            Body::Empty { keep_head: false } => {
+                (parts.take().ok_or_else(internal)?, ProxyBody::empty())
+            }
         };
         if grpc {
             // Pass the remaining deadline on.
@@ -121,17 +138,14 @@ pub(super) async fn attempts(
         }
 
         // Record the outcome for the breaker and the balancer: only what
-        // the upstream caused counts against it.
+        // the upstream caused counts against it, and a failure costs it as
+        // much as a slow answer.
         let outcome = classify(&result);
-        let ok = match &result {
-            Err(e) if e.cause.side() != Side::Upstream => None,
-            Err(_) => Some(false),
-            Ok(r) => {
-                Some(!(r.status().is_server_error() || grpc_status_of(r.headers()) == Some(14)))
-            }
-        };
-        if result.is_ok() {
-            in_flight.finish();
+        let ok = upstream_ok(&result, dest.ejection_only);
+        match ok {
+            Some(true) => in_flight.finish(),
+            Some(false) => in_flight.fail(),
+            None => drop(in_flight),
         }
         if let (Some(a), Some(ok)) = (admission, ok) {
             a.record(ok);
@@ -141,8 +155,24 @@ pub(super) async fn attempts(
         }
 
         // Retry?
-        let (Some(outcome), Some(r)) = (outcome, retry) else {
+        let Some(outcome) = outcome else {
             return result;
+        };
+        let Some(r) = retry else {
+            // No route retry: only what never reached an application, on
+            // another endpoint, within the budget.
+            let unsent = matches!(outcome, Outcome::ConnectFailure | Outcome::RefusedStream);
+            if !unsent
+                || attempt > DEFAULT_RETRIES
+                || !matches!(body, Body::Empty { keep_head: true })
+                || !dest.budget.as_ref().is_none_or(|b| b.try_withdraw())
+            {
+                return result;
+            }
+            tracing::debug!(attempt, reason = reason(outcome), upstream = %endpoint.addr, "retrying on another endpoint");
+            obs.retried(reason(outcome));
+            last = Some(endpoint);
+            continue;
         };
         let replayable = matches!(&body, Body::Replay(rp) if rp.can_replay());
         let sent = !outcome.before_request_sent();
@@ -162,32 +192,111 @@ pub(super) async fn attempts(
         tracing::debug!(attempt, reason = reason(outcome), upstream = %endpoint.addr, "retrying");
         obs.retried(reason(outcome));
         drop(result);
+        last = Some(endpoint);
         tokio::time::sleep(r.backoff.delay(attempt - 1)).await;
     }
 }
 
-/// An endpoint of the chosen backend whose circuit is not open; else one of
-/// the route's fallback; else `no-endpoints` or `circuit-open`.
-fn choose(svc: &Service, rule: Option<&Rule>) -> Result<Arc<Endpoint>, ProxyError> {
+/// Whether an attempt went well for its endpoint: `None` when the failure
+/// was not the upstream's (the client's, or the proxy's own answer). With
+/// only the default ejection (no circuitBreaker policy), only gateway errors
+/// count: a 500 is the application's answer, a 502/503/504 or a failed
+/// exchange says the endpoint is unwell.
+fn upstream_ok(
+    result: &Result<Response<ProxyBody>, ProxyError>,
+    gateway_only: bool,
+) -> Option<bool> {
+    match result {
+        Err(e) if e.cause.side() != Side::Upstream => None,
+        Err(_) => Some(false),
+        Ok(r) => {
+            let status = r.status();
+            let failed = if gateway_only {
+                matches!(status.as_u16(), 502..=504)
+            } else {
+                status.is_server_error()
+            };
+            Some(!(failed || grpc_status_of(r.headers()) == Some(14)))
+        }
+    }
+}
+
+/// An endpoint of the chosen backend whose circuit is not open (another
+/// than `avoid`, the one that just failed, where there is one), with its
+/// breaker's admission; else one of the route's fallback; else
+/// `no-endpoints` or `circuit-open`. Endpoints ejected only by the default
+/// outlier detection are never all out: with none left, any is used.
+fn choose(
+    svc: &Service,
+    rule: Option<&Rule>,
+    avoid: Option<&Arc<Endpoint>>,
+) -> Result<(Arc<Endpoint>, Option<Admission>), ProxyError> {
+    let dest = &svc.dest;
     let backends = rule.map_or(&svc.all, |r| &r.backends);
     let set = backends.pick().ok_or_else(|| {
         ProxyError::new(Cause::NoEndpoints, format!("no backends for {}", svc.fqdn))
     })?;
-    if let Some(e) = svc.dest.balancer.pick(&set.endpoints) {
-        return Ok(e.clone());
+    let mut candidate = None;
+    for _ in 0..3 {
+        let Some(e) = dest.balancer.pick(&set.endpoints) else {
+            break;
+        };
+        let again = avoid.is_some_and(|a| Arc::ptr_eq(a, e)) && set.endpoints.len() > 1;
+        if let Some(admission) = admit(e) {
+            if !again {
+                return Ok((e.clone(), admission));
+            }
+            candidate.get_or_insert((e.clone(), admission));
+        }
+    }
+    if let Some(c) = candidate {
+        return Ok(c);
     }
     if let Some(fallback) = rule.and_then(|r| r.fallback.as_ref()) {
-        if let Some(e) = svc.dest.balancer.pick(&fallback.endpoints) {
-            return Ok(e.clone());
+        if let Some(e) = dest.balancer.pick(&fallback.endpoints) {
+            if let Some(admission) = admit(e) {
+                return Ok((e.clone(), admission));
+            }
         }
     }
     if set.is_empty() {
-        Err(ProxyError::new(
+        return Err(ProxyError::new(
             Cause::NoEndpoints,
             format!("no endpoints for {}", set.name),
-        ))
-    } else {
-        Err(circuit_open(svc))
+        ));
+    }
+    if dest.ejection_only {
+        // Panic mode: every endpoint is ejected by outlier detection alone,
+        // so none is; the balancer chooses among all of them.
+        let all: Vec<Ignoring<'_>> = set.endpoints.iter().map(Ignoring).collect();
+        if let Some(e) = dest.balancer.pick(&all) {
+            return Ok((e.0.clone(), None));
+        }
+    }
+    Err(circuit_open(svc))
+}
+
+/// The breaker's admission for a request to `e`: `Some(None)` for an
+/// endpoint with no breaker, `None` when a half-open breaker has no probe
+/// slot left (then another endpoint is chosen).
+#[allow(clippy::option_option)]
+fn admit(e: &Arc<Endpoint>) -> Option<Option<Admission>> {
+    match &e.breaker {
+        None => Some(None),
+        Some(b) => b.admit().map(Some),
+    }
+}
+
+/// An endpoint seen as available whatever its breaker says (panic mode).
+struct Ignoring<'a>(&'a Arc<Endpoint>);
+
+impl remora_resilience::Balanced for Ignoring<'_> {
+    fn load(&self) -> &remora_resilience::Load {
+        &self.0.pool.load
+    }
+
+    fn available(&self) -> bool {
+        true
     }
 }
 
