@@ -496,6 +496,27 @@ fn pgbench_through_two_sidecars_has_no_failed_transactions() {
     );
 }
 
+/// A psql session's query after it idled for `idle`: the answer, psql's exit
+/// code and its stderr (its first query must have worked).
+fn query_after_idling(
+    mesh: &Mesh,
+    idle: Duration,
+) -> (Result<String, String>, Option<i32>, String) {
+    wait_postgres(mesh);
+    let mut session = PsqlSession::open(&mesh.client.pod, &mesh.ip());
+    let before = session.query("select 'before-idle';", Duration::from_secs(15));
+    assert_eq!(
+        before.as_deref(),
+        Ok("before-idle"),
+        "the psql session's first query failed\n{}",
+        mesh.logs()
+    );
+    std::thread::sleep(idle);
+    let after = session.query("select 'after-idle';", Duration::from_secs(15));
+    let (code, stderr) = session.finish();
+    (after, code, stderr)
+}
+
 #[test]
 fn an_idle_psql_session_outlives_the_http_idle_timeout() {
     let test = "an_idle_psql_session_outlives_the_http_idle_timeout";
@@ -506,18 +527,7 @@ fn an_idle_psql_session_outlives_the_http_idle_timeout() {
     // opaque TCP connection keeps the default TCP idle timeout (1h).
     let idle = ["--idle-timeout", "2s"];
     let mesh = Mesh::start("pgidle", 32, "db", AppSpec::Postgres, &idle, &idle);
-    wait_postgres(&mesh);
-    let mut session = PsqlSession::open(&mesh.client.pod, &mesh.ip());
-    let before = session.query("select 'before-idle';", Duration::from_secs(15));
-    assert_eq!(
-        before.as_deref(),
-        Ok("before-idle"),
-        "the psql session's first query failed\n{}",
-        mesh.logs()
-    );
-    std::thread::sleep(Duration::from_secs(6));
-    let after = session.query("select 'after-idle';", Duration::from_secs(15));
-    let (code, stderr) = session.finish();
+    let (after, code, stderr) = query_after_idling(&mesh, Duration::from_secs(6));
     assert_eq!(
         after.as_deref(),
         Ok("after-idle"),
@@ -542,18 +552,7 @@ fn the_tcp_idle_timeout_closes_an_idle_psql_session_and_logs_its_bytes() {
         &[],
         &["--tcp-idle-timeout", "2s"],
     );
-    wait_postgres(&mesh);
-    let mut session = PsqlSession::open(&mesh.client.pod, &mesh.ip());
-    let before = session.query("select 'before-idle';", Duration::from_secs(15));
-    assert_eq!(
-        before.as_deref(),
-        Ok("before-idle"),
-        "the psql session's first query failed\n{}",
-        mesh.logs()
-    );
-    std::thread::sleep(Duration::from_secs(6));
-    let after = session.query("select 'after-idle';", Duration::from_secs(15));
-    let (code, stderr) = session.finish();
+    let (after, code, stderr) = query_after_idling(&mesh, Duration::from_secs(6));
     assert!(
         after.is_err() && code != Some(0),
         "the session idle for 6 s was not closed by --tcp-idle-timeout 2s: \
