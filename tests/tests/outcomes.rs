@@ -201,7 +201,11 @@ async fn expect_100_continue_is_decided_by_the_app() {
 async fn a_port_declared_http2_is_spoken_to_in_http2() {
     let mesh = Mesh::start(BREAKER, &[]).await;
     // An HTTP/1.1 client, an h2c-only application.
-    let r = mesh.get("h2only.shop", "/").await.unwrap();
+    let r = eventually(READY_TIMEOUT, "an answer from h2only.shop", || async {
+        let r = mesh.get("h2only.shop", "/").await.ok()?;
+        (r.status != 503).then_some(r)
+    })
+    .await;
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(String::from_utf8_lossy(&r.body).trim(), "HTTP/2.0");
 }
