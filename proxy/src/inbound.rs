@@ -237,12 +237,6 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
             Some(Protocol::Http2 | Protocol::Grpc)
         );
         let path = req.uri().path();
-        // The local service's own route rules say which upgrades it takes.
-        let rule = mesh.local.as_ref().and_then(|svc| {
-            svc.rules
-                .iter()
-                .find(|r| r.matches(req.method(), path, req.headers()))
-        });
         let decision = if let Err(e) = crate::forward::check_http1_head(&req) {
             Err(e)
         } else if !mesh
@@ -264,7 +258,18 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
                     state.local_metrics.rate_limited();
                     ProxyError::rate_limited(wait)
                 })
-                .and_then(|()| crate::route::check_upgrade(rule, &req))
+                .and_then(|()| {
+                    // The local service's own route rules say which upgrades
+                    // it takes.
+                    let rule = || {
+                        mesh.local.as_ref().and_then(|svc| {
+                            svc.rules
+                                .iter()
+                                .find(|r| r.matches(req.method(), path, req.headers()))
+                        })
+                    };
+                    crate::route::check_upgrade(rule, &req)
+                })
         };
         (h2_app, decision)
     };

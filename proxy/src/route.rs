@@ -141,13 +141,18 @@ impl Match {
 
 /// Refuses an upgrade its route (or, with no route, the default: WebSocket
 /// only) does not allow; `h2c` passes here and is stripped when forwarded.
-pub fn check_upgrade<B>(
-    rule: Option<&Rule>,
+pub fn check_upgrade<'r, B>(
+    rule: impl FnOnce() -> Option<&'r Rule>,
     req: &http::Request<B>,
 ) -> Result<(), crate::error::ProxyError> {
+    // Most requests ask for no upgrade: one lookup tells.
+    if !req.headers().contains_key(http::header::UPGRADE) {
+        return Ok(());
+    }
     let Some(protocol) = crate::forward::upgrade_protocol(req) else {
         return Ok(());
     };
+    let rule = rule();
     let allowed = protocol == "h2c"
         || rule.map_or_else(
             || crate::forward::upgrade_allowed_by_default(&protocol),

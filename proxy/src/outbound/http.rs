@@ -81,7 +81,7 @@ async fn route_and_forward(
         Some(r) => obs.routed(&req, &r.name, r.metrics.clone()),
         None => obs.routed(&req, "default", svc.default_metrics.clone()),
     }
-    crate::route::check_upgrade(rule, &req)?;
+    crate::route::check_upgrade(|| rule, &req)?;
 
     // Policy: fault injection first (the user's chaos experiment).
     if let Some(fault) = rule.and_then(|r| r.fault.as_ref()) {
