@@ -8,6 +8,7 @@ mod discovery_sim;
 mod loadgen;
 mod report;
 mod resources;
+mod soak;
 mod targets;
 mod upstream;
 mod wrk;
@@ -48,6 +49,17 @@ enum Cmd {
     Serve,
     /// Prints the policies the bench applies (for bench/callgrind.sh).
     Policy,
+    /// Mixed traffic (slow readers, slow uploaders, aborting clients among
+    /// steady requests) through a mesh for a long time, each proxy's RSS and
+    /// fds every minute; fails on more than `--limit` % growth after the
+    /// warm-up (bench/soak.sh; not in CI).
+    Soak(soak::SoakArgs),
+    /// The soak's upstream (started by `soak` as a process of its own).
+    #[command(hide = true)]
+    SoakUpstream {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Only the policy-propagation figure, printed (for working on the
     /// control plane's push path).
     Propagation {
@@ -127,6 +139,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Cmd::Upstream { listen } => rt.block_on(upstream::serve(listen)),
         Cmd::Run(args) => rt.block_on(run(args)),
+        Cmd::Soak(args) => rt.block_on(soak::run(args)),
+        Cmd::SoakUpstream { listen } => rt.block_on(soak::upstream(listen)),
         Cmd::Propagation { sims, runs } => rt.block_on(async move {
             let mut env = Env::new()?;
             let mut report = Report::default();
