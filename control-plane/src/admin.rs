@@ -4,7 +4,11 @@
 //! interceptor in front of it.
 //!
 //! Every change is validated whole, committed durably, and only then published
-//! to the proxies and answered.
+//! to the proxies and answered. Documents are parsed and validated on the
+//! blocking pool, one apply at a time, within a size limit per apply
+//! (`--max-apply-bytes`) and the nesting limit of
+//! [`remora_proto::policy::MAX_NESTING_DEPTH`], so no document can hold up
+//! discovery, certificates or the other Admin calls.
 
 use crate::admin_identity;
 use crate::ca::Authority;
@@ -26,12 +30,26 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
+/// The largest apply (all its files together) by default.
+pub const DEFAULT_MAX_APPLY_BYTES: usize = 1024 * 1024;
+
+/// The largest Admin request the gRPC layer decodes: far above any apply
+/// limit an operator would set, so that the service itself can answer an
+/// oversized apply (naming the limit) rather than gRPC's codec.
+pub fn max_decoding_bytes(max_apply_bytes: usize) -> usize {
+    max_apply_bytes.saturating_mul(2).max(64 * 1024 * 1024)
+}
+
 /// The Admin service. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AdminService {
     store: Arc<Mutex<Store>>,
     registry: Arc<Registry>,
     identity: AdminIdentity,
+    max_apply_bytes: usize,
+    /// One parse at a time: a costly document waits for its turn rather
+    /// than taking every core.
+    parsing: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the identity RPCs need.
@@ -47,11 +65,14 @@ impl AdminService {
         store: Arc<Mutex<Store>>,
         registry: Arc<Registry>,
         identity: AdminIdentity,
+        max_apply_bytes: usize,
     ) -> AdminService {
         AdminService {
             store,
             registry,
             identity,
+            max_apply_bytes,
+            parsing: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -137,19 +158,41 @@ impl Admin for AdminService {
         if files.is_empty() {
             return Err(Status::invalid_argument("apply: no files given"));
         }
-        let mut docs: Vec<(String, Document)> = Vec::new();
-        for file in &files {
-            let parsed = parse_documents(&file.name, &file.content)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            docs.extend(parsed.into_iter().map(|d| (file.name.clone(), d)));
-        }
-        if docs.is_empty() {
-            let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+        let size: usize = files.iter().map(|f| f.content.len() + f.name.len()).sum();
+        if size > self.max_apply_bytes {
             return Err(Status::invalid_argument(format!(
-                "no documents in {}",
-                names.join(", ")
+                "the files are {}, more than the limit of {} per apply (the control plane's \
+                 --max-apply-bytes): split them into several applies",
+                crate::output::bytes(size),
+                crate::output::bytes(self.max_apply_bytes)
             )));
         }
+        let turn = self
+            .parsing
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Status::unavailable("the control plane is shutting down"))?;
+        // The turn ends with the parse, even if the caller has gone.
+        let docs = tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            let mut docs: Vec<(String, Document)> = Vec::new();
+            for file in &files {
+                let parsed = parse_documents(&file.name, &file.content)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                docs.extend(parsed.into_iter().map(|d| (file.name.clone(), d)));
+            }
+            if docs.is_empty() {
+                let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
+                return Err(Status::invalid_argument(format!(
+                    "no documents in {}",
+                    names.join(", ")
+                )));
+            }
+            Ok(docs)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("policy parsing task failed: {e}")))??;
         let response = self
             .with_store(move |store, registry| {
                 let plan = changes::plan_apply(&store.current(), &docs)
@@ -281,12 +324,15 @@ impl Admin for AdminService {
     ) -> Result<Response<StatusResponse>, Status> {
         let snapshot = self.registry.current_snapshot();
         let ca = self.identity.authority.current();
+        let (holdouts, deadline) = self.identity.rotation.pending().await;
         Ok(Response::new(StatusResponse {
             policy_version: snapshot.policy_version,
             snapshot_version: snapshot.version.clone(),
             proxies: self.registry.status(),
             retiring_signer_id: ca.retiring.clone(),
             signer_id: ca.signer.id.clone(),
+            rotation_waiting_for: holdouts.iter().map(ToString::to_string).collect(),
+            rotation_deadline_unix: deadline,
         }))
     }
 
@@ -294,37 +340,38 @@ impl Admin for AdminService {
         &self,
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        let max_uses = admin_identity::max_uses_of(request.metadata())?;
-        let created =
-            admin_identity::create_token(&self.identity.tokens, request.into_inner(), max_uses)
-                .await?;
-        Ok(admin_identity::with_uses_echo(
-            Response::new(created),
-            max_uses,
-        ))
+        admin_identity::create_token(&self.identity.tokens, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn revoke_token(
         &self,
         request: Request<RevokeTokenRequest>,
     ) -> Result<Response<RevokeTokenResponse>, Status> {
-        admin_identity::revoke_token(&self.identity.tokens, request.into_inner().token_id)
-            .await
-            .map(Response::new)
+        let revoked =
+            admin_identity::revoke_token(&self.identity.tokens, request.into_inner().token_id)
+                .await?;
+        // Its certificates no longer hold a rotation.
+        let rotation = self.identity.rotation.clone();
+        tokio::spawn(async move { rotation.check().await });
+        Ok(Response::new(revoked))
     }
 
     async fn list_tokens(
         &self,
         _request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        admin_identity::list_tokens(&self.identity.tokens).await
+        admin_identity::list_tokens(&self.identity.tokens)
+            .await
+            .map(Response::new)
     }
 
     async fn rotate_ca(
         &self,
-        _request: Request<RotateCaRequest>,
+        request: Request<RotateCaRequest>,
     ) -> Result<Response<RotateCaResponse>, Status> {
-        admin_identity::rotate_ca(&self.identity.rotation)
+        admin_identity::rotate_ca(&self.identity.rotation, request.into_inner().finish)
             .await
             .map(Response::new)
     }

@@ -58,6 +58,11 @@ pub fn not_after_unix(der: &[u8]) -> Result<i64, CaError> {
     Ok(parse_cert(der)?.validity().not_after.timestamp())
 }
 
+/// A certificate's serial number as lowercase hex (the ledger's key).
+pub fn serial_hex(der: &[u8]) -> Result<String, CaError> {
+    Ok(crate::tokens::hex(parse_cert(der)?.raw_serial()))
+}
+
 /// The URI subject alternative names of a certificate.
 pub fn uri_sans(der: &[u8]) -> Result<Vec<String>, CaError> {
     let cert = parse_cert(der)?;
@@ -109,6 +114,8 @@ pub struct Issued {
     pub chain_pem: String,
     pub not_after_unix: i64,
     pub signer_id: String,
+    /// The leaf's serial, lowercase hex.
+    pub serial: String,
 }
 
 /// The control plane's own certificate and key.
@@ -130,6 +137,7 @@ pub struct Signer {
     /// What follows the leaf in an issued chain: nothing for a root; the
     /// signer and the intermediates above it for an intermediate.
     pub chain: Vec<CertificateDer<'static>>,
+    pub not_before_unix: i64,
     pub not_after_unix: i64,
 }
 
@@ -156,12 +164,14 @@ impl Signer {
         if !parsed.is_ca() {
             return Err(invalid("the CA certificate is not a CA (basicConstraints)"));
         }
+        let not_before_unix = parsed.validity().not_before.timestamp();
         let not_after_unix = parsed.validity().not_after.timestamp();
         Ok(Signer {
             id: fingerprint(&cert),
             cert,
             key,
             chain,
+            not_before_unix,
             not_after_unix,
         })
     }
@@ -214,6 +224,7 @@ impl Signer {
             chain_pem: self.chain_pem(cert.der()),
             not_after_unix: not_after,
             signer_id: self.id.clone(),
+            serial: serial_hex(cert.der())?,
         })
     }
 
@@ -293,11 +304,25 @@ pub struct CaState {
     pub signer: Arc<Signer>,
     /// The signer id being retired ("" when no rotation is in progress).
     pub retiring: String,
+    /// The signer being retired, with its key, while a rotation is in
+    /// progress: it keeps signing the control plane's own certificate, so a
+    /// proxy that missed the start of the rotation (and trusts only the old
+    /// root) can still verify the control plane and catch up.
+    pub retiring_signer: Option<Arc<Signer>>,
     /// The operator supplied the CA: it cannot be rotated from here.
     pub operator: bool,
 }
 
 impl CaState {
+    /// The signer of the control plane's own certificate: the old root
+    /// while a rotation is in progress, the current signer otherwise.
+    pub fn server_signer(&self) -> &Arc<Signer> {
+        match &self.retiring_signer {
+            Some(old) if self.rotating() && old.id == self.retiring => old,
+            _ => &self.signer,
+        }
+    }
+
     /// The trust bundle: every trusted root, PEM.
     pub fn bundle_pem(&self) -> String {
         pem::certs_pem(&self.roots)

@@ -36,6 +36,12 @@ struct CaRecord {
     signer_cert: String,
     signer_key: String,
     retiring: String,
+    /// The signer being retired and its key, during a rotation (it signs
+    /// the control plane's own certificate until it is retired).
+    #[serde(default)]
+    retiring_cert: String,
+    #[serde(default)]
+    retiring_key: String,
 }
 
 /// An operator's CA files.
@@ -69,6 +75,7 @@ pub fn load_or_generate(db: &IdentityDb, trust_domain: &str) -> anyhow::Result<C
         roots: vec![signer.cert.clone()],
         signer: Arc::new(signer),
         retiring: String::new(),
+        retiring_signer: None,
         operator: false,
     };
     save(db, &state)?;
@@ -96,10 +103,22 @@ fn decode(bytes: &[u8]) -> anyhow::Result<CaState> {
     } else {
         String::new()
     };
+    // Records from before the retiring key was kept have none: the server
+    // certificate then comes from the new signer.
+    let retiring_signer = if retiring.is_empty() || record.retiring_key.is_empty() {
+        None
+    } else {
+        let key = KeyPair::from_pem(&record.retiring_key)
+            .map_err(|e| anyhow!("retiring signer key: {e}"))?;
+        let cert = one_cert(&record.retiring_cert, "the stored retiring signer")?;
+        let old = Signer::new(cert, key, Vec::new())?;
+        (old.id == retiring).then(|| Arc::new(old))
+    };
     Ok(CaState {
         roots,
         signer: Arc::new(signer),
         retiring,
+        retiring_signer,
         operator: false,
     })
 }
@@ -118,6 +137,16 @@ pub fn save(db: &IdentityDb, state: &CaState) -> anyhow::Result<()> {
         signer_cert: crate::pem::cert_pem(&state.signer.cert),
         signer_key: state.signer.key_pem(),
         retiring: state.retiring.clone(),
+        retiring_cert: state
+            .retiring_signer
+            .as_ref()
+            .map(|s| crate::pem::cert_pem(&s.cert))
+            .unwrap_or_default(),
+        retiring_key: state
+            .retiring_signer
+            .as_ref()
+            .map(|s| s.key_pem())
+            .unwrap_or_default(),
     };
     db.put(CA, CA_KEY, &serde_json::to_vec(&record)?)?;
     Ok(())
@@ -197,6 +226,7 @@ pub fn load_operator(files: &OperatorCa) -> anyhow::Result<CaState> {
         roots,
         signer: Arc::new(signer),
         retiring: String::new(),
+        retiring_signer: None,
         operator: true,
     })
 }

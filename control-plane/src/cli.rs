@@ -20,6 +20,7 @@
 //! | `serve --max-handshakes-per-source N` | `REMORA_MAX_HANDSHAKES_PER_SOURCE` | `64` |
 //! | `serve --http-max-connections N` | `REMORA_HTTP_MAX_CONNECTIONS` | `64` |
 //! | `serve --http-header-read-timeout DUR` | `REMORA_HTTP_HEADER_READ_TIMEOUT` | `5s` |
+//! | `serve --max-apply-bytes N` | `REMORA_MAX_APPLY_BYTES` | `1048576` (1 MiB) |
 
 use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -158,7 +159,8 @@ pub enum TokenCommand {
         uses: Option<u32>,
     },
     /// Revoke a token: Identity.Certify refuses it from now on, for new
-    /// certificates and for renewals
+    /// certificates and for renewals; the certificates it got stay valid
+    /// until they expire, and hold no root rotation back
     Revoke {
         #[arg(value_name = "ID")]
         id: String,
@@ -170,8 +172,14 @@ pub enum TokenCommand {
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Start a root rotation: a new root signs from now on; the old one is
-    /// retired once every proxy runs a certificate from the new one
-    Rotate,
+    /// retired once no certificate from it is in use (each proxy renewed,
+    /// left, or its certificate expired)
+    Rotate {
+        /// Retire the old root of the rotation in progress now, whoever
+        /// still uses it (they are named; they must bootstrap again)
+        #[arg(long)]
+        finish: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -283,6 +291,16 @@ pub struct ServeArgs {
         value_parser = parse_positive_duration
     )]
     pub http_header_read_timeout: Duration,
+    /// The most an apply may carry (all its files together, in bytes);
+    /// larger ones are refused with a message naming this limit
+    #[arg(
+        long,
+        env = "REMORA_MAX_APPLY_BYTES",
+        default_value = "1048576",
+        value_name = "BYTES",
+        value_parser = clap::value_parser!(u64).range(1024..=(1u64 << 30))
+    )]
+    pub max_apply_bytes: u64,
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -441,6 +459,11 @@ mod tests {
         };
         assert_eq!(ttl, Some(Duration::from_secs(3600)));
         assert!(Cli::try_parse_from(["remora-control", "ca", "rotate"]).is_ok());
+        let cli = Cli::try_parse_from(["remora-control", "ca", "rotate", "--finish"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Ca(CaCommand::Rotate { finish: true })
+        ));
         assert!(Cli::try_parse_from(["remora-control", "serve", "--ca-key", "k"]).is_err());
     }
 

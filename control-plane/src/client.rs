@@ -236,16 +236,51 @@ async fn delete(admin: &mut Admin, args: DeleteArgs) -> anyhow::Result<()> {
     print_results(&response)
 }
 
+/// The most one apply may carry for any control plane: what its gRPC layer
+/// decodes with the default `--max-apply-bytes` (a server's own limit, 1 MiB
+/// by default, is checked there and named in its answer).
+pub const MAX_APPLY_BYTES_SENT: usize = 64 * 1024 * 1024;
+
+/// Reads at most `limit` bytes (more is an error naming the limit).
+fn read_capped(what: &str, reader: impl std::io::Read, limit: usize) -> anyhow::Result<String> {
+    let mut content = String::new();
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    reader
+        .take(cap)
+        .read_to_string(&mut content)
+        .with_context(|| format!("cannot read {what}"))?;
+    if content.len() > limit {
+        bail!(
+            "{what} is larger than {}, more than any control plane takes in one apply \
+             (their --max-apply-bytes is 1 MiB by default)",
+            output::bytes(limit)
+        );
+    }
+    Ok(content)
+}
+
 /// Reads `-f` arguments: files, directories (their *.yaml and *.yml, sorted)
-/// and `-` for stdin.
+/// and `-` for stdin. Together they may hold at most
+/// [`MAX_APPLY_BYTES_SENT`].
 pub fn read_sources(args: &[String]) -> anyhow::Result<Vec<SourceFile>> {
+    let files = read_sources_unchecked(args)?;
+    let total: usize = files.iter().map(|f| f.content.len() + f.name.len()).sum();
+    if total > MAX_APPLY_BYTES_SENT {
+        bail!(
+            "the files are {} together, more than any control plane takes in one apply ({}; \
+             their --max-apply-bytes is 1 MiB by default): apply them in parts",
+            output::bytes(total),
+            output::bytes(MAX_APPLY_BYTES_SENT)
+        );
+    }
+    Ok(files)
+}
+
+fn read_sources_unchecked(args: &[String]) -> anyhow::Result<Vec<SourceFile>> {
     let mut files = Vec::new();
     for arg in args {
         if arg == "-" {
-            let mut content = String::new();
-            std::io::stdin()
-                .read_to_string(&mut content)
-                .context("cannot read stdin")?;
+            let content = read_capped("stdin", std::io::stdin(), MAX_APPLY_BYTES_SENT)?;
             files.push(SourceFile {
                 name: "<stdin>".into(),
                 content,
@@ -278,8 +313,9 @@ pub fn read_sources(args: &[String]) -> anyhow::Result<Vec<SourceFile>> {
 }
 
 fn read_file(path: &Path) -> anyhow::Result<SourceFile> {
-    let content =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let content = read_capped(&path.display().to_string(), file, MAX_APPLY_BYTES_SENT)?;
     Ok(SourceFile {
         name: path.display().to_string(),
         content,

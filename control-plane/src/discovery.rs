@@ -11,7 +11,13 @@
 //! The proxy ACKs or NACKs each version. When the stream closes or fails —
 //! including when HTTP/2 keepalive finds the proxy gone — the proxy and its
 //! endpoint are removed.
+//!
+//! For root rotations ([`crate::issued`]): a proxy that deregistered before
+//! its stream closed left for good, so the certificates it held are no
+//! longer in use; so are those of an instance that registers again with a
+//! certificate not renewed from its previous one (it restarted).
 
+use crate::issued::Ledger;
 use crate::push::{Discovery, EncodedSnapshot, Published};
 use crate::registry::{Registry, StreamId};
 use remora_proto::v1::discovery_request::Kind as RequestKind;
@@ -35,12 +41,24 @@ const MAX_LABELS: usize = 64;
 #[derive(Debug, Clone)]
 pub struct DiscoveryService {
     registry: Arc<Registry>,
+    ledger: Arc<Ledger>,
 }
 
 impl DiscoveryService {
-    pub fn new(registry: Arc<Registry>) -> DiscoveryService {
-        DiscoveryService { registry }
+    pub fn new(registry: Arc<Registry>, ledger: Arc<Ledger>) -> DiscoveryService {
+        DiscoveryService { registry, ledger }
     }
+}
+
+/// Marks `serial` (and what was renewed from it) as no longer in use.
+async fn left(registry: &Registry, ledger: &Arc<Ledger>, serial: String) {
+    let ledger = ledger.clone();
+    let done = tokio::task::spawn_blocking(move || ledger.left(&serial)).await;
+    if let Ok(Err(e)) = done {
+        tracing::warn!(error = %e, "cannot record a departed workload's certificates");
+    }
+    // A rotation may have been waiting for them.
+    registry.notify_changed();
 }
 
 fn now_unix_ms() -> i64 {
@@ -105,10 +123,12 @@ impl Discovery for DiscoveryService {
                  and present it in the TLS handshake",
             ));
         };
+        let serial = crate::tls::peer_serial(&request).unwrap_or_default();
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         tokio::spawn(accept(
             self.registry.clone(),
-            peer,
+            self.ledger.clone(),
+            (peer, serial),
             request.into_inner(),
             tx,
         ));
@@ -139,9 +159,11 @@ async fn read_register(inbound: &mut Streaming<DiscoveryRequest>) -> Result<Regi
 }
 
 /// Registers the proxy, serves it, and removes it when its stream ends.
+/// `peer`: the SPIFFE ID and serial of its certificate.
 async fn accept(
     registry: Arc<Registry>,
-    peer: String,
+    ledger: Arc<Ledger>,
+    (peer, serial): (String, String),
     mut inbound: Streaming<DiscoveryRequest>,
     tx: mpsc::Sender<Result<EncodedSnapshot, Status>>,
 ) {
@@ -174,14 +196,24 @@ async fn accept(
         proxy_version = %register.proxy_version,
         "proxy registered"
     );
-    let (id, replaced) = registry.register(register, now_unix_ms());
+    let (id, replaced, previous) = registry.register_with(register, now_unix_ms(), &serial);
+    if let Some(previous) = previous {
+        // The same instance with a certificate not renewed from its last
+        // one: it restarted, and its previous certificates are out of use.
+        if !ledger.chain(&previous).contains(&serial) {
+            left(&registry, &ledger, previous).await;
+        }
+    }
     let snapshots = registry.subscribe();
-    run_stream(registry, id, inbound, tx, snapshots, replaced).await;
+    run_stream(&registry, id, inbound, tx, snapshots, replaced).await;
+    if let Some(serial) = registry.remove(id) {
+        left(&registry, &ledger, serial).await;
+    }
 }
 
-/// Serves one registered proxy until its stream ends, then removes it.
+/// Serves one registered proxy until its stream ends (the caller removes it).
 async fn run_stream(
-    registry: Arc<Registry>,
+    registry: &Registry,
     id: StreamId,
     mut inbound: Streaming<DiscoveryRequest>,
     tx: mpsc::Sender<Result<EncodedSnapshot, Status>>,
@@ -189,7 +221,7 @@ async fn run_stream(
     mut replaced: oneshot::Receiver<()>,
 ) {
     let end = serve_proxy(
-        &registry,
+        registry,
         id,
         &mut inbound,
         &tx,
@@ -197,7 +229,6 @@ async fn run_stream(
         &mut replaced,
     )
     .await;
-    registry.remove(id);
     match end {
         End::Closed => tracing::info!(stream = id, "proxy disconnected"),
         End::Failed(status) => {

@@ -9,6 +9,10 @@
 //! the token it sends along must only be genuine and not revoked, and no use
 //! is counted, so a single-use token keeps its workload renewing.
 //!
+//! Every certificate is written to the ledger ([`crate::issued`]) before it
+//! is handed out, with the certificate a renewal replaces: that is how a
+//! root rotation knows which old-root certificates may still be in use.
+//!
 //! Refusals: UNAUTHENTICATED when the token proves nothing (the message says
 //! why: malformed, unknown, revoked, expired, used up), INVALID_ARGUMENT for a
 //! CSR that cannot be used, PERMISSION_DENIED when the CSR asks for another
@@ -16,6 +20,7 @@
 //! Every answer is counted for `/metrics`.
 
 use crate::ca::Authority;
+use crate::issued::{IssuedCert, Ledger};
 use crate::tokens::{now_unix, AuthError, WorkloadAuthenticator};
 use metrics::{counter, describe_counter, Counter, Unit};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -152,6 +157,13 @@ pub struct IdentityService {
     authenticator: Arc<dyn WorkloadAuthenticator>,
     authority: Arc<Authority>,
     metrics: Arc<CertMetrics>,
+    ledger: Arc<Ledger>,
+}
+
+/// The client certificate a Certify call was made with.
+struct Presented {
+    spiffe_id: String,
+    serial: Option<String>,
 }
 
 impl IdentityService {
@@ -159,21 +171,28 @@ impl IdentityService {
         authenticator: Arc<dyn WorkloadAuthenticator>,
         authority: Arc<Authority>,
         metrics: Arc<CertMetrics>,
+        ledger: Arc<Ledger>,
     ) -> IdentityService {
         IdentityService {
             authenticator,
             authority,
             metrics,
+            ledger,
         }
     }
 
-    /// Signs `req`'s CSR. `renewal_by`: the SPIFFE ID of the client
-    /// certificate the caller presented (verified by the TLS layer), if any.
+    /// Signs `req`'s CSR. `renewal`: the client certificate the caller
+    /// presented (verified by the TLS layer), if any.
     async fn certify_inner(
         &self,
         req: CertifyRequest,
-        renewal_by: Option<&str>,
+        renewal: Option<Presented>,
     ) -> Result<CertifyResponse, (&'static str, Status)> {
+        let (renewal_by, renewed_from) = match renewal {
+            Some(p) => (Some(p.spiffe_id), p.serial),
+            None => (None, None),
+        };
+        let renewal_by = renewal_by.as_deref();
         let refused = |e: AuthError| {
             let status = match &e {
                 AuthError::Internal(_) => Status::unavailable(e.to_string()),
@@ -241,14 +260,39 @@ impl IdentityService {
         }
         let lifetime = self.authority.lifetimes.lifetime(req.lifetime_seconds);
         let state = self.authority.current();
+        let now = now_unix();
         let issued = state
             .signer
-            .sign_workload(&csr.public_key, &who.spiffe_id, lifetime, now_unix())
+            .sign_workload(&csr.public_key, &who.spiffe_id, lifetime, now)
             .map_err(|e| ("internal", Status::internal(e.to_string())))?;
+        // Durable before it is handed out: a certificate the ledger does not
+        // know could be stranded by a root rotation.
+        let entry = IssuedCert {
+            serial: issued.serial.clone(),
+            signer_id: issued.signer_id.clone(),
+            spiffe_id: who.spiffe_id.clone(),
+            token_id: who.token_id.clone(),
+            not_after_unix: issued.not_after_unix,
+            renewed_from,
+            replaced: false,
+        };
+        let ledger = self.ledger.clone();
+        tokio::task::spawn_blocking(move || ledger.record(entry, now))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot record an issued certificate");
+                (
+                    "internal",
+                    Status::unavailable(format!("cannot record the certificate: {e}")),
+                )
+            })?;
         tracing::info!(
             spiffe_id = %who.spiffe_id,
             token_id = who.token_id.as_deref().unwrap_or("-"),
             renewal = renewal_by.is_some(),
+            serial = %issued.serial,
             not_after = issued.not_after_unix,
             signer_id = %issued.signer_id,
             "certificate issued"
@@ -270,19 +314,19 @@ impl Identity for IdentityService {
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
         let peer = request.remote_addr();
-        let renewal_by = match crate::tls::peer_spiffe_id(&request) {
-            Ok(holder) => holder,
+        let presented = match crate::tls::peer_spiffe_id(&request) {
+            Ok(holder) => holder.map(|spiffe_id| Presented {
+                spiffe_id,
+                serial: crate::tls::peer_serial(&request),
+            }),
             Err(status) => {
                 self.metrics.refuse("identity_mismatch");
                 tracing::warn!(?peer, error = %status.message(), "certificate refused");
                 return Err(status);
             }
         };
-        let renewal = renewal_by.is_some();
-        match self
-            .certify_inner(request.into_inner(), renewal_by.as_deref())
-            .await
-        {
+        let renewal = presented.is_some();
+        match self.certify_inner(request.into_inner(), presented).await {
             Ok(response) => {
                 self.metrics.issue(renewal);
                 Ok(Response::new(response))

@@ -1,6 +1,5 @@
 //! `remora-control token create|revoke|list` and `remora-control ca rotate`.
 
-use crate::admin_identity;
 use crate::cli::{CaCommand, TokenCommand};
 use crate::client::Admin;
 use crate::output::{self, note, out, outln};
@@ -17,29 +16,19 @@ pub(crate) async fn token(admin: &mut Admin, command: TokenCommand) -> anyhow::R
             ttl,
             uses,
         } => {
-            let mut request = tonic::Request::new(CreateTokenRequest {
+            let request = CreateTokenRequest {
                 service,
                 namespace,
                 ttl_seconds: ttl.map_or(0, |d| d.as_secs().max(1)),
-            });
-            if let Some(n) = uses {
-                request.metadata_mut().insert(
-                    admin_identity::MAX_USES_METADATA,
-                    tonic::metadata::AsciiMetadataValue::from(n),
-                );
-            }
-            let response = admin
+                max_uses: uses.unwrap_or(0),
+            };
+            let created = admin
                 .client
                 .create_token(request)
                 .await
-                .map_err(|s| admin.error("token create", s))?;
-            let confirmed = response
-                .metadata()
-                .get(admin_identity::MAX_USES_METADATA)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u32>().ok());
-            let created = response.into_inner();
-            if uses.is_some() && confirmed != uses {
+                .map_err(|s| admin.error("token create", s))?
+                .into_inner();
+            if uses.is_some_and(|n| created.max_uses != n) {
                 // A server that ignored --uses made an unlimited token: take
                 // it back rather than hand it out.
                 let revoked = admin
@@ -88,12 +77,11 @@ pub(crate) async fn token(admin: &mut Admin, command: TokenCommand) -> anyhow::R
                 .list_tokens(ListTokensRequest {})
                 .await
                 .map_err(|s| admin.error("token list", s))?;
-            let uses = admin_identity::uses_from(response.metadata());
             let tokens = response.into_inner().tokens;
             if tokens.is_empty() {
                 note("no tokens");
             } else {
-                out(output::tokens_table(&tokens, &uses))?;
+                out(output::tokens_table(&tokens))?;
             }
             Ok(())
         }
@@ -102,18 +90,38 @@ pub(crate) async fn token(admin: &mut Admin, command: TokenCommand) -> anyhow::R
 
 pub(crate) async fn ca(admin: &mut Admin, command: CaCommand) -> anyhow::Result<()> {
     match command {
-        CaCommand::Rotate => {
-            let response = admin.client.rotate_ca(RotateCaRequest {}).await;
+        CaCommand::Rotate { finish } => {
+            let response = admin.client.rotate_ca(RotateCaRequest { finish }).await;
             let rotated = response
                 .map_err(|s| admin.error("ca rotate", s))?
                 .into_inner();
+            if rotated.finished {
+                outln(format_args!(
+                    "root rotation finished: retired {}, signing with {}",
+                    rotated.old_signer_id, rotated.new_signer_id
+                ))?;
+                if !rotated.left_behind.is_empty() {
+                    note(format_args!(
+                        "warning: {} certificate(s) from the retired root were still in use; \
+                         their proxies are cut off from the mesh (not ready) until they \
+                         bootstrap again with their tokens (a used-up or expired token needs \
+                         replacing):",
+                        rotated.left_behind.len()
+                    ));
+                    for line in &rotated.left_behind {
+                        note(format_args!("  - {line}"));
+                    }
+                }
+                return Ok(());
+            }
             outln(format_args!(
                 "root rotation started: new signer {}, retiring {}",
                 rotated.new_signer_id, rotated.old_signer_id
             ))?;
             outln(
-                "the old root is retired once every connected proxy runs a certificate from the \
-                 new one (see `remora-control status`)",
+                "the old root is retired once no certificate from it is in use: each proxy \
+                 renews from the new root, leaves, or its certificate expires (see \
+                 `remora-control status`; `remora-control ca rotate --finish` retires it now)",
             )?;
             Ok(())
         }

@@ -1,5 +1,6 @@
 //! The identity database, `<data-dir>/identity.redb` (mode 0600): bootstrap
-//! tokens and the generated CA's record (its private key included). Every
+//! tokens, the generated CA's record (its private key included) and the
+//! ledger of the workload certificates issued ([`crate::issued`]). Every
 //! write is a durable redb transaction (an fsync before it returns), so a
 //! `kill -9` leaves either the old or the new record, never half of one.
 //!
@@ -18,6 +19,10 @@ pub const FILE_NAME: &str = "identity.redb";
 pub(crate) const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// "state" → the generated CA's record as JSON.
 pub(crate) const CA: TableDefinition<&str, &[u8]> = TableDefinition::new("ca");
+/// certificate serial (hex) → `issued::IssuedCert` as JSON.
+pub(crate) const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("certificates");
+/// Small values: the ledger's start, the snapshot generation lease.
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -52,6 +57,8 @@ impl IdentityDb {
         let txn = db.begin_write().map_err(db_err)?;
         txn.open_table(TOKENS).map_err(db_err)?;
         txn.open_table(CA).map_err(db_err)?;
+        txn.open_table(CERTS).map_err(db_err)?;
+        txn.open_table(META).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
         Ok(IdentityDb { db: Arc::new(db) })
     }
@@ -109,6 +116,28 @@ impl IdentityDb {
         } else {
             txn.abort().map_err(db_err)?;
         }
+        Ok(())
+    }
+
+    /// Writes `puts` and removes `removes` in `table`, in one durable
+    /// transaction.
+    pub(crate) fn write_batch(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        puts: &[(&str, &[u8])],
+        removes: &[&str],
+    ) -> Result<(), DbError> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(table).map_err(db_err)?;
+            for (key, value) in puts {
+                table.insert(*key, *value).map_err(db_err)?;
+            }
+            for key in removes {
+                table.remove(*key).map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)?;
         Ok(())
     }
 

@@ -11,7 +11,8 @@
 //! - [`ca`]: the certificate authority; [`ca_store`]: where it comes from and
 //!   is kept; [`identity_db`]: tokens and the CA record (redb); [`pem`].
 //! - [`tokens`]: bootstrap tokens; [`identity`]: the Identity service (CSR
-//!   signing); [`admin_identity`]: the token and rotation Admin RPCs;
+//!   signing); [`issued`]: the ledger of certificates issued;
+//!   [`admin_identity`]: the token and rotation Admin RPCs;
 //!   [`rotation`]: root rotation; [`tls`]: TLS on the gRPC port.
 //! - [`cli`], [`client`], [`connect`], [`output`]: the command line.
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod identity;
 mod identity_commands;
 pub mod identity_db;
 pub mod inject;
+pub mod issued;
 pub mod output;
 pub mod pem;
 pub mod push;

@@ -50,6 +50,7 @@ async fn main() -> ExitCode {
                 max_handshakes_per_source: args.max_handshakes_per_source as usize,
                 http_max_connections: args.http_max_connections as usize,
                 http_header_read_timeout: args.http_header_read_timeout,
+                max_apply_bytes: usize::try_from(args.max_apply_bytes).unwrap_or(usize::MAX),
             })
             .await
         }

@@ -136,12 +136,22 @@ fn short_id(id: &str) -> String {
     or_dash(crate::rotation::short(id))
 }
 
-/// `token list`: `uses` maps a token id to `used/max` (`used/-` without a
-/// limit); a token missing from it shows `?`.
-pub fn tokens_table(
-    tokens: &[TokenInfo],
-    uses: &std::collections::HashMap<String, String>,
-) -> String {
+/// A size for people: `512 B`, `64.0 KiB`, `10.0 MiB`.
+pub fn bytes(n: usize) -> String {
+    // Sizes shown with one decimal: precision is not the point.
+    #[allow(clippy::cast_precision_loss)]
+    let f = n as f64;
+    if n < 1024 {
+        format!("{n} B")
+    } else if n < 1024 * 1024 {
+        format!("{:.1} KiB", f / 1024.0)
+    } else {
+        format!("{:.1} MiB", f / (1024.0 * 1024.0))
+    }
+}
+
+/// `token list`: USES is `used/max` (`used/-` without a limit).
+pub fn tokens_table(tokens: &[TokenInfo]) -> String {
     let rows: Vec<Vec<String>> = tokens
         .iter()
         .map(|t| {
@@ -150,7 +160,11 @@ pub fn tokens_table(
                 t.spiffe_id.clone(),
                 unix_time_or(t.created_unix, "-"),
                 unix_time_or(t.expires_unix, "never"),
-                uses.get(&t.token_id).cloned().unwrap_or_else(|| "?".into()),
+                if t.max_uses == 0 {
+                    format!("{}/-", t.uses)
+                } else {
+                    format!("{}/{}", t.uses, t.max_uses)
+                },
                 if t.revoked { "yes" } else { "no" }.to_string(),
             ]
         })
@@ -179,17 +193,22 @@ pub fn status(status: &StatusResponse) -> String {
             .iter()
             .filter(|p| p.cert_signer_id != status.signer_id)
             .count();
-        if status.proxies.is_empty() {
-            out.push_str(&format!(
-                "root rotation in progress: retiring {old}, signing with {new}; \
-                 waiting for proxies to connect and run certificates from the new root\n"
-            ));
+        out.push_str(&format!(
+            "root rotation in progress: retiring {old}, signing with {new}; \
+             {pending} of {} connected proxies still run a certificate from another root\n",
+            status.proxies.len()
+        ));
+        if status.rotation_waiting_for.is_empty() {
+            out.push_str("  nothing uses the old root any more: it is retired within seconds\n");
         } else {
             out.push_str(&format!(
-                "root rotation in progress: retiring {old}, signing with {new}; \
-                 {pending} of {} connected proxies still run a certificate from another root\n",
-                status.proxies.len()
+                "  the old root is retired once none of these uses it (each renews, leaves, or \
+                 expires: by {} at the latest), or now with `remora-control ca rotate --finish`:\n",
+                unix_time_or(status.rotation_deadline_unix, "?")
             ));
+            for line in &status.rotation_waiting_for {
+                out.push_str(&format!("  - {line}\n"));
+            }
         }
     }
     if status.proxies.is_empty() {

@@ -5,7 +5,14 @@
 //! added or removed) rebuilds the one current [`Snapshot`] and publishes it on a
 //! `watch` channel, which every stream task follows. The watch keeps only the
 //! latest value, so a burst of changes reaches a slow proxy as one push.
+//!
+//! Snapshot versions are `<policy>.<generation>`, the generation growing with
+//! every publication. With a [`GenerationLease`] the generation also keeps
+//! growing across restarts: the control plane reserves generations in blocks,
+//! durably, and a restart starts after the last block reserved, so no two
+//! pushes ever carry the same version.
 
+use crate::identity_db::{DbError, IdentityDb, META};
 use crate::push::Published;
 use crate::store::State;
 use metrics::{
@@ -153,6 +160,11 @@ fn count(n: impl TryInto<u64>) -> f64 {
 struct Proxy {
     register: Register,
     connected_since_unix_ms: i64,
+    /// The serial (hex) of the certificate its stream's TLS connection was
+    /// made with ("" if unknown).
+    tls_serial: String,
+    /// It sent Deregister: it is leaving.
+    deregistered: bool,
     /// Registered with an address and not deregistered (draining).
     endpoint_registered: bool,
     /// Its application can be reached (the proxy's Health reports).
@@ -179,6 +191,10 @@ struct Inner {
     resources: Vec<Resource>,
     trust: Trust,
     generation: u64,
+    lease: Option<GenerationLease>,
+    /// The TLS certificate serial each instance id last registered with
+    /// (bounded; see [`Registry::register_with`]).
+    last_serial: HashMap<String, String>,
     /// When the current snapshot was published.
     published_at: Instant,
     proxies: HashMap<StreamId, Proxy>,
@@ -194,6 +210,75 @@ pub struct Trust {
 /// The generation of a snapshot version ("<policy>.<generation>").
 fn generation_of(version: &str) -> Option<u64> {
     version.rsplit_once('.')?.1.parse().ok()
+}
+
+/// Generations reserved at a time: a restart skips at most this many.
+const LEASE_BLOCK: u64 = 1000;
+const LEASE_KEY: &str = "snapshot_generation_reserved";
+/// Instance ids remembered with their last certificate.
+const MAX_REMEMBERED_INSTANCES: usize = 65_536;
+
+/// Snapshot generations reserved durably (in the identity database), so that
+/// a restarted control plane never publishes a version it published before.
+pub struct GenerationLease {
+    db: IdentityDb,
+    /// Generations up to this one may be used.
+    reserved: u64,
+    /// The generation the first snapshot of this process follows.
+    pub start: u64,
+}
+
+impl std::fmt::Debug for GenerationLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerationLease")
+            .field("reserved", &self.reserved)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GenerationLease {
+    /// Starts after every generation reserved before, and reserves a block.
+    /// Blocking (redb).
+    pub fn open(db: IdentityDb) -> Result<GenerationLease, DbError> {
+        let start = db
+            .get(META, LEASE_KEY)?
+            .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let reserved = start.saturating_add(LEASE_BLOCK);
+        db.put(META, LEASE_KEY, reserved.to_string().as_bytes())?;
+        Ok(GenerationLease {
+            db,
+            reserved,
+            start,
+        })
+    }
+
+    /// Makes sure `generation` is reserved (a durable write once per block).
+    fn cover(&mut self, generation: u64) {
+        if generation <= self.reserved {
+            return;
+        }
+        let next = generation.saturating_add(LEASE_BLOCK);
+        match self.db.put(META, LEASE_KEY, next.to_string().as_bytes()) {
+            Ok(()) => self.reserved = next,
+            Err(e) => tracing::error!(error = %e, generation,
+                "cannot reserve snapshot generations: a restart may reuse versions"),
+        }
+    }
+}
+
+/// A connected proxy that has not shown it runs on a given signer.
+#[derive(Debug, Clone)]
+pub struct Behind {
+    pub namespace: String,
+    pub service: String,
+    pub instance_id: String,
+    /// The certificate its stream was opened with.
+    pub tls_serial: String,
+    /// What its last Ack reported ("" / 0: nothing yet).
+    pub cert_signer_id: String,
+    pub cert_not_after_unix: i64,
 }
 
 /// The registry and the snapshot publisher, shared by the discovery and admin
@@ -231,6 +316,18 @@ impl Registry {
         state: &State,
         trust: Trust,
     ) -> Registry {
+        Registry::with_lease(trust_domain, policy_version, state, trust, None)
+    }
+
+    /// [`Registry::with_trust`], its generations following `lease` (unique
+    /// across restarts).
+    pub fn with_lease(
+        trust_domain: &str,
+        policy_version: u64,
+        state: &State,
+        trust: Trust,
+        lease: Option<GenerationLease>,
+    ) -> Registry {
         let (snapshots, _) = watch::channel(Arc::new(Published::default()));
         let registry = Registry {
             trust_domain: trust_domain.to_string(),
@@ -238,7 +335,9 @@ impl Registry {
                 policy_version,
                 resources: resources_of(state),
                 trust,
-                generation: 0,
+                generation: lease.as_ref().map_or(0, |l| l.start),
+                lease,
+                last_serial: HashMap::new(),
                 published_at: Instant::now(),
                 proxies: HashMap::new(),
             }),
@@ -315,22 +414,36 @@ impl Registry {
         inner.generation
     }
 
+    /// Wakes [`Registry::proxy_changed`] (something a rotation waits for
+    /// changed outside the registry).
+    pub fn notify_changed(&self) {
+        self.proxy_changes.notify_one();
+    }
+
     /// Resolves at the next Ack or proxy departure (or at once if one
     /// happened since the last call).
     pub async fn proxy_changed(&self) {
         self.proxy_changes.notified().await;
     }
 
-    /// Whether at least one proxy is connected and every connected proxy has
-    /// acked a snapshot of generation `min_generation` or later and runs a
-    /// certificate from `signer_id`.
-    pub fn all_on_signer(&self, signer_id: &str, min_generation: u64) -> bool {
+    /// Every connected proxy that has not both acked a snapshot of
+    /// generation `min_generation` or later and reported a certificate from
+    /// `signer_id`.
+    pub fn behind(&self, signer_id: &str, min_generation: u64) -> Vec<Behind> {
         let inner = self.lock();
-        !inner.proxies.is_empty()
-            && inner
-                .proxies
-                .values()
-                .all(|p| p.acked_generation >= min_generation && p.cert_signer_id == signer_id)
+        inner
+            .proxies
+            .values()
+            .filter(|p| !(p.acked_generation >= min_generation && p.cert_signer_id == signer_id))
+            .map(|p| Behind {
+                namespace: p.register.namespace.clone(),
+                service: p.register.service.clone(),
+                instance_id: p.register.instance_id.clone(),
+                tls_serial: p.tls_serial.clone(),
+                cert_signer_id: p.cert_signer_id.clone(),
+                cert_not_after_unix: p.cert_not_after_unix,
+            })
+            .collect()
     }
 
     /// Adds a proxy. Another stream registered with the same instance id is
@@ -341,9 +454,34 @@ impl Registry {
         register: Register,
         now_unix_ms: i64,
     ) -> (StreamId, oneshot::Receiver<()>) {
+        let (id, replaced, _) = self.register_with(register, now_unix_ms, "");
+        (id, replaced)
+    }
+
+    /// [`Registry::register`] of a stream opened with the certificate of
+    /// serial `tls_serial`; also returns the serial this instance id last
+    /// registered with, when it differs (the caller tells whether the
+    /// instance restarted with a new certificate).
+    pub fn register_with(
+        &self,
+        register: Register,
+        now_unix_ms: i64,
+        tls_serial: &str,
+    ) -> (StreamId, oneshot::Receiver<()>, Option<String>) {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (replaced_tx, replaced_rx) = oneshot::channel();
         let mut inner = self.lock();
+        let previous = if tls_serial.is_empty() {
+            None
+        } else {
+            if inner.last_serial.len() >= MAX_REMEMBERED_INSTANCES {
+                inner.last_serial.clear();
+            }
+            inner
+                .last_serial
+                .insert(register.instance_id.clone(), tls_serial.to_string())
+                .filter(|p| p != tls_serial)
+        };
         let before = endpoint_count(&inner);
         inner
             .proxies
@@ -354,6 +492,8 @@ impl Registry {
             Proxy {
                 register,
                 connected_since_unix_ms: now_unix_ms,
+                tls_serial: tls_serial.to_string(),
+                deregistered: false,
                 endpoint_registered,
                 app_serving: true,
                 sent_version: String::new(),
@@ -374,7 +514,7 @@ impl Registry {
         if endpoint_registered || endpoint_count(&inner) != before {
             self.publish(&mut inner);
         }
-        (id, replaced_rx)
+        (id, replaced_rx, previous)
     }
 
     /// Removes a proxy's endpoint but keeps it registered (Deregister).
@@ -385,6 +525,7 @@ impl Registry {
         };
         let was = proxy.is_endpoint();
         proxy.endpoint_registered = false;
+        proxy.deregistered = true;
         if was {
             self.publish(&mut inner);
         }
@@ -405,17 +546,24 @@ impl Registry {
     }
 
     /// Removes a proxy whose stream ended (no-op if it was already replaced).
-    pub fn remove(&self, id: StreamId) {
+    /// Returns the serial of its stream's certificate if it had deregistered
+    /// first: it left for good, and so did that certificate.
+    pub fn remove(&self, id: StreamId) -> Option<String> {
         let mut inner = self.lock();
-        if let Some(proxy) = inner.proxies.remove(&id) {
-            self.metrics
-                .proxies_connected
-                .set(count(inner.proxies.len()));
-            if proxy.is_endpoint() {
-                self.publish(&mut inner);
-            }
-            self.proxy_changes.notify_one();
+        let proxy = inner.proxies.remove(&id)?;
+        self.metrics
+            .proxies_connected
+            .set(count(inner.proxies.len()));
+        if proxy.is_endpoint() {
+            self.publish(&mut inner);
         }
+        let left = proxy.deregistered && !proxy.tls_serial.is_empty();
+        if left {
+            inner.last_serial.remove(&proxy.register.instance_id);
+        }
+        drop(inner);
+        self.proxy_changes.notify_one();
+        left.then_some(proxy.tls_serial)
     }
 
     /// Records a snapshot sent to a proxy; its push latency runs from the
@@ -515,6 +663,10 @@ impl Registry {
     /// held, so snapshots are published in the order the changes happened.
     fn publish(&self, inner: &mut Inner) {
         inner.generation += 1;
+        let generation = inner.generation;
+        if let Some(lease) = inner.lease.as_mut() {
+            lease.cover(generation);
+        }
         inner.published_at = Instant::now();
         self.metrics.config_version.set(count(inner.policy_version));
         self.metrics

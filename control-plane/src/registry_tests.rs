@@ -79,11 +79,20 @@ fn ack(version: &str, signer: &str) -> Ack {
 }
 
 #[test]
-fn a_rotation_is_done_when_every_proxy_acked_a_later_snapshot_on_the_new_signer() {
+fn a_proxy_is_behind_until_it_acked_a_later_snapshot_on_the_new_signer() {
     let registry = Registry::new("cluster.local", 0, &State::new());
-    assert!(!registry.all_on_signer("new", 0), "no proxies: not done");
-    let (a, _ra) = registry.register(reg("a", "10.0.0.1:1"), 1);
-    let (b, _rb) = registry.register(reg("b", "10.0.0.2:1"), 1);
+    let behind = |registry: &Registry, marker| {
+        let mut ids: Vec<String> = registry
+            .behind("new", marker)
+            .into_iter()
+            .map(|b| b.instance_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert!(behind(&registry, 0).is_empty(), "no proxies: nobody behind");
+    let (a, _ra, _) = registry.register_with(reg("a", "10.0.0.1:1"), 1, "aa");
+    let (b, _rb, _) = registry.register_with(reg("b", "10.0.0.2:1"), 1, "bb");
     let marker = registry.set_trust(Trust {
         bundle_pem: "roots".into(),
         signer_id: "new".into(),
@@ -99,25 +108,89 @@ fn a_rotation_is_done_when_every_proxy_acked_a_later_snapshot_on_the_new_signer(
     let version = snapshot.version.clone();
     registry.record_ack(a, &ack(&version, "new"));
     registry.record_ack(b, &ack("0.1", "new"));
-    assert!(
-        !registry.all_on_signer("new", marker),
+    assert_eq!(
+        behind(&registry, marker),
+        ["b"],
         "b acked an older snapshot"
     );
     // A version this registry never published does not count.
     registry.record_ack(b, &ack("0.999", "new"));
-    assert!(!registry.all_on_signer("new", marker));
+    assert_eq!(behind(&registry, marker), ["b"]);
     registry.record_ack(b, &ack(&version, "old"));
-    assert!(
-        !registry.all_on_signer("new", marker),
+    let late = registry.behind("new", marker);
+    assert_eq!(
+        (late[0].tls_serial.as_str(), late[0].cert_signer_id.as_str()),
+        ("bb", "old"),
         "b runs an old certificate"
     );
     registry.record_ack(b, &ack(&version, "new"));
-    assert!(registry.all_on_signer("new", marker));
+    assert!(behind(&registry, marker).is_empty());
     let status = registry.status();
     assert_eq!(status[0].cert_signer_id, "new");
     assert_eq!(status[0].cert_not_after_unix, 42);
-    registry.remove(b);
-    assert!(registry.all_on_signer("new", marker));
+    // Only a proxy that deregistered first leaves with its certificate.
+    assert_eq!(registry.remove(b), None);
+    registry.deregister_endpoint(a);
+    assert_eq!(registry.remove(a).as_deref(), Some("aa"));
+}
+
+#[test]
+fn an_instance_that_comes_back_with_another_certificate_is_told() {
+    let registry = Registry::new("cluster.local", 0, &State::new());
+    let (a, _ra, previous) = registry.register_with(reg("a", "10.0.0.1:1"), 1, "s1");
+    assert_eq!(previous, None);
+    registry.remove(a);
+    let (_, _ra, previous) = registry.register_with(reg("a", "10.0.0.1:1"), 2, "s1");
+    assert_eq!(previous, None, "the same certificate");
+    let (_, _ra, previous) = registry.register_with(reg("a", "10.0.0.1:1"), 3, "s2");
+    assert_eq!(previous.as_deref(), Some("s1"));
+}
+
+#[test]
+fn snapshot_versions_stay_unique_across_restarts_with_a_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = IdentityDb::open(dir.path()).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    for _restart in 0..3 {
+        let lease = GenerationLease::open(db.clone()).unwrap();
+        let registry = Registry::with_lease(
+            "cluster.local",
+            1,
+            &State::new(),
+            Trust::default(),
+            Some(lease),
+        );
+        for i in 0..5 {
+            registry.register(reg(&format!("i{i}"), "10.0.0.1:1"), 1);
+            assert!(
+                seen.insert(registry.current_snapshot().version.clone()),
+                "version {} again",
+                registry.current_snapshot().version
+            );
+        }
+    }
+    // Past a block, the lease is extended.
+    let lease = GenerationLease::open(db.clone()).unwrap();
+    let start = lease.start;
+    let registry = Registry::with_lease(
+        "cluster.local",
+        1,
+        &State::new(),
+        Trust::default(),
+        Some(lease),
+    );
+    for i in 0..(LEASE_BLOCK + 5) {
+        registry.set_serving(0, i % 2 == 0);
+        registry.set_trust(Trust::default());
+    }
+    drop(registry);
+    let again = GenerationLease::open(db).unwrap();
+    assert!(
+        again.start > start + LEASE_BLOCK,
+        "{} {}",
+        again.start,
+        start
+    );
 }
 
 #[test]

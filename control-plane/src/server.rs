@@ -12,9 +12,10 @@ use crate::discovery::DiscoveryService;
 use crate::http::{self, Health};
 use crate::identity::{CertMetrics, IdentityService};
 use crate::identity_db::IdentityDb;
+use crate::issued::Ledger;
 use crate::push::DiscoveryServer;
 use crate::reflection;
-use crate::registry::Registry;
+use crate::registry::{GenerationLease, Registry};
 use crate::rotation::{trust_of, Rotation};
 use crate::store::Store;
 use crate::tls::ServerTls;
@@ -66,6 +67,8 @@ pub struct ServeConfig {
     /// request head.
     pub http_max_connections: usize,
     pub http_header_read_timeout: Duration,
+    /// The most one apply may carry, all its files together (bytes).
+    pub max_apply_bytes: usize,
 }
 
 /// The default workload certificate lifetime (and longest).
@@ -89,6 +92,7 @@ impl ServeConfig {
             max_handshakes_per_source: crate::tls::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             http_max_connections: http::DEFAULT_MAX_CONNECTIONS,
             http_header_read_timeout: http::DEFAULT_HEADER_READ_TIMEOUT,
+            max_apply_bytes: crate::admin::DEFAULT_MAX_APPLY_BYTES,
         }
     }
 
@@ -130,6 +134,8 @@ pub struct Running {
     pub rotation: Arc<Rotation>,
     pub tokens: Arc<TokenStore>,
     pub cert_metrics: Arc<CertMetrics>,
+    /// The certificates issued and not yet expired.
+    pub ledger: Arc<Ledger>,
     shutdown: watch::Sender<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<()>,
@@ -248,6 +254,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             )
         })?;
     let ca = load_ca(&config, &identity_db).await?;
+    let ledger_db = identity_db.clone();
+    let (ledger, lease) = tokio::task::spawn_blocking(move || {
+        let ledger = Ledger::open(ledger_db.clone(), crate::tokens::now_unix())?;
+        let lease = GenerationLease::open(ledger_db)?;
+        Ok::<_, crate::identity_db::DbError>((ledger, lease))
+    })
+    .await
+    .context("identity database task failed")?
+    .context("cannot read the certificate ledger or the snapshot generation")?;
+    let ledger = Arc::new(ledger);
     let ca_file = config
         .ca_file
         .clone()
@@ -257,11 +273,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         ServerTls::new(&ca, &config.server_names).context("cannot set up TLS for the gRPC port")?,
     );
 
-    let registry = Arc::new(Registry::with_trust(
+    tracing::info!(
+        first_generation = lease.start + 1,
+        "snapshot versions continue"
+    );
+    let registry = Arc::new(Registry::with_lease(
         &config.trust_domain,
         store.version(),
         &store.current(),
         trust_of(&ca),
+        Some(lease),
     ));
     let store = Arc::new(Mutex::new(store));
     let authority = Arc::new(Authority::new(ca, &config.trust_domain, lifetimes));
@@ -271,6 +292,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         registry.clone(),
         tls.clone(),
         identity_db,
+        ledger.clone(),
+        tokens.clone(),
         ca_file.clone(),
     ));
     let cert_metrics = Arc::new(CertMetrics::default());
@@ -317,7 +340,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
-    let identity = IdentityService::new(tokens.clone(), authority.clone(), cert_metrics.clone());
+    let identity = IdentityService::new(
+        tokens.clone(),
+        authority.clone(),
+        cert_metrics.clone(),
+        ledger.clone(),
+    );
     let admin = AdminService::new(
         store,
         registry.clone(),
@@ -326,6 +354,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             rotation: rotation.clone(),
             authority: authority.clone(),
         },
+        config.max_apply_bytes,
     );
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -335,9 +364,18 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         .add_service(reflection_v1alpha)
         .add_service(DiscoveryServer::new(DiscoveryService::new(
             registry.clone(),
+            ledger.clone(),
         )))
         .add_service(IdentityServer::new(identity))
-        .add_service(AdminServer::with_interceptor(admin, AdminAuth::new(&token)));
+        // Decodes far more than an apply may carry (after the token check),
+        // so that an oversized apply gets the service's answer naming the
+        // limit rather than the codec's.
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            AdminServer::new(admin).max_decoding_message_size(crate::admin::max_decoding_bytes(
+                config.max_apply_bytes,
+            )),
+            AdminAuth::new(&token),
+        ));
     let handshake_slots = ConnLimiter::new(
         "grpc",
         Limits {
@@ -392,6 +430,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         rotation,
         tokens,
         cert_metrics,
+        ledger,
         shutdown,
         grpc,
         http,

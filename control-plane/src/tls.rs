@@ -2,6 +2,12 @@
 //! by the CA, and client certificates optional at the TLS layer but verified
 //! against the current trust bundle when presented.
 //!
+//! The server certificate comes from [`CaState::server_signer`]: during a
+//! root rotation that is still the old root, so a proxy that trusts only the
+//! old root (it missed the rotation's start) can verify the control plane,
+//! present its old certificate (trusted until the old root is retired) and
+//! renew from the new root.
+//!
 //! The `rustls::ServerConfig` sits behind an `ArcSwap`: a root rotation (or
 //! the server certificate's renewal) builds a new one and every later
 //! handshake uses it, without a restart and without touching open
@@ -101,7 +107,7 @@ impl ServerTls {
             }
         }
         let cert = state
-            .signer
+            .server_signer()
             .sign_server(&names, crate::tokens::now_unix())?;
         let config = build_config(state, &cert)?;
         Ok(ServerTls {
@@ -115,17 +121,19 @@ impl ServerTls {
         self.cert.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Follows a new CA state: reissues the certificate when the signer
-    /// changed or a third of its lifetime is left, and trusts `state.roots`.
-    /// Returns whether the certificate was reissued.
+    /// Follows a new CA state: reissues the certificate when its signer
+    /// ([`CaState::server_signer`]) changed or a third of its lifetime is
+    /// left, and trusts `state.roots`. Returns whether the certificate was
+    /// reissued.
     pub fn reload(&self, state: &CaState) -> Result<bool, TlsError> {
         let now = crate::tokens::now_unix();
         let mut cert = self.lock();
         let left = cert.not_after_unix - now;
         let lifetime = (cert.not_after_unix - cert.not_before_unix).max(1);
-        let reissue = cert.signer_id != state.signer.id || left * 3 < lifetime;
+        let signer = state.server_signer();
+        let reissue = cert.signer_id != signer.id || left * 3 < lifetime;
         let next = if reissue {
-            Some(state.signer.sign_server(&self.names, now)?)
+            Some(signer.sign_server(&self.names, now)?)
         } else {
             None
         };
@@ -237,6 +245,13 @@ async fn handshake(
             None
         }
     }
+}
+
+/// The serial (lowercase hex) of the client certificate of a request, if it
+/// presented one.
+pub fn peer_serial<T>(request: &Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    ca::serial_hex(certs.first()?).ok()
 }
 
 /// The SPIFFE ID in the client certificate of a request: `None` when the

@@ -122,7 +122,10 @@ async fn an_operator_intermediate_signs_and_cannot_be_rotated() {
     verify_chain(&w.chain_pem, &bundle).unwrap();
     // The server's own chain verifies against the root too: clients connect.
     let mut admin = admin(&running, &running.token).await;
-    let err = admin.rotate_ca(RotateCaRequest {}).await.unwrap_err();
+    let err = admin
+        .rotate_ca(RotateCaRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(
         err.message().contains("provided by the operator"),

@@ -171,7 +171,8 @@ async fn ca_rotate_and_status_show_signers_and_certificates() {
     );
     let new = running.authority.current().signer.id.clone();
 
-    // The CLI trusts the rewritten bundle (the server certificate changed).
+    // The CLI trusts the rewritten bundle; status names what the rotation
+    // waits for.
     let out = run_with(&base, &["status"]).await;
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(
@@ -180,6 +181,12 @@ async fn ca_rotate_and_status_show_signers_and_certificates() {
             &signer[..12],
             &new[..12]
         )),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("`remora-control ca rotate --finish`")
+            && out.stdout.contains("  - proxy shop/backend "),
         "{}",
         out.stdout
     );

@@ -24,6 +24,7 @@ async fn a_good_token_gets_a_chain_that_verifies_against_the_bundle() {
             service: "backend".into(),
             namespace: "shop".into(),
             ttl_seconds: 0,
+            max_uses: 0,
         })
         .await
         .unwrap()
@@ -134,6 +135,7 @@ async fn tokens_that_prove_nothing_are_refused_and_counted() {
             service: "backend".into(),
             namespace: "shop".into(),
             ttl_seconds: 3600,
+            max_uses: 0,
         })
         .await
         .unwrap()
@@ -193,6 +195,7 @@ async fn tokens_that_prove_nothing_are_refused_and_counted() {
             service: "a/b".into(),
             namespace: "shop".into(),
             ttl_seconds: 0,
+            max_uses: 0,
         })
         .await
         .unwrap_err();

@@ -208,49 +208,45 @@ async fn an_expired_token_certifies_nothing_new_but_its_workload_renews_until_re
     running.shutdown().await.unwrap();
 }
 
-/// The limit travels as request metadata (see `admin_identity`); the server
-/// confirms it in the answer, which the CLI checks, and refuses 0.
+/// The limit is a field of CreateTokenRequest (it travelled as request
+/// metadata before); the answer confirms it, which the CLI checks, and
+/// ListTokens reports uses and limit. 0 is no limit.
 #[tokio::test]
-async fn the_admin_api_confirms_a_uses_limit_and_refuses_zero() {
+async fn the_admin_api_takes_confirms_and_lists_a_uses_limit() {
     let data = tempfile::tempdir().unwrap();
     let running = start(config(data.path())).await.unwrap();
     let mut admin = admin(&running, &running.token).await;
-    let mut request = tonic::Request::new(remora_proto::v1::CreateTokenRequest {
+    let request = |max_uses| remora_proto::v1::CreateTokenRequest {
         service: "backend".into(),
         namespace: "shop".into(),
         ttl_seconds: 0,
-    });
-    request.metadata_mut().insert(
-        remora_control::admin_identity::MAX_USES_METADATA,
-        "2".parse().unwrap(),
-    );
-    let response = admin.create_token(request).await.unwrap();
-    assert_eq!(
-        response
-            .metadata()
-            .get(remora_control::admin_identity::MAX_USES_METADATA)
-            .and_then(|v| v.to_str().ok()),
-        Some("2")
-    );
-    let record = running
-        .tokens
-        .get(&response.into_inner().token_id)
-        .unwrap()
-        .unwrap();
+        max_uses,
+    };
+    let limited = admin.create_token(request(2)).await.unwrap().into_inner();
+    assert_eq!(limited.max_uses, 2);
+    let record = running.tokens.get(&limited.token_id).unwrap().unwrap();
     assert_eq!((record.max_uses, record.uses), (2, 0));
+    let unlimited = admin.create_token(request(0)).await.unwrap().into_inner();
+    assert_eq!(unlimited.max_uses, 0);
+    let record = running.tokens.get(&unlimited.token_id).unwrap().unwrap();
+    assert_eq!(record.max_uses, 0);
 
-    let mut bad = tonic::Request::new(remora_proto::v1::CreateTokenRequest {
-        service: "backend".into(),
-        namespace: "shop".into(),
-        ttl_seconds: 0,
-    });
-    bad.metadata_mut().insert(
-        remora_control::admin_identity::MAX_USES_METADATA,
-        "0".parse().unwrap(),
-    );
-    assert_eq!(
-        admin.create_token(bad).await.unwrap_err().code(),
-        Code::InvalidArgument
-    );
+    certify_with(&running, &limited.token, &spiffe("shop", "backend"), 0)
+        .await
+        .unwrap();
+    let listed = admin
+        .list_tokens(remora_proto::v1::ListTokensRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    let uses = |id: &str| {
+        listed
+            .iter()
+            .find(|t| t.token_id == id)
+            .map(|t| (t.uses, t.max_uses))
+    };
+    assert_eq!(uses(&limited.token_id), Some((1, 2)));
+    assert_eq!(uses(&unlimited.token_id), Some((0, 0)));
     running.shutdown().await.unwrap();
 }

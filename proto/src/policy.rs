@@ -591,9 +591,35 @@ struct RawDocument {
     rest: BTreeMap<String, serde_json::Value>,
 }
 
+/// How deep a policy document may nest mappings and sequences (flow or
+/// block). Real documents need fewer than ten levels; the limit keeps the
+/// YAML scanner, whose cost grows with the square of the flow nesting, in
+/// linear time.
+pub const MAX_NESTING_DEPTH: usize = 64;
+
+mod flow_depth;
+
 /// Parses every document of one YAML file. The first invalid document fails the
-/// whole file.
+/// whole file. A key given twice in one mapping is refused (YAML forbids it),
+/// and so is nesting deeper than [`MAX_NESTING_DEPTH`]; both errors name the
+/// field and the limit.
+///
+/// CPU-bound (a megabyte takes tens of milliseconds): async callers should run
+/// it on a blocking thread.
 pub fn parse_documents(file: &str, content: &str) -> Result<Vec<Document>, ValidationError> {
+    if let Err(at) = flow_depth::check(content, MAX_NESTING_DEPTH) {
+        return Err(ValidationError {
+            file: file.to_string(),
+            document: document_at_line(content, at.line),
+            what: String::new(),
+            field: "(yaml)".into(),
+            message: format!(
+                "flow collections ([...] and {{...}}) nested more than {MAX_NESTING_DEPTH} deep \
+                 at line {} column {} (the nesting limit is {MAX_NESTING_DEPTH})",
+                at.line, at.column
+            ),
+        });
+    }
     let mut docs = Vec::new();
     for (i, de) in serde_yaml_ng::Deserializer::from_str(content).enumerate() {
         let index = i + 1;
@@ -604,9 +630,42 @@ pub fn parse_documents(file: &str, content: &str) -> Result<Vec<Document>, Valid
             field: field.to_string(),
             message,
         };
-        let value: serde_json::Value = match serde_json::Value::deserialize(de) {
+        let path = std::cell::RefCell::new(Vec::new());
+        let problem = std::cell::RefCell::new(None);
+        let seed = JsonSeed {
+            depth: 0,
+            path: &path,
+            problem: &problem,
+        };
+        let value: serde_json::Value = match serde::de::DeserializeSeed::deserialize(seed, de) {
             Ok(v) => v,
-            Err(e) => return Err(err("", "(yaml)", e.to_string())),
+            Err(e) => {
+                // The position the YAML library gives is where the
+                // collection being read starts.
+                let at = e
+                    .location()
+                    .map(|l| {
+                        format!(
+                            " (in the collection at line {} column {})",
+                            l.line(),
+                            l.column()
+                        )
+                    })
+                    .unwrap_or_default();
+                let field = render_path(&path.borrow());
+                return Err(match problem.take() {
+                    Some(message) => err("", &field, format!("{message}{at}")),
+                    None if e.to_string().starts_with("recursion limit exceeded") => err(
+                        "",
+                        &field,
+                        format!(
+                            "nested more than {MAX_NESTING_DEPTH} deep{at} (the nesting limit \
+                             is {MAX_NESTING_DEPTH})"
+                        ),
+                    ),
+                    None => err("", "(yaml)", e.to_string()),
+                });
+            }
         };
         if value.is_null() {
             continue; // an empty document, such as after a trailing `---`
@@ -656,6 +715,172 @@ pub fn parse_documents(file: &str, content: &str) -> Result<Vec<Document>, Valid
         docs.push(doc);
     }
     Ok(docs)
+}
+
+/// The 1-based index of the document that holds 1-based `line`: one more than
+/// the `---` lines before it that separate documents (a `---` on the first
+/// content line only starts the first one).
+fn document_at_line(content: &str, line: usize) -> usize {
+    let mut document = 1;
+    let mut content_seen = false;
+    for text in content.lines().take(line.saturating_sub(1)) {
+        let marker = text == "---" || text.starts_with("--- ") || text.starts_with("---\t");
+        if marker && content_seen {
+            document += 1;
+        }
+        if !marker && !text.trim().is_empty() && !text.trim_start().starts_with('#') {
+            content_seen = true;
+        }
+    }
+    document
+}
+
+/// One step of the path to a value: a mapping key or a sequence index.
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// `spec.rules[1].backends`, as field names are shown elsewhere.
+fn render_path(path: &[Step]) -> String {
+    let mut out = String::new();
+    for step in path {
+        match step {
+            Step::Key(k) => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(k);
+            }
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    if out.is_empty() {
+        "(document)".into()
+    } else {
+        out
+    }
+}
+
+/// Builds a `serde_json::Value` from YAML as `serde_json::Value::deserialize`
+/// does, but refuses a key given twice in one mapping (where that would keep
+/// the last value silently) and nesting deeper than [`MAX_NESTING_DEPTH`].
+/// `path` follows the value being built, so after an error it names where;
+/// `problem` holds the error's own message (the YAML library adds its path
+/// and position to whatever a visitor reports).
+struct JsonSeed<'a> {
+    depth: usize,
+    path: &'a std::cell::RefCell<Vec<Step>>,
+    problem: &'a std::cell::RefCell<Option<String>>,
+}
+
+impl JsonSeed<'_> {
+    fn nested(&self) -> Self {
+        JsonSeed {
+            depth: self.depth + 1,
+            path: self.path,
+            problem: self.problem,
+        }
+    }
+
+    fn enter<E: serde::de::Error>(&self) -> Result<(), E> {
+        if self.depth >= MAX_NESTING_DEPTH {
+            let message =
+                format!("nested more than {MAX_NESTING_DEPTH} deep (the nesting limit is {MAX_NESTING_DEPTH})");
+            *self.problem.borrow_mut() = Some(message.clone());
+            return Err(E::custom(message));
+        }
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonSeed<'_> {
+    type Value = serde_json::Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonSeed<'_> {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::String(v))
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        serde::de::DeserializeSeed::deserialize(self, d)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        self.enter()?;
+        let mut out = Vec::new();
+        loop {
+            self.path.borrow_mut().push(Step::Index(out.len()));
+            match seq.next_element_seed(self.nested())? {
+                Some(v) => out.push(v),
+                None => {
+                    self.path.borrow_mut().pop();
+                    return Ok(serde_json::Value::Array(out));
+                }
+            }
+            self.path.borrow_mut().pop();
+        }
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        self.enter()?;
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let duplicate = out.contains_key(&key);
+            self.path.borrow_mut().push(Step::Key(key.clone()));
+            if duplicate {
+                let message = format!(
+                    "duplicate key {key:?}: it is given more than once in the same mapping"
+                );
+                *self.problem.borrow_mut() = Some(message.clone());
+                return Err(serde::de::Error::custom(message));
+            }
+            let value = map.next_value_seed(self.nested())?;
+            self.path.borrow_mut().pop();
+            out.insert(key, value);
+        }
+        Ok(serde_json::Value::Object(out))
+    }
 }
 
 /// Messages from `parse_spec`/`validate` are "field: message".
@@ -1144,5 +1369,55 @@ spec:
         assert_eq!(e.field, "kind");
         let e = parse_documents("x.yaml", "a: [").unwrap_err();
         assert_eq!(e.field, "(yaml)");
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_and_named() {
+        let bad = GOOD.replace("timeout: 2s", "timeout: 2s\n      timeout: 5s");
+        let e = parse_documents("x.yaml", &bad).unwrap_err();
+        assert_eq!(
+            (e.document, e.field.as_str()),
+            (2, "spec.rules[1].timeout"),
+            "{e}"
+        );
+        assert!(e.message.starts_with("duplicate key \"timeout\""), "{e}");
+        let e = parse_documents("x.yaml", "kind: Service\nkind: HTTPRoute\n").unwrap_err();
+        assert_eq!(e.field, "kind", "{e}");
+        let e = parse_documents("x.yaml", "metadata: {name: a, name: b}\n").unwrap_err();
+        assert_eq!(e.field, "metadata.name", "{e}");
+        // The same key in two mappings is fine.
+        assert!(parse_documents("x.yaml", GOOD).is_ok());
+    }
+
+    #[test]
+    fn nesting_past_the_limit_is_refused_quickly_and_named() {
+        let started = std::time::Instant::now();
+        let flow = format!("spec:\n  ports: {}", "[".repeat(200 * 1024));
+        let e = parse_documents("x.yaml", &flow).unwrap_err();
+        assert_eq!(e.field, "(yaml)");
+        assert!(
+            e.message
+                .contains("nested more than 64 deep at line 2 column 74"),
+            "{e}"
+        );
+        assert!(e.message.contains("nesting limit is 64"), "{e}");
+        let maps = format!("---\na: 1\n---\nspec: {}1\n", "{a: ".repeat(100_000));
+        let e = parse_documents("x.yaml", &maps).unwrap_err();
+        assert_eq!(e.document, 2, "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+
+        // Block nesting is held to the same limit, after parsing.
+        let mut block = String::from("spec:\n");
+        for i in 0..70 {
+            block.push_str(&" ".repeat(i + 1));
+            block.push_str("a:\n");
+        }
+        let e = parse_documents("x.yaml", &block).unwrap_err();
+        assert!(e.message.starts_with("nested more than 64 deep"), "{e}");
+        assert!(e.field.starts_with("spec.a.a.a."), "{e}");
+        // 64 levels are fine (as far as nesting goes).
+        let ok = format!("a: {}1{}\n", "[".repeat(63), "]".repeat(63));
+        let e = parse_documents("x.yaml", &ok).unwrap_err();
+        assert!(!e.message.contains("nest"), "{e}");
     }
 }

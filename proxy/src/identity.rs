@@ -8,6 +8,20 @@
 //! and retried with jitter while the control plane is away, keeping the valid
 //! certificate meanwhile. New handshakes use the new certificate; open
 //! connections keep theirs.
+//!
+//! A workload is in the mesh only while its certificate chains to the trust
+//! bundle it was last given and the control plane accepts it. After a root
+//! rotation was finished without it (it was away, or the operator forced
+//! it), neither holds: the snapshot's bundle no longer has its root, or, if
+//! it missed that snapshot too, the control plane refuses its certificate in
+//! the TLS handshake. When discovery keeps failing, a probe handshake tells
+//! which; either way the proxy is not ready and bootstraps again with its
+//! token (a renewal with a certificate nobody trusts cannot work), ready
+//! again once it holds a certificate the mesh trusts.
+//!
+//! The lifetime asked for is `--cert-lifetime` when it was given; a proxy
+//! left at the default asks for nothing, so the control plane's
+//! `--cert-lifetime` applies.
 
 use crate::discovery::Backoff;
 use crate::tls::{self, TlsConfigs};
@@ -16,9 +30,33 @@ use remora_proto::v1::identity_client::IdentityClient;
 use remora_proto::v1::CertifyRequest;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncReadExt as _;
 use tokio::sync::{watch, Notify};
+
+/// `remora-proxy run`'s `--cert-lifetime` default. A proxy left at it asks
+/// for no lifetime, so that the control plane's `--cert-lifetime` applies
+/// (the settings do not say whether the flag was given; asking for exactly
+/// 24 h is read as not asking).
+const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// Failed discovery attempts in a row before the control plane is asked
+/// whether it still accepts this workload's certificate.
+const PROBE_AFTER_FAILURES: u32 = 3;
+/// At most one such probe this often.
+const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// Each step of a probe (connect, handshake, first bytes).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The lifetime to ask for (0: the control plane's default).
+pub fn requested_lifetime(configured: Duration) -> u64 {
+    if configured == DEFAULT_CERT_LIFETIME {
+        0
+    } else {
+        configured.as_secs()
+    }
+}
 
 /// A certificate this workload holds, with its key (in memory only).
 pub struct WorkloadCert {
@@ -65,6 +103,13 @@ pub struct Identity {
     /// Bumped on every new certificate.
     generation: watch::Sender<u64>,
     renew_now: Notify,
+    /// The certificate chains to the trust bundle in force.
+    trusted: AtomicBool,
+    /// The control plane refused the certificate in a TLS handshake.
+    refused: AtomicBool,
+    /// Failed or lost discovery sessions since the last good one.
+    failures: AtomicU32,
+    failed: Notify,
 }
 
 impl Identity {
@@ -77,7 +122,49 @@ impl Identity {
             configs: ArcSwapOption::empty(),
             generation: watch::channel(0).0,
             renew_now: Notify::new(),
+            trusted: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
+            failed: Notify::new(),
         })
+    }
+
+    /// Whether the workload can take part in the mesh: it holds a
+    /// certificate that has not expired, chains to the trust bundle in force
+    /// (peers verify it against the same bundle) and that the control plane
+    /// has not refused.
+    pub fn in_mesh(&self) -> bool {
+        self.has_cert()
+            && self.trusted.load(Ordering::Acquire)
+            && !self.refused.load(Ordering::Acquire)
+    }
+
+    /// A discovery session failed or was lost.
+    pub fn control_plane_failed(&self) {
+        self.failures.fetch_add(1, Ordering::AcqRel);
+        self.failed.notify_one();
+    }
+
+    /// A discovery session is up.
+    pub fn control_plane_connected(&self) {
+        self.failures.store(0, Ordering::Release);
+    }
+
+    /// Records whether the current certificate chains to the bundle in force;
+    /// one that does not is renewed at once.
+    fn check_trust(&self, cert: &WorkloadCert, roots: Arc<rustls::RootCertStore>) {
+        match chains_to(cert, roots) {
+            Ok(()) => self.trusted.store(true, Ordering::Release),
+            Err(e) => {
+                let was = self.trusted.swap(false, Ordering::AcqRel);
+                if was {
+                    tracing::warn!(error = %e, signer = %cert.signer_id,
+                        "the trust bundle no longer holds this workload's root: not ready; \
+                         getting a certificate from the mesh's root");
+                }
+                self.renew_now.notify_one();
+            }
+        }
     }
 
     pub fn cert(&self) -> Option<Arc<WorkloadCert>> {
@@ -119,8 +206,9 @@ impl Identity {
         if pem.is_empty() || self.bundle.load().as_str() == pem {
             return;
         }
-        self.bundle.store(Arc::new(pem.to_string()));
+        let previous = self.bundle.swap(Arc::new(pem.to_string()));
         if let Err(e) = self.rebuild() {
+            self.bundle.store(previous);
             tracing::warn!(error = %e, "cannot use the new trust bundle; keeping the previous one");
         } else {
             tracing::info!("installed a new trust bundle");
@@ -142,12 +230,15 @@ impl Identity {
 
     fn install(&self, cert: WorkloadCert, bundle_pem: String) -> Result<(), String> {
         let cert = Arc::new(cert);
-        let roots = tls::roots_from_pem(&bundle_pem)?;
-        let configs =
-            TlsConfigs::build(cert.certified.clone(), Arc::new(roots), &self.trust_domain)?;
+        let roots = Arc::new(tls::roots_from_pem(&bundle_pem)?);
+        chains_to(&cert, roots.clone())
+            .map_err(|e| format!("the new certificate does not chain to its trust bundle: {e}"))?;
+        let configs = TlsConfigs::build(cert.certified.clone(), roots, &self.trust_domain)?;
         self.bundle.store(Arc::new(bundle_pem));
         self.configs.store(Some(Arc::new(configs)));
         self.cert.store(Some(cert));
+        self.trusted.store(true, Ordering::Release);
+        self.refused.store(false, Ordering::Release);
         self.generation.send_modify(|g| *g += 1);
         Ok(())
     }
@@ -156,11 +247,191 @@ impl Identity {
         let Some(cert) = self.cert.load_full() else {
             return Ok(());
         };
-        let roots = tls::roots_from_pem(&self.bundle.load())?;
-        let configs =
-            TlsConfigs::build(cert.certified.clone(), Arc::new(roots), &self.trust_domain)?;
+        let roots = Arc::new(tls::roots_from_pem(&self.bundle.load())?);
+        let configs = TlsConfigs::build(cert.certified.clone(), roots.clone(), &self.trust_domain)?;
         self.configs.store(Some(Arc::new(configs)));
+        self.check_trust(&cert, roots);
         Ok(())
+    }
+}
+
+/// Whether `cert` verifies against `roots`, as a peer verifies it (its
+/// expiry aside: that is [`Identity::has_cert`]'s).
+fn chains_to(cert: &WorkloadCert, roots: Arc<rustls::RootCertStore>) -> Result<(), String> {
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, tls::provider())
+            .build()
+            .map_err(|e| e.to_string())?;
+    let (leaf, intermediates) = cert.certified.cert.split_first().ok_or("no certificate")?;
+    // Within the certificate's validity: only the chain is checked here.
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let at = now.min(
+        u64::try_from(cert.not_after_unix)
+            .unwrap_or(0)
+            .saturating_sub(1),
+    );
+    verifier
+        .verify_client_cert(
+            leaf,
+            intermediates,
+            rustls::pki_types::UnixTime::since_unix_epoch(Duration::from_secs(at)),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// What the control plane makes of this workload's certificate.
+#[derive(Debug)]
+enum Verdict {
+    Accepted,
+    Refused(String),
+    Unknown(String),
+}
+
+/// Presents one certificate as the TLS client certificate.
+#[derive(Debug)]
+struct Presents(Arc<CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Presents {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A TLS handshake with the control plane presenting `cert`, and its first
+/// bytes: the control plane sends its HTTP/2 settings when it accepts the
+/// certificate, and an alert when it does not.
+async fn probe(state: &crate::state::State, cert: &WorkloadCert) -> Verdict {
+    let s = &state.settings;
+    let Some(ca_file) = &s.ca_file else {
+        return Verdict::Unknown("no --ca-file".into());
+    };
+    let mut pem = match std::fs::read_to_string(ca_file) {
+        Ok(pem) => pem,
+        Err(e) => return Verdict::Unknown(format!("reading {}: {e}", ca_file.display())),
+    };
+    pem.push('\n');
+    pem.push_str(&state.identity.bundle_pem());
+    let roots = match tls::roots_from_pem(&pem) {
+        Ok(roots) => roots,
+        Err(e) => return Verdict::Unknown(e),
+    };
+    let config = match rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+    {
+        Ok(builder) => {
+            let mut config = builder
+                .with_root_certificates(roots)
+                .with_client_cert_resolver(Arc::new(Presents(cert.certified.clone())));
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            config
+        }
+        Err(e) => return Verdict::Unknown(e.to_string()),
+    };
+    let Ok(name) = rustls::pki_types::ServerName::try_from(s.control_plane_name.clone()) else {
+        return Verdict::Unknown(format!(
+            "bad --control-plane-name {:?}",
+            s.control_plane_name
+        ));
+    };
+    let url = crate::control_plane::https_url(&s.control_plane);
+    let authority = url
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let step = |what: &'static str| move |_| Verdict::Unknown(format!("{what} timed out"));
+    let tcp = match tokio::time::timeout(PROBE_TIMEOUT, tokio::net::TcpStream::connect(&authority))
+        .await
+        .map_err(step("connect"))
+    {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Verdict::Unknown(format!("connect {authority}: {e}")),
+        Err(v) => return v,
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut stream = match tokio::time::timeout(PROBE_TIMEOUT, connector.connect(name, tcp))
+        .await
+        .map_err(step("handshake"))
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return refusal(&e).unwrap_or_else(|| Verdict::Unknown(e.to_string())),
+        Err(v) => return v,
+    };
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(PROBE_TIMEOUT, stream.read(&mut first)).await {
+        Ok(Ok(n)) if n > 0 => Verdict::Accepted,
+        Ok(Ok(_)) => Verdict::Unknown("the control plane closed the connection".into()),
+        Ok(Err(e)) => refusal(&e).unwrap_or_else(|| Verdict::Unknown(e.to_string())),
+        Err(_) => Verdict::Unknown("no answer after the handshake".into()),
+    }
+}
+
+/// A TLS alert by which the peer refused our certificate.
+fn refusal(e: &std::io::Error) -> Option<Verdict> {
+    use rustls::AlertDescription as A;
+    let inner = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match inner {
+        rustls::Error::AlertReceived(
+            alert @ (A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::CertificateRequired
+            | A::AccessDenied),
+        ) => Some(Verdict::Refused(format!("{alert:?}"))),
+        _ => None,
+    }
+}
+
+/// While discovery keeps failing, asks the control plane (at most every
+/// [`PROBE_INTERVAL`]) whether it still accepts the certificate; when it
+/// does not, the workload is out of the mesh until it bootstraps again.
+async fn watch_refusals(state: Arc<crate::state::State>) {
+    let identity = state.identity.clone();
+    let mut last: Option<tokio::time::Instant> = None;
+    loop {
+        identity.failed.notified().await;
+        if identity.failures.load(Ordering::Acquire) < PROBE_AFTER_FAILURES
+            || identity.refused.load(Ordering::Acquire)
+            || last.is_some_and(|t| t.elapsed() < PROBE_INTERVAL)
+        {
+            continue;
+        }
+        let Some(cert) = identity.cert() else {
+            continue;
+        };
+        last = Some(tokio::time::Instant::now());
+        match probe(&state, &cert).await {
+            Verdict::Refused(alert) => {
+                // Unless a new certificate came meanwhile.
+                if identity.cert().is_some_and(|c| Arc::ptr_eq(&c, &cert)) {
+                    identity.refused.store(true, Ordering::Release);
+                    tracing::warn!(%alert, signer = %cert.signer_id,
+                        "the control plane refuses this workload's certificate (its root was \
+                         retired?): not ready; bootstrapping again with the token");
+                    identity.renew_now.notify_one();
+                }
+            }
+            Verdict::Accepted => {
+                tracing::debug!("the control plane accepts this workload's certificate");
+            }
+            Verdict::Unknown(why) => tracing::debug!(%why, "certificate probe inconclusive"),
+        }
     }
 }
 
@@ -185,9 +456,9 @@ pub async fn certify(
     channel: tonic::transport::Channel,
     identity: &Identity,
     token: &str,
-    lifetime: Duration,
+    lifetime_seconds: u64,
 ) -> Result<(WorkloadCert, String), String> {
-    certify_status(channel, identity, token, lifetime)
+    certify_status(channel, identity, token, lifetime_seconds)
         .await
         .map_err(|e| match e {
             Ok(status) => refused(&status),
@@ -209,14 +480,14 @@ async fn certify_status(
     channel: tonic::transport::Channel,
     identity: &Identity,
     token: &str,
-    lifetime: Duration,
+    lifetime_seconds: u64,
 ) -> Result<(WorkloadCert, String), Result<tonic::Status, String>> {
     let (key, csr_pem) = make_csr(&identity.spiffe_id).map_err(Err)?;
     let resp = IdentityClient::new(channel)
         .certify(CertifyRequest {
             token: token.to_string(),
             csr_pem,
-            lifetime_seconds: lifetime.as_secs(),
+            lifetime_seconds,
         })
         .await
         .map_err(Ok)?
@@ -272,10 +543,12 @@ fn transport_failure(status: &tonic::Status) -> bool {
     )
 }
 
-/// Keeps a valid certificate for as long as the process runs.
+/// Keeps a valid certificate the mesh trusts for as long as the process runs.
 pub async fn run(state: Arc<crate::state::State>) {
+    tokio::spawn(watch_refusals(state.clone()));
     let identity = state.identity.clone();
     let s = &state.settings;
+    let lifetime = requested_lifetime(s.cert_lifetime);
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(15));
     loop {
         let attempt = async {
@@ -289,12 +562,12 @@ pub async fn run(state: Arc<crate::state::State>) {
             // authenticates it (a single-use token has been used already).
             // If the control plane cannot take it (it no longer trusts its
             // root, say), the token alone is tried: a new certificate.
-            if identity.has_cert() {
+            if identity.has_cert() && !identity.refused.load(Ordering::Acquire) {
                 let renewal = async {
                     let channel = crate::control_plane::channel(&state, true)
                         .await
                         .map_err(Err)?;
-                    certify_status(channel, &identity, token, s.cert_lifetime).await
+                    certify_status(channel, &identity, token, lifetime).await
                 };
                 match renewal.await {
                     Ok(done) => return Ok(done),
@@ -307,7 +580,7 @@ pub async fn run(state: Arc<crate::state::State>) {
                 }
             }
             let channel = crate::control_plane::channel(&state, false).await?;
-            certify(channel, &identity, token, s.cert_lifetime).await
+            certify(channel, &identity, token, lifetime).await
         };
         match attempt.await {
             Ok((cert, bundle)) => {
@@ -349,6 +622,16 @@ pub async fn run(state: Arc<crate::state::State>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxy_left_at_the_default_lifetime_asks_for_none() {
+        assert_eq!(requested_lifetime(Duration::from_secs(24 * 3600)), 0);
+        assert_eq!(requested_lifetime(Duration::from_secs(60)), 60);
+        assert_eq!(
+            requested_lifetime(Duration::from_secs(48 * 3600)),
+            48 * 3600
+        );
+    }
 
     #[test]
     fn csr_names_the_identity_and_keeps_the_key_here() {

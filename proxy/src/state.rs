@@ -90,10 +90,12 @@ impl State {
         self.has_snapshot.store(true, Ordering::Release);
     }
 
-    /// Ready: holds a certificate and a snapshot, and is not draining.
+    /// Ready: holds a snapshot and a certificate the mesh trusts (unexpired,
+    /// chaining to the trust bundle in force, not refused by the control
+    /// plane), and is not draining.
     pub fn is_ready(&self) -> bool {
         self.has_snapshot.load(Ordering::Acquire)
-            && self.identity.has_cert()
+            && self.identity.in_mesh()
             && !self.draining.load(Ordering::Acquire)
     }
 
@@ -103,5 +105,12 @@ impl State {
 
     pub fn set_control_plane_connected(&self, up: bool) {
         remora_telemetry::metrics::set_control_plane_connected(up);
+        // Discovery failing again and again may mean the control plane no
+        // longer accepts this workload's certificate (identity checks).
+        if up {
+            self.identity.control_plane_connected();
+        } else {
+            self.identity.control_plane_failed();
+        }
     }
 }
