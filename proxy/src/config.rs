@@ -192,7 +192,8 @@ pub struct Settings {
     pub ca_file: Option<PathBuf>,
     pub control_plane_name: String,
     pub trust_domain: String,
-    pub cert_lifetime: Duration,
+    /// What to ask the control plane for; None: its own default.
+    pub cert_lifetime: Option<Duration>,
     pub outbound_addr: SocketAddr,
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
@@ -342,7 +343,7 @@ impl Settings {
             control_plane_name: pick!(control_plane_name)
                 .unwrap_or_else(|| "remora-control".into()),
             trust_domain: pick!(trust_domain).unwrap_or_else(|| "cluster.local".into()),
-            cert_lifetime: pick!(cert_lifetime).unwrap_or(Duration::from_secs(24 * 3600)),
+            cert_lifetime: pick!(cert_lifetime),
             outbound_addr: SocketAddr::new(
                 pick!(outbound_bind).unwrap_or(local),
                 pick!(outbound_port).unwrap_or(15001),

@@ -40,7 +40,6 @@ use tokio::sync::{watch, Notify};
 /// for no lifetime, so that the control plane's `--cert-lifetime` applies
 /// (the settings do not say whether the flag was given; asking for exactly
 /// 24 h is read as not asking).
-const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Failed discovery attempts in a row before the control plane is asked
 /// whether it still accepts this workload's certificate.
 const PROBE_AFTER_FAILURES: u32 = 3;
@@ -49,13 +48,10 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// Each step of a probe (connect, handshake, first bytes).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The lifetime to ask for (0: the control plane's default).
-pub fn requested_lifetime(configured: Duration) -> u64 {
-    if configured == DEFAULT_CERT_LIFETIME {
-        0
-    } else {
-        configured.as_secs()
-    }
+/// The lifetime to ask for (0: the control plane's default): only what
+/// `--cert-lifetime` set.
+pub fn requested_lifetime(configured: Option<Duration>) -> u64 {
+    configured.map_or(0, |d| d.as_secs())
 }
 
 /// A certificate this workload holds, with its key (in memory only).
@@ -625,11 +621,12 @@ mod tests {
 
     #[test]
     fn a_proxy_left_at_the_default_lifetime_asks_for_none() {
-        assert_eq!(requested_lifetime(Duration::from_secs(24 * 3600)), 0);
-        assert_eq!(requested_lifetime(Duration::from_secs(60)), 60);
+        assert_eq!(requested_lifetime(None), 0);
+        assert_eq!(requested_lifetime(Some(Duration::from_secs(60))), 60);
+        // An explicit 24h is asked for, whatever the control plane's default.
         assert_eq!(
-            requested_lifetime(Duration::from_secs(48 * 3600)),
-            48 * 3600
+            requested_lifetime(Some(Duration::from_secs(24 * 3600))),
+            24 * 3600
         );
     }
 
