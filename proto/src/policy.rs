@@ -1055,6 +1055,16 @@ fn validate_route(r: &HttpRouteSpec) -> Result<(), String> {
                     || format!("{mat}.headers[{k}].name"),
                     "not a valid header name",
                 )?;
+                // What a proxy can build a header value from: visible ASCII,
+                // spaces and tabs (no control bytes, which every proxy would
+                // refuse, keeping the whole mesh on its old snapshot).
+                check(
+                    h.value
+                        .bytes()
+                        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b)),
+                    || format!("{mat}.headers[{k}].value"),
+                    "must be visible ASCII, spaces or tabs (no control characters)",
+                )?;
             }
             if let Some(method) = &m.method {
                 check(

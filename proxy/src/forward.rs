@@ -271,7 +271,20 @@ pub async fn forward(
     match version {
         Upstream::Http2 if req.version() != Version::HTTP_2 => to_http2(&mut req, pool.is_mesh())?,
         Upstream::Http2 => {}
-        Upstream::Http1 => to_http1(&mut req),
+        Upstream::Http1 => {
+            to_http1(&mut req);
+            // hyper sends a GET or HEAD of unknown length with no body at
+            // all; one that has a body (chunked from the client) keeps it.
+            if matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+                && !req.body().is_end_stream()
+                && req.body().size_hint().exact().is_none()
+            {
+                req.headers_mut().insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
+        }
     }
     let gate = expect.then(|| crate::expect::Gate::hold(&mut req));
     let (mut resp, mut checkin) = pool

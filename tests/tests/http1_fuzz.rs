@@ -1422,11 +1422,6 @@ impl Rig {
                         ));
                     }
                     if let (true, None, Some(want)) = (complete, &r.last, &r.body) {
-                        if body.is_empty() && known_body_drop(&r.method, bytes) {
-                            // Reported: a chunked GET/HEAD loses its body
-                            // (see `a_chunked_get_keeps_its_body`).
-                            continue;
-                        }
                         if &body != want {
                             return Err(format!(
                                 "message {index} reached the application with body {:?}, sent with {:?}\n{}",
@@ -1441,18 +1436,6 @@ impl Rig {
         }
         Ok(())
     }
-}
-
-/// A GET or HEAD sent with a chunked body reaches the application without
-/// it: the proxy removes `Transfer-Encoding` (hop-by-hop) and hyper's
-/// HTTP/1 client sends a GET, HEAD or CONNECT of unknown length as one of
-/// length 0. Tolerated here so that the suite finds what else there is;
-/// `a_chunked_get_keeps_its_body` (ignored) fails until it is fixed.
-fn known_body_drop(method: &str, sent: &[u8]) -> bool {
-    matches!(method, "GET" | "HEAD")
-        && String::from_utf8_lossy(sent)
-            .to_ascii_lowercase()
-            .contains("transfer-encoding")
 }
 
 /// `/fz/<case>/<index>...` in a target: (case, index text).
@@ -1551,10 +1534,10 @@ fn the_reference_reading_is_strict() {
 }
 
 /// A GET with a chunked body keeps it on the way to the application
-/// (through one sidecar, and through two). Today it arrives empty: see
-/// `known_body_drop`. Ignored until fixed; run with `--ignored`.
+/// (through one sidecar, and through two): hyper's HTTP/1 client sends a GET
+/// of unknown length with no body unless asked for chunked framing, which
+/// the proxy now does.
 #[test]
-#[ignore = "a chunked GET loses its body: see the report of issue 13's property suite"]
 fn a_chunked_get_keeps_its_body() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
