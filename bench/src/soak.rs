@@ -4,7 +4,9 @@
 //! that abort mid-request and mid-response, with each proxy's RSS and
 //! open-fd count printed every minute. Growth is measured between two quiet
 //! moments (traffic paused, in-flight work finished): the end of the
-//! warm-up and the end of the run. More than `--limit` percent, a proxy
+//! warm-up and the end of the run. Fds are counted apart from the pools'
+//! idle connections to the next hop, whose number follows the last burst's
+//! concurrency (bounded by `--pool-max-idle`), not the run's length. More than `--limit` percent, a proxy
 //! gone, or a mesh that no longer answers, and it exits non-zero.
 
 use crate::resources;
@@ -442,12 +444,57 @@ async fn new_connections(t: Arc<Traffic>) {
 struct Sample {
     rss_kib: u64,
     fds: usize,
+    /// Of `fds`, connections to the next hop (the upstream, the peer
+    /// sidecar): the pools' idle connections, a cache bounded by
+    /// `--pool-max-idle` whose size follows the last burst's concurrency.
+    pooled: usize,
 }
 
-fn sample(pid: u32) -> Sample {
+impl Sample {
+    /// The fds that are not pooled connections: what a leak would grow.
+    fn own(&self) -> usize {
+        self.fds.saturating_sub(self.pooled)
+    }
+}
+
+/// The inodes of established TCP sockets whose remote port is in `ports`.
+fn sockets_to(pid: u32, ports: &[u16]) -> std::collections::HashSet<String> {
+    let mut out = std::collections::HashSet::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(remote), Some(state), Some(inode)) = (f.get(2), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let port = remote
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == "01" && port.is_some_and(|p| ports.contains(&p)) {
+                out.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    out
+}
+
+fn sample(pid: u32, next_hops: &[u16]) -> Sample {
+    let pool = sockets_to(pid, next_hops);
+    let mut fds = 0;
+    let mut pooled = 0;
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in dir.flatten() {
+            fds += 1;
+            let link = std::fs::read_link(e.path()).unwrap_or_default();
+            if pool.contains(link.to_string_lossy().as_ref()) {
+                pooled += 1;
+            }
+        }
+    }
     Sample {
         rss_kib: resources::status_kib(pid, "VmRSS"),
-        fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()),
+        fds,
+        pooled,
     }
 }
 
@@ -461,14 +508,14 @@ fn growth(from: f64, to: f64) -> f64 {
 
 /// Pauses the traffic until nothing is in flight (at most 20 s), lets the
 /// proxies settle, samples both, and lets the traffic go on.
-async fn quiet_sample(t: &Traffic, pids: &[(&str, u32)]) -> Vec<Sample> {
+async fn quiet_sample(t: &Traffic, pids: &[(&str, u32)], hops: &[u16]) -> Vec<Sample> {
     t.paused.store(true, Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(20);
     while t.stats.in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let s = pids.iter().map(|(_, p)| sample(*p)).collect();
+    let s = pids.iter().map(|(_, p)| sample(*p, hops)).collect();
     t.paused.store(false, Ordering::Relaxed);
     s
 }
@@ -479,9 +526,10 @@ fn print_samples(label: &str, elapsed: Duration, pids: &[(&str, u32)], s: &[Samp
         .zip(s)
         .map(|((name, _), s)| {
             format!(
-                "{name}: RSS {:.1} MiB, {} fds",
+                "{name}: RSS {:.1} MiB, {} fds ({} to the next hop)",
                 s.rss_kib as f64 / 1024.0,
-                s.fds
+                s.fds,
+                s.pooled
             )
         })
         .collect();
@@ -554,6 +602,7 @@ async fn soak(env: &Env, args: &SoakArgs) -> anyhow::Result<()> {
         ("frontend", frontend.proc.pid()),
         ("backend", backend.proc.pid()),
     ];
+    let hops = [up_port, backend.inbound.port()];
 
     // The clients.
     let mut tasks = Vec::new();
@@ -594,7 +643,7 @@ async fn soak(env: &Env, args: &SoakArgs) -> anyhow::Result<()> {
         "start",
         started.elapsed(),
         &pids,
-        &pids.map(|(_, p)| sample(p)),
+        &pids.map(|(_, p)| sample(p, &hops)),
         &traffic,
     );
     let mut baseline: Option<Vec<Sample>> = None;
@@ -621,17 +670,21 @@ async fn soak(env: &Env, args: &SoakArgs) -> anyhow::Result<()> {
             );
         }
         if baseline.is_none() && started.elapsed() >= warmup {
-            let s = quiet_sample(&traffic, &pids).await;
+            let s = quiet_sample(&traffic, &pids, &hops).await;
             print_samples("warmed up", started.elapsed(), &pids, &s, &traffic);
             baseline = Some(s);
+            // That was this minute's sample.
+            while next <= started.elapsed() {
+                next += interval;
+            }
         }
         if started.elapsed() >= next {
-            let s = pids.map(|(_, p)| sample(p));
+            let s = pids.map(|(_, p)| sample(p, &hops));
             print_samples("", started.elapsed(), &pids, &s, &traffic);
             next += interval;
         }
     }
-    let last = quiet_sample(&traffic, &pids).await;
+    let last = quiet_sample(&traffic, &pids, &hops).await;
     print_samples("end", started.elapsed(), &pids, &last, &traffic);
     traffic.stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -652,19 +705,25 @@ async fn soak(env: &Env, args: &SoakArgs) -> anyhow::Result<()> {
     );
     for (((name, _), b), l) in pids.iter().zip(&baseline).zip(&last) {
         let rss = growth(b.rss_kib as f64, l.rss_kib as f64);
-        let fds = growth(b.fds as f64, l.fds as f64);
+        let fds = growth(b.own() as f64, l.own() as f64);
         println!(
-            "  {name}: RSS {:.1} → {:.1} MiB ({rss:+.1} %), fds {} → {} ({fds:+.1} %)",
+            "  {name}: RSS {:.1} → {:.1} MiB ({rss:+.1} %), fds besides pooled connections {} → {} ({fds:+.1} %), pooled connections to the next hop {} → {}",
             b.rss_kib as f64 / 1024.0,
             l.rss_kib as f64 / 1024.0,
-            b.fds,
-            l.fds
+            b.own(),
+            l.own(),
+            b.pooled,
+            l.pooled
         );
         if rss > args.limit {
             failures.push(format!("{name}: RSS grew {rss:.1} %"));
         }
         if fds > args.limit {
             failures.push(format!("{name}: fds grew {fds:.1} %"));
+        }
+        // The pool is bounded by --pool-max-idle (64 by default).
+        if l.pooled > 64 + 2 {
+            failures.push(format!("{name}: {} pooled connections", l.pooled));
         }
     }
     println!("traffic (ok/failed): {}", traffic.stats.line());
