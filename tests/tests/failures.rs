@@ -43,12 +43,21 @@ async fn a_dead_app_costs_almost_nothing_with_default_policies() {
     // while its sidecar stays up.
     let started = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..4 {
+    for worker in 0..4 {
         let client = client.clone();
         workers.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
             while started.elapsed() < Duration::from_secs(8) {
-                let r = client.try_get(BACKEND, &[]).await;
+                // One client uploads: a small body goes to another endpoint
+                // too when the first one's app is gone.
+                let r = if worker == 0 {
+                    let req = http::Request::post(BACKEND)
+                        .body(full(vec![b'p'; 1024]))
+                        .unwrap();
+                    client.send(req).await
+                } else {
+                    client.try_get(BACKEND, &[]).await
+                };
                 let ok = r.as_ref().is_ok_and(|r| r.status == 200);
                 outcomes.push((started.elapsed(), ok, format!("{:?}", r.map(|r| r.status))));
             }

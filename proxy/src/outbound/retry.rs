@@ -61,13 +61,17 @@ pub(super) async fn attempts(
     let (parts, body) = req.into_parts();
     let idempotent = is_idempotent(&parts.method);
     let mut parts = Some(parts);
+    // A request that never reached an application can go to another
+    // endpoint: its head (and a small body) is kept only where there is one.
+    let another = !upgrade && svc.all.pick().is_some_and(|s| s.endpoints.len() > 1);
+    let small = body
+        .size_hint()
+        .upper()
+        .is_some_and(|n| n <= DEFAULT_CAP as u64);
     let mut body = match retry {
         Some(_) => Body::Replay(Replay::new(obs.upload(body), DEFAULT_CAP)),
-        // A request without a body can go to another endpoint if it never
-        // reached the first; the head is kept only where there is another.
-        None if body.is_end_stream() && !upgrade => Body::Empty {
-            keep_head: svc.all.pick().is_some_and(|s| s.endpoints.len() > 1),
-        },
+        None if body.is_end_stream() && !upgrade => Body::Empty { keep_head: another },
+        None if another && small => Body::Replay(Replay::new(obs.upload(body), DEFAULT_CAP)),
         None => Body::Once(Some(obs.upload(body))),
     };
     let mut attempt: u32 = 0;
@@ -162,9 +166,14 @@ pub(super) async fn attempts(
             // No route retry: only what never reached an application, on
             // another endpoint, within the budget.
             let unsent = matches!(outcome, Outcome::ConnectFailure | Outcome::RefusedStream);
+            let again = match &body {
+                Body::Empty { keep_head } => *keep_head,
+                Body::Replay(rp) => rp.can_replay(),
+                Body::Once(_) => false,
+            };
             if !unsent
                 || attempt > DEFAULT_RETRIES
-                || !matches!(body, Body::Empty { keep_head: true })
+                || !again
                 || !dest.budget.as_ref().is_none_or(|b| b.try_withdraw())
             {
                 return result;
