@@ -236,41 +236,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
             mesh.local_protocol(app.addr.port(), app.explicit),
             Some(Protocol::Http2 | Protocol::Grpc)
         );
-        let path = req.uri().path();
-        let decision = if let Err(e) = crate::forward::check_http1_head(&req) {
-            Err(e)
-        } else if !mesh
-            .authz
-            .allows_request(peer.as_deref(), req.method(), path)
-        {
-            Err(ProxyError::new(
-                Cause::Denied,
-                format!(
-                    "{} may not {} {path}",
-                    peer.as_deref().unwrap_or("an unauthenticated caller"),
-                    req.method(),
-                ),
-            ))
-        } else {
-            mesh.authz
-                .rate_limit(peer.as_deref(), path)
-                .map_err(|wait| {
-                    state.local_metrics.rate_limited();
-                    ProxyError::rate_limited(wait)
-                })
-                .and_then(|()| {
-                    // The local service's own route rules say which upgrades
-                    // it takes.
-                    let rule = || {
-                        mesh.local.as_ref().and_then(|svc| {
-                            svc.rules
-                                .iter()
-                                .find(|r| r.matches(req.method(), path, req.headers()))
-                        })
-                    };
-                    crate::route::check_upgrade(rule, &req)
-                })
-        };
+        let decision = admit(&mesh, state, peer.as_deref(), &req);
         (h2_app, decision)
     };
     let result = match decision {
@@ -321,6 +287,41 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
         }
     };
     obs.respond(resp)
+}
+
+/// Whether a request may go to the application: a well-formed head, a
+/// caller the authorization policy allows, room in the rate limit, and an
+/// upgrade (if it asks for one) the service's own routes allow.
+fn admit<B>(
+    mesh: &crate::mesh::Mesh,
+    state: &State,
+    peer: Option<&str>,
+    req: &Request<B>,
+) -> Result<(), ProxyError> {
+    crate::forward::check_http1_head(req)?;
+    let path = req.uri().path();
+    if !mesh.authz.allows_request(peer, req.method(), path) {
+        return Err(ProxyError::new(
+            Cause::Denied,
+            format!(
+                "{} may not {} {path}",
+                peer.unwrap_or("an unauthenticated caller"),
+                req.method(),
+            ),
+        ));
+    }
+    mesh.authz.rate_limit(peer, path).map_err(|wait| {
+        state.local_metrics.rate_limited();
+        ProxyError::rate_limited(wait)
+    })?;
+    let rule = || {
+        mesh.local.as_ref().and_then(|svc| {
+            svc.rules
+                .iter()
+                .find(|r| r.matches(req.method(), path, req.headers()))
+        })
+    };
+    crate::route::check_upgrade(rule, req)
 }
 
 async fn relay<I>(state: &State, io: I, activity: Arc<Activity>, app: &App, peer: Option<Arc<str>>)

@@ -916,16 +916,22 @@ fn ws(mesh: &Mesh, secs: u32, cases: &[&str]) -> Output {
     )
 }
 
+/// The WebSocket echo server behind its sidecar, answering through the mesh.
+fn ws_mesh(test: &str, subnet: u8) -> Mesh {
+    let mesh = Mesh::start(test, subnet, "ws", WS, &[], &[]);
+    mesh.wait_reachable("a WebSocket echo through the mesh", || {
+        ws(&mesh, 15, &["hello"]).status.success()
+    });
+    mesh
+}
+
 #[test]
 fn websocket_echoes_and_a_one_mebibyte_message_cross_the_mesh_intact() {
     let test = "websocket_echoes_and_a_one_mebibyte_message_cross_the_mesh_intact";
     if skip(test, &["python3"], &["websockets.asyncio.client"], false) {
         return;
     }
-    let mesh = Mesh::start("wsecho", 41, "ws", WS, &[], &[]);
-    mesh.wait_reachable("a WebSocket echo through the mesh", || {
-        ws(&mesh, 15, &["hello"]).status.success()
-    });
+    let mesh = ws_mesh("wsecho", 41);
     let cases = ["echoes", "large"];
     assert_cases_passed(&ws(&mesh, 120, &cases), &cases, &mesh);
 }
@@ -936,10 +942,7 @@ fn websocket_close_codes_are_seen_by_both_sides_through_the_mesh() {
     if skip(test, &["python3"], &["websockets.asyncio.client"], false) {
         return;
     }
-    let mesh = Mesh::start("wsclose", 42, "ws", WS, &[], &[]);
-    mesh.wait_reachable("a WebSocket echo through the mesh", || {
-        ws(&mesh, 15, &["hello"]).status.success()
-    });
+    let mesh = ws_mesh("wsclose", 42);
     let cases = ["client-close", "server-close"];
     assert_cases_passed(&ws(&mesh, 60, &cases), &cases, &mesh);
 }
