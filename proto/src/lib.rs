@@ -3,6 +3,7 @@
 //! the control plane and the proxies validate against.
 #![forbid(unsafe_code)]
 
+pub mod jwt;
 pub mod policy;
 
 /// The `remora.v1` API: Discovery, Identity and Admin.
