@@ -505,8 +505,11 @@ fn authorization() -> impl Strategy<Value = AuthorizationPolicySpec> {
         vec(prop_oneof![Just("*".to_owned()), path()], 0..3),
     )
         .prop_map(|(methods, paths)| AuthorizationTo { methods, paths });
-    let rule =
-        (vec(from, 0..3), vec(to, 0..3)).prop_map(|(from, to)| AuthorizationRule { from, to });
+    let rule = (vec(from, 0..3), vec(to, 0..3)).prop_map(|(from, to)| AuthorizationRule {
+        from,
+        to,
+        when: Vec::new(),
+    });
     let rate = (
         positive_float(),
         prop::option::of(any::<u32>()),

@@ -259,6 +259,7 @@ mod tests {
                     methods: vec!["GET".into(), "post".into()],
                     paths: vec!["/api/*".into()],
                 }],
+                when: vec![],
             }],
         );
         let a = Authz::compile([&p], |_| None);
@@ -282,6 +283,7 @@ mod tests {
             vec![AuthorizationRule {
                 from: vec!["*".into()],
                 to: vec![],
+                when: vec![],
             }],
         );
         let a = Authz::compile([&p], |_| None);
@@ -293,6 +295,7 @@ mod tests {
             vec![AuthorizationRule {
                 from: vec![],
                 to: vec![],
+                when: vec![],
             }],
         );
         let a = Authz::compile([&empty_from], |_| None);

@@ -9,6 +9,8 @@
 //!
 //! - `model`: the document types ([`Kind`], [`Metadata`], [`Document`],
 //!   [`Spec`], [`ResourceKey`]) and the spec of every kind;
+//! - `authn`: the types of [`RequestAuthenticationSpec`] and the
+//!   [`Condition`]s of an [`AuthorizationRule`]'s `when`;
 //! - `parse`: [`parse_documents`] and [`ValidationError`], reading YAML into
 //!   those types;
 //! - `validate`: [`validate`], what the types alone cannot check;
@@ -16,12 +18,17 @@
 //!
 //! and is re-exported here, so every path is `remora_proto::policy::X`.
 
+mod authn;
 pub mod duration;
 mod flow_depth;
 mod model;
 mod parse;
 mod validate;
 
+pub use authn::{
+    ClaimToHeader, Condition, ConditionKey, JwtHeader, JwtRule, RequestAuthenticationSpec,
+    MAX_CLAIM_HEADERS, MAX_CONDITION_VALUES, MAX_JWT_RULES,
+};
 pub use duration::opt_duration;
 pub use model::{
     AuthorizationPolicySpec, AuthorizationRule, AuthorizationTo, Backend, Backoff, CircuitBreaker,

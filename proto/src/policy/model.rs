@@ -1,6 +1,7 @@
 //! The document types: [`Kind`], [`Metadata`], [`Document`], [`Spec`],
 //! [`ResourceKey`] and the spec of every kind.
 
+use super::authn::{Condition, RequestAuthenticationSpec};
 use super::parse::parse_spec;
 use super::validate::validate;
 use super::{duration, opt_duration};
@@ -19,15 +20,17 @@ pub enum Kind {
     HttpRoute,
     DestinationPolicy,
     AuthorizationPolicy,
+    RequestAuthentication,
     TelemetryPolicy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Service,
         Kind::HttpRoute,
         Kind::DestinationPolicy,
         Kind::AuthorizationPolicy,
+        Kind::RequestAuthentication,
         Kind::TelemetryPolicy,
     ];
 
@@ -37,12 +40,14 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::DestinationPolicy => "DestinationPolicy",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::RequestAuthentication => "RequestAuthentication",
             Kind::TelemetryPolicy => "TelemetryPolicy",
         }
     }
 
     /// Parses a kind as written in a document or on the command line
-    /// (case-insensitive; `route` and `httproute` both name HTTPRoute).
+    /// (case-insensitive; `route` and `httproute` both name HTTPRoute,
+    /// `requestauthn` and `requestauthentication` RequestAuthentication).
     pub fn parse(s: &str) -> Option<Kind> {
         let l = s.to_ascii_lowercase();
         let l = l.trim_end_matches('s');
@@ -51,6 +56,7 @@ impl Kind {
             "httproute" | "route" => Kind::HttpRoute,
             "destinationpolicy" | "destinationpolicie" => Kind::DestinationPolicy,
             "authorizationpolicy" | "authorizationpolicie" => Kind::AuthorizationPolicy,
+            "requestauthentication" | "requestauthn" => Kind::RequestAuthentication,
             "telemetrypolicy" | "telemetrypolicie" => Kind::TelemetryPolicy,
             _ => return None,
         })
@@ -90,6 +96,7 @@ pub enum Spec {
     HttpRoute(HttpRouteSpec),
     DestinationPolicy(DestinationPolicySpec),
     AuthorizationPolicy(AuthorizationPolicySpec),
+    RequestAuthentication(RequestAuthenticationSpec),
     TelemetryPolicy(TelemetryPolicySpec),
 }
 
@@ -100,6 +107,7 @@ impl Spec {
             Spec::HttpRoute(_) => Kind::HttpRoute,
             Spec::DestinationPolicy(_) => Kind::DestinationPolicy,
             Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Spec::RequestAuthentication(_) => Kind::RequestAuthentication,
             Spec::TelemetryPolicy(_) => Kind::TelemetryPolicy,
         }
     }
@@ -110,6 +118,7 @@ impl Spec {
             Spec::HttpRoute(s) => serde_json::to_value(s),
             Spec::DestinationPolicy(s) => serde_json::to_value(s),
             Spec::AuthorizationPolicy(s) => serde_json::to_value(s),
+            Spec::RequestAuthentication(s) => serde_json::to_value(s),
             Spec::TelemetryPolicy(s) => serde_json::to_value(s),
         };
         v.unwrap_or(serde_json::Value::Null)
@@ -279,7 +288,7 @@ pub struct RouteRule {
 /// What a rule allows when it names no `upgrades`.
 pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
 
-fn is_false(b: &bool) -> bool {
+pub(super) fn is_false(b: &bool) -> bool {
     !*b
 }
 
@@ -528,6 +537,11 @@ pub struct AuthorizationRule {
     /// Allowed operations; empty means every operation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub to: Vec<AuthorizationTo>,
+    /// Conditions on the request's validated token (see
+    /// `RequestAuthentication`): the rule matches only if every one holds.
+    /// Empty: no condition.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

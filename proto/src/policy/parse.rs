@@ -352,6 +352,7 @@ pub(super) fn parse_spec(kind: Kind, spec: serde_json::Value) -> Result<Spec, St
         Kind::HttpRoute => Spec::HttpRoute(de(spec)?),
         Kind::DestinationPolicy => Spec::DestinationPolicy(de(spec)?),
         Kind::AuthorizationPolicy => Spec::AuthorizationPolicy(de(spec)?),
+        Kind::RequestAuthentication => Spec::RequestAuthentication(de(spec)?),
         Kind::TelemetryPolicy => Spec::TelemetryPolicy(de(spec)?),
     })
 }

@@ -130,3 +130,5 @@ fn nesting_past_the_limit_is_refused_quickly_and_named() {
     let e = parse_documents("x.yaml", &ok).unwrap_err();
     assert!(!e.message.contains("nest"), "{e}");
 }
+
+mod authn;

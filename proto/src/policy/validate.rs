@@ -1,6 +1,10 @@
 //! What the types alone cannot check: [`validate`] and a `validate_*`
 //! function per kind. Errors are "field: message".
 
+use super::authn::{
+    Condition, JwtRule, RequestAuthenticationSpec, MAX_CLAIM_HEADERS, MAX_CONDITION_VALUES,
+    MAX_JWT_RULES,
+};
 use super::model::{
     AuthorizationPolicySpec, Backend, DestinationPolicySpec, HttpRouteSpec, ServiceSpec, Spec,
     RETRY_ON,
@@ -55,6 +59,7 @@ pub fn validate(doc: &Document) -> Result<(), String> {
         Spec::HttpRoute(r) => validate_route(r),
         Spec::DestinationPolicy(d) => validate_destination(d),
         Spec::AuthorizationPolicy(a) => validate_authorization(a),
+        Spec::RequestAuthentication(r) => validate_request_authentication(r),
         Spec::TelemetryPolicy(t) => {
             if let Some(r) = t.sampling_rate {
                 check(
@@ -339,6 +344,9 @@ fn validate_authorization(a: &AuthorizationPolicySpec) -> Result<(), String> {
                 )?;
             }
         }
+        for (j, c) in rule.when.iter().enumerate() {
+            validate_condition(c, &format!("spec.rules[{i}].when[{j}]"))?;
+        }
     }
     if let Some(rl) = &a.rate_limit {
         check(
@@ -348,4 +356,213 @@ fn validate_authorization(a: &AuthorizationPolicySpec) -> Result<(), String> {
         )?;
     }
     Ok(())
+}
+
+fn validate_condition(c: &Condition, at: &str) -> Result<(), String> {
+    c.parsed_key().map_err(|e| format!("{at}.key: {e}"))?;
+    check(
+        !c.values.is_empty() || !c.not_values.is_empty(),
+        || at.to_string(),
+        "at least one of values or notValues is required",
+    )?;
+    for (name, list) in [("values", &c.values), ("notValues", &c.not_values)] {
+        check(
+            list.len() <= MAX_CONDITION_VALUES,
+            || format!("{at}.{name}"),
+            &format!("at most {MAX_CONDITION_VALUES} values are allowed"),
+        )?;
+        for (k, v) in list.iter().enumerate() {
+            check(
+                !v.is_empty(),
+                || format!("{at}.{name}[{k}]"),
+                "must not be empty",
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The longest `issuer` accepted.
+const MAX_ISSUER_BYTES: usize = 512;
+/// The longest `jwksUri` accepted.
+const MAX_JWKS_URI_BYTES: usize = 2048;
+
+/// Headers a claim may not be copied into: they frame the message, route it
+/// or carry credentials.
+const RESERVED_CLAIM_HEADERS: &[&str] = &[
+    "host",
+    "authorization",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+    "cookie",
+];
+
+fn validate_request_authentication(r: &RequestAuthenticationSpec) -> Result<(), String> {
+    check(
+        is_dns_label(&r.service),
+        || "spec.service".into(),
+        "must name a service",
+    )?;
+    check(
+        !r.jwt_rules.is_empty(),
+        || "spec.jwtRules".into(),
+        "at least one rule is required",
+    )?;
+    check(
+        r.jwt_rules.len() <= MAX_JWT_RULES,
+        || "spec.jwtRules".into(),
+        &format!("at most {MAX_JWT_RULES} rules are allowed"),
+    )?;
+    for (i, rule) in r.jwt_rules.iter().enumerate() {
+        validate_jwt_rule(rule, &r.jwt_rules[..i], &format!("spec.jwtRules[{i}]"))?;
+    }
+    Ok(())
+}
+
+/// `earlier`: the rules before this one in the document.
+fn validate_jwt_rule(rule: &JwtRule, earlier: &[JwtRule], at: &str) -> Result<(), String> {
+    check(
+        !rule.issuer.is_empty(),
+        || format!("{at}.issuer"),
+        "must not be empty",
+    )?;
+    check(
+        rule.issuer.len() <= MAX_ISSUER_BYTES,
+        || format!("{at}.issuer"),
+        &format!("must be at most {MAX_ISSUER_BYTES} bytes"),
+    )?;
+    check(
+        !earlier.iter().any(|e| e.issuer == rule.issuer),
+        || format!("{at}.issuer"),
+        "duplicate issuer (each rule must name a different one)",
+    )?;
+    match (&rule.jwks, &rule.jwks_uri) {
+        (Some(jwks), None) => {
+            check(
+                jwks.len() <= crate::jwt::MAX_JWKS_BYTES,
+                || format!("{at}.jwks"),
+                &format!("must be at most {} bytes", crate::jwt::MAX_JWKS_BYTES),
+            )?;
+            crate::jwt::KeySet::parse(jwks).map_err(|e| format!("{at}.jwks: {e}"))?;
+        }
+        (None, Some(uri)) => {
+            check(
+                uri.len() <= MAX_JWKS_URI_BYTES,
+                || format!("{at}.jwksUri"),
+                &format!("must be at most {MAX_JWKS_URI_BYTES} bytes"),
+            )?;
+            check(
+                is_http_url(uri),
+                || format!("{at}.jwksUri"),
+                "must be an absolute http:// or https:// URL with a host",
+            )?;
+        }
+        _ => check(
+            false,
+            || at.to_string(),
+            "exactly one of jwks or jwksUri is required",
+        )?,
+    }
+    for (j, aud) in rule.audiences.iter().enumerate() {
+        check(
+            !aud.is_empty(),
+            || format!("{at}.audiences[{j}]"),
+            "must not be empty",
+        )?;
+    }
+    for (j, h) in rule.from_headers.iter().enumerate() {
+        check(
+            http_header_name_ok(&h.name),
+            || format!("{at}.fromHeaders[{j}].name"),
+            "not a valid header name",
+        )?;
+    }
+    for (j, c) in rule.from_cookies.iter().enumerate() {
+        // RFC 6265: a cookie-name is an HTTP token.
+        check(
+            is_token(c),
+            || format!("{at}.fromCookies[{j}]"),
+            "not a valid cookie name",
+        )?;
+    }
+    check(
+        rule.output_claim_to_headers.len() <= MAX_CLAIM_HEADERS,
+        || format!("{at}.outputClaimToHeaders"),
+        &format!("at most {MAX_CLAIM_HEADERS} are allowed"),
+    )?;
+    for (j, o) in rule.output_claim_to_headers.iter().enumerate() {
+        let field = || format!("{at}.outputClaimToHeaders[{j}].header");
+        check(
+            !o.header.starts_with(':'),
+            field,
+            "must not be a pseudo-header",
+        )?;
+        check(
+            http_header_name_ok(&o.header),
+            field,
+            "not a valid header name",
+        )?;
+        let name = o.header.to_ascii_lowercase();
+        check(
+            !RESERVED_CLAIM_HEADERS.contains(&name.as_str()),
+            field,
+            "must not be host, authorization, content-length, transfer-encoding, connection, \
+             te, upgrade or cookie",
+        )?;
+        check(
+            !name.starts_with("x-remora-"),
+            field,
+            "must not start with x-remora- (the mesh's own headers)",
+        )?;
+        check(
+            !o.claim.is_empty(),
+            || format!("{at}.outputClaimToHeaders[{j}].claim"),
+            "must not be empty",
+        )?;
+    }
+    Ok(())
+}
+
+/// An absolute `http://` or `https://` URL (scheme in any case) whose host is
+/// a name, an IPv4 address or a bracketed IPv6 address, with an optional
+/// port and no user info, in visible ASCII.
+fn is_http_url(s: &str) -> bool {
+    if !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return false;
+    }
+    let strip = |prefix: &str| {
+        s.get(..prefix.len())
+            .filter(|p| p.eq_ignore_ascii_case(prefix))
+            .map(|_| &s[prefix.len()..])
+    };
+    let Some(rest) = strip("https://").or_else(|| strip("http://")) else {
+        return false;
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let (host_ok, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((addr, port)) => (addr.parse::<std::net::Ipv6Addr>().is_ok(), port),
+            None => return false,
+        },
+        None => {
+            let (host, port) = authority.split_at(authority.find(':').unwrap_or(authority.len()));
+            let label_ok = |l: &str| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            };
+            (host.len() <= 253 && host.split('.').all(label_ok), port)
+        }
+    };
+    let port_ok = port.is_empty()
+        || port.strip_prefix(':').is_some_and(|p| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && p.parse::<u16>().is_ok_and(|n| n != 0)
+        });
+    host_ok && port_ok
 }
