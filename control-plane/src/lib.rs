@@ -34,6 +34,7 @@ mod identity_commands;
 pub mod identity_db;
 pub mod inject;
 pub mod issued;
+pub mod jwks;
 pub mod output;
 pub mod pem;
 pub mod push;

@@ -190,6 +190,8 @@ struct Inner {
     policy_version: u64,
     resources: Vec<Resource>,
     trust: Trust,
+    /// JWK sets fetched for RequestAuthentication `jwksUri`s, by URI.
+    jwks: HashMap<String, String>,
     generation: u64,
     lease: Option<GenerationLease>,
     /// The TLS certificate serial each instance id last registered with
@@ -335,6 +337,7 @@ impl Registry {
                 policy_version,
                 resources: resources_of(state),
                 trust,
+                jwks: HashMap::new(),
                 generation: lease.as_ref().map_or(0, |l| l.start),
                 lease,
                 last_serial: HashMap::new(),
@@ -412,6 +415,15 @@ impl Registry {
         inner.trust = trust;
         self.publish(&mut inner);
         inner.generation
+    }
+
+    /// Publishes the JWK sets fetched for `jwksUri`s, if they changed.
+    pub fn set_jwks(&self, jwks: HashMap<String, String>) {
+        let mut inner = self.lock();
+        if inner.jwks != jwks {
+            inner.jwks = jwks;
+            self.publish(&mut inner);
+        }
     }
 
     /// Wakes [`Registry::proxy_changed`] (something a rotation waits for
@@ -700,6 +712,7 @@ impl Registry {
             trust_bundle_pem: inner.trust.bundle_pem.clone(),
             trust_domain: self.trust_domain.clone(),
             signer_id: inner.trust.signer_id.clone(),
+            jwks: inner.jwks.clone(),
         };
         self.snapshots
             .send_replace(Arc::new(Published::new(snapshot)));

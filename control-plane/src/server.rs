@@ -402,6 +402,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
             .await
     });
     let rotation_task = tokio::spawn(rotation.clone().run(signal(shutdown_rx.clone())));
+    // Ends with the others on shutdown; nothing waits for it.
+    tokio::spawn(crate::jwks::run(registry.clone(), signal(shutdown_rx.clone())));
 
     let health = Arc::new(Health {
         ready: Default::default(),

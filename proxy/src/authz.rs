@@ -8,9 +8,15 @@
 //! - A rule's `from` lists SPIFFE identities (empty: any authenticated peer;
 //!   `*`: anyone, plaintext included); its `to` lists methods and paths (empty:
 //!   everything). A path ending in `*` is a prefix.
+//! - A rule's `when` conditions are about the end user's verified token (see
+//!   `authn`): `request.auth.principal` (`<iss>/<sub>`) and
+//!   `request.auth.claims[NAME]`; every condition must hold. A request
+//!   without a token satisfies none, so `when: [{key: request.auth.principal,
+//!   values: ["*"]}]` requires one.
 
+use crate::authn::Principal;
 use http::Method;
-use remora_proto::policy::{AuthorizationPolicySpec, MtlsMode};
+use remora_proto::policy::{AuthorizationPolicySpec, ConditionKey, MtlsMode};
 
 #[derive(Debug, Default)]
 pub struct Authz {
@@ -61,6 +67,67 @@ struct Rule {
     from: Vec<String>,
     any_caller: bool,
     to: Vec<Operation>,
+    when: Vec<Condition>,
+}
+
+/// One `when` condition, compiled.
+#[derive(Debug)]
+struct Condition {
+    key: ConditionKey,
+    values: Vec<ValuePattern>,
+    not_values: Vec<ValuePattern>,
+}
+
+/// `*` (any), `prefix*`, `*suffix` or an exact value.
+#[derive(Debug)]
+enum ValuePattern {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+}
+
+impl ValuePattern {
+    fn parse(v: &str) -> ValuePattern {
+        if v == "*" {
+            ValuePattern::Any
+        } else if let Some(p) = v.strip_suffix('*') {
+            ValuePattern::Prefix(p.to_string())
+        } else if let Some(s) = v.strip_prefix('*') {
+            ValuePattern::Suffix(s.to_string())
+        } else {
+            ValuePattern::Exact(v.to_string())
+        }
+    }
+
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            ValuePattern::Any => true,
+            ValuePattern::Exact(e) => e == v,
+            ValuePattern::Prefix(p) => v.starts_with(p.as_str()),
+            ValuePattern::Suffix(s) => v.ends_with(s.as_str()),
+        }
+    }
+}
+
+impl Condition {
+    /// Holds if some value of the key matches `values` (when given) and
+    /// none matches `notValues`. Without a token nothing holds.
+    fn holds(&self, auth: Option<&Principal>) -> bool {
+        let Some(auth) = auth else {
+            return false;
+        };
+        let present: Vec<String> = match &self.key {
+            ConditionKey::Principal => vec![auth.principal.clone()],
+            ConditionKey::Claim(name) => auth.claim_values(name),
+        };
+        let any = |patterns: &[ValuePattern]| {
+            present
+                .iter()
+                .any(|v| patterns.iter().any(|p| p.matches(v)))
+        };
+        (self.values.is_empty() || any(&self.values)) && !any(&self.not_values)
+    }
 }
 
 #[derive(Debug)]
@@ -114,7 +181,29 @@ impl Authz {
             }
             authz.strict |= p.mtls == MtlsMode::Strict;
             for r in &p.rules {
+                let when = r
+                    .when
+                    .iter()
+                    .filter_map(|c| {
+                        // Validated by the control plane and again on
+                        // receipt: a key that does not parse cannot hold.
+                        let key = c.parsed_key().ok()?;
+                        Some(Condition {
+                            key,
+                            values: c.values.iter().map(|v| ValuePattern::parse(v)).collect(),
+                            not_values: c
+                                .not_values
+                                .iter()
+                                .map(|v| ValuePattern::parse(v))
+                                .collect(),
+                        })
+                    })
+                    .collect::<Vec<_>>();
+                if when.len() != r.when.len() {
+                    continue;
+                }
                 authz.rules.push(Rule {
+                    when,
                     any_caller: r.from.iter().any(|f| f == "*"),
                     from: r.from.iter().filter(|f| *f != "*").cloned().collect(),
                     to: r
@@ -148,10 +237,11 @@ impl Authz {
         Ok(())
     }
 
-    /// Whether any rule is about HTTP (a rate limit, methods or paths): a
-    /// connection that does not speak HTTP would pass them unchecked.
+    /// Whether any rule is about HTTP (a rate limit, methods, paths or
+    /// token conditions): a connection that does not speak HTTP would pass
+    /// them unchecked.
     pub fn has_http_rules(&self) -> bool {
-        !self.limits.is_empty() || self.rules.iter().any(|r| !r.to.is_empty())
+        !self.limits.is_empty() || self.rules.iter().any(|r| r.is_http())
     }
 
     /// Whether a plaintext (non-mesh) connection may be served at all.
@@ -159,13 +249,21 @@ impl Authz {
         !self.strict
     }
 
-    /// Whether `peer` (None: plaintext) may make this request.
-    pub fn allows_request(&self, peer: Option<&str>, method: &Method, path: &str) -> bool {
+    /// Whether `peer` (None: plaintext), with the end user `auth` proved by
+    /// a token (if any), may make this request.
+    pub fn allows_request(
+        &self,
+        peer: Option<&str>,
+        auth: Option<&Principal>,
+        method: &Method,
+        path: &str,
+    ) -> bool {
         if !self.present {
             return true;
         }
         self.rules.iter().any(|r| {
             r.caller_matches(peer)
+                && r.when.iter().all(|c| c.holds(auth))
                 && (r.to.is_empty()
                     || r.to.iter().any(|op| {
                         (op.methods.is_empty() || op.methods.contains(method))
@@ -175,17 +273,21 @@ impl Authz {
     }
 
     /// Whether `peer` may open an opaque TCP connection (rules with `to`
-    /// operations are about HTTP and do not allow TCP).
+    /// operations or `when` conditions are about HTTP and do not allow TCP).
     pub fn allows_connection(&self, peer: Option<&str>) -> bool {
         !self.present
             || self
                 .rules
                 .iter()
-                .any(|r| r.to.is_empty() && r.caller_matches(peer))
+                .any(|r| !r.is_http() && r.caller_matches(peer))
     }
 }
 
 impl Rule {
+    fn is_http(&self) -> bool {
+        !self.to.is_empty() || !self.when.is_empty()
+    }
+
     fn caller_matches(&self, peer: Option<&str>) -> bool {
         if self.any_caller {
             return true;
@@ -245,7 +347,7 @@ mod tests {
     fn no_policy_allows_everything() {
         let a = Authz::compile([], |_| None);
         assert!(a.allows_plaintext());
-        assert!(a.allows_request(None, &Method::GET, "/"));
+        assert!(a.allows_request(None, None, &Method::GET, "/"));
         assert!(a.allows_connection(Some(OTHER)));
     }
 
@@ -255,24 +357,84 @@ mod tests {
             MtlsMode::Strict,
             vec![AuthorizationRule {
                 from: vec![FRONTEND.into()],
+                when: vec![],
                 to: vec![AuthorizationTo {
                     methods: vec!["GET".into(), "post".into()],
                     paths: vec!["/api/*".into()],
                 }],
-                when: vec![],
             }],
         );
         let a = Authz::compile([&p], |_| None);
         assert!(!a.allows_plaintext());
-        assert!(a.allows_request(Some(FRONTEND), &Method::GET, "/api/orders"));
-        assert!(a.allows_request(Some(FRONTEND), &Method::POST, "/api/x"));
-        assert!(!a.allows_request(Some(FRONTEND), &Method::DELETE, "/api/x"));
-        assert!(!a.allows_request(Some(FRONTEND), &Method::GET, "/admin"));
-        assert!(!a.allows_request(Some(OTHER), &Method::GET, "/api/orders"));
-        assert!(!a.allows_request(None, &Method::GET, "/api/orders"));
+        assert!(a.allows_request(Some(FRONTEND), None, &Method::GET, "/api/orders"));
+        assert!(a.allows_request(Some(FRONTEND), None, &Method::POST, "/api/x"));
+        assert!(!a.allows_request(Some(FRONTEND), None, &Method::DELETE, "/api/x"));
+        assert!(!a.allows_request(Some(FRONTEND), None, &Method::GET, "/admin"));
+        assert!(!a.allows_request(Some(OTHER), None, &Method::GET, "/api/orders"));
+        assert!(!a.allows_request(None, None, &Method::GET, "/api/orders"));
         assert!(
             !a.allows_connection(Some(FRONTEND)),
             "HTTP-only rules do not open TCP"
+        );
+    }
+
+    #[test]
+    fn when_conditions_match_the_verified_token() {
+        use remora_proto::policy::Condition;
+        let cond = |key: &str, values: &[&str], not: &[&str]| Condition {
+            key: key.into(),
+            values: values.iter().map(|v| v.to_string()).collect(),
+            not_values: not.iter().map(|v| v.to_string()).collect(),
+        };
+        let p = policy(
+            MtlsMode::Permissive,
+            vec![AuthorizationRule {
+                from: vec!["*".into()],
+                to: vec![],
+                when: vec![
+                    cond("request.auth.principal", &["https://idp/*"], &[]),
+                    cond(
+                        "request.auth.claims[groups]",
+                        &["admin", "ops"],
+                        &["banned"],
+                    ),
+                    cond("request.auth.claims[aud]", &["*"], &[]),
+                ],
+            }],
+        );
+        let a = Authz::compile([&p], |_| None);
+        let user = |sub: &str, groups: serde_json::Value| {
+            Principal::for_test(
+                &format!("https://idp/{sub}"),
+                serde_json::json!({"sub": sub, "aud": "api", "groups": groups}),
+            )
+        };
+        let get = |auth: Option<&Principal>| a.allows_request(None, auth, &Method::GET, "/");
+        assert!(get(Some(&user(
+            "alice",
+            serde_json::json!(["dev", "admin"])
+        ))));
+        assert!(
+            get(Some(&user("olga", serde_json::json!("ops")))),
+            "a string claim"
+        );
+        assert!(
+            !get(Some(&user("bob", serde_json::json!(["dev"])))),
+            "not in a listed group"
+        );
+        assert!(
+            !get(Some(&user("eve", serde_json::json!(["admin", "banned"])))),
+            "notValues wins"
+        );
+        assert!(!get(None), "no token: no condition holds");
+        let other = Principal::for_test(
+            "https://other/x",
+            serde_json::json!({"aud": "api", "groups": ["admin"]}),
+        );
+        assert!(!get(Some(&other)), "another issuer's principal");
+        assert!(
+            a.has_http_rules() && !a.allows_connection(None),
+            "when is HTTP-only"
         );
     }
 
@@ -288,7 +450,7 @@ mod tests {
         );
         let a = Authz::compile([&p], |_| None);
         assert!(a.allows_plaintext());
-        assert!(a.allows_request(None, &Method::GET, "/"));
+        assert!(a.allows_request(None, None, &Method::GET, "/"));
         assert!(a.allows_connection(None));
         let empty_from = policy(
             MtlsMode::Permissive,
@@ -299,9 +461,9 @@ mod tests {
             }],
         );
         let a = Authz::compile([&empty_from], |_| None);
-        assert!(a.allows_request(Some(OTHER), &Method::GET, "/"));
+        assert!(a.allows_request(Some(OTHER), None, &Method::GET, "/"));
         assert!(
-            !a.allows_request(None, &Method::GET, "/"),
+            !a.allows_request(None, None, &Method::GET, "/"),
             "empty from = authenticated only"
         );
     }

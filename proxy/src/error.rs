@@ -15,6 +15,8 @@ pub enum Cause {
     UpstreamFailure,
     Timeout,
     Denied,
+    /// The request carried an end user's token that does not verify (401).
+    Unauthenticated,
     RateLimited,
     BadRequest,
     /// The request target is longer than the proxy takes (414).
@@ -45,6 +47,7 @@ impl Cause {
             Cause::UpstreamFailure => "upstream-failure",
             Cause::Timeout => "timeout",
             Cause::Denied => "denied",
+            Cause::Unauthenticated => "unauthenticated",
             Cause::RateLimited => "rate-limited",
             Cause::BadRequest => "bad-request",
             Cause::UriTooLong => "uri-too-long",
@@ -56,7 +59,9 @@ impl Cause {
     /// Who caused it.
     pub fn side(self) -> Side {
         match self {
-            Cause::BadRequest | Cause::UriTooLong | Cause::ClientReset => Side::Client,
+            Cause::BadRequest | Cause::UriTooLong | Cause::ClientReset | Cause::Unauthenticated => {
+                Side::Client
+            }
             Cause::UpstreamFailure | Cause::UpstreamReset | Cause::Timeout => Side::Upstream,
             Cause::NoEndpoints
             | Cause::CircuitOpen
@@ -76,6 +81,7 @@ impl Cause {
             Cause::ClientReset => CLIENT_CLOSED_REQUEST,
             Cause::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Cause::Denied => StatusCode::FORBIDDEN,
+            Cause::Unauthenticated => StatusCode::UNAUTHORIZED,
             Cause::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Cause::BadRequest => StatusCode::BAD_REQUEST,
             Cause::UriTooLong => StatusCode::URI_TOO_LONG,
@@ -90,6 +96,7 @@ impl Cause {
             Cause::ClientReset => 1,
             Cause::Timeout => 4,
             Cause::Denied => 7,
+            Cause::Unauthenticated => 16,
             Cause::RateLimited => 8,
             Cause::BadRequest | Cause::UriTooLong => 13,
         }
@@ -125,6 +132,25 @@ pub struct ProxyError {
     detail: String,
     /// For `rate-limited`: when to come back (`Retry-After`).
     retry_after: Option<std::time::Duration>,
+    /// For `unauthenticated`: the `WWW-Authenticate` challenge.
+    challenge: Option<HeaderValue>,
+}
+
+/// The `WWW-Authenticate` challenge of a 401 (RFC 6750): the realm is the
+/// service, the description says why the token was refused.
+pub fn bearer_challenge(realm: &str, description: &str) -> HeaderValue {
+    let clean = |s: &str| -> String {
+        s.chars()
+            .filter(|c| (' '..='~').contains(c) && *c != '"' && *c != '\\')
+            .take(200)
+            .collect()
+    };
+    let text = format!(
+        "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{}\"",
+        clean(realm),
+        clean(description)
+    );
+    HeaderValue::from_str(&text).unwrap_or_else(|_| HeaderValue::from_static("Bearer"))
 }
 
 impl ProxyError {
@@ -134,6 +160,7 @@ impl ProxyError {
             retry: RetryClass::Never,
             detail: detail.into(),
             retry_after: None,
+            challenge: None,
         }
     }
 
@@ -143,6 +170,7 @@ impl ProxyError {
             retry: RetryClass::ConnectFailure,
             detail: detail.into(),
             retry_after: None,
+            challenge: None,
         }
     }
 
@@ -152,6 +180,7 @@ impl ProxyError {
             retry: RetryClass::RefusedStream,
             detail: detail.into(),
             retry_after: None,
+            challenge: None,
         }
     }
 
@@ -161,6 +190,7 @@ impl ProxyError {
             retry: RetryClass::Timeout,
             detail: detail.into(),
             retry_after: None,
+            challenge: None,
         }
     }
 
@@ -174,8 +204,18 @@ impl ProxyError {
                 remora_resilience::retry_after_secs(wait)
             ),
             retry_after: None,
+            challenge: None,
         }
         .with_retry_after(wait)
+    }
+
+    /// An end user's token refused (401 with a Bearer challenge).
+    pub fn unauthenticated(realm: &str, detail: impl Into<String>) -> Self {
+        let detail = detail.into();
+        let challenge = bearer_challenge(realm, &detail);
+        let mut e = ProxyError::new(Cause::Unauthenticated, detail);
+        e.challenge = Some(challenge);
+        e
     }
 
     pub fn upstream(detail: impl Into<String>) -> Self {
@@ -184,6 +224,7 @@ impl ProxyError {
             retry: RetryClass::Reset,
             detail: detail.into(),
             retry_after: None,
+            challenge: None,
         }
     }
 
@@ -212,6 +253,10 @@ impl ProxyError {
                 http::header::RETRY_AFTER,
                 HeaderValue::from(remora_resilience::retry_after_secs(wait)),
             );
+        }
+        if let Some(challenge) = &self.challenge {
+            resp.headers_mut()
+                .insert(http::header::WWW_AUTHENTICATE, challenge.clone());
         }
         resp
     }
@@ -289,6 +334,7 @@ mod tests {
             (Cause::UpstreamFailure, 502, 14, "upstream-failure"),
             (Cause::Timeout, 504, 4, "timeout"),
             (Cause::Denied, 403, 7, "denied"),
+            (Cause::Unauthenticated, 401, 16, "unauthenticated"),
             (Cause::RateLimited, 429, 8, "rate-limited"),
             (Cause::BadRequest, 400, 13, "bad-request"),
             (Cause::UriTooLong, 414, 13, "uri-too-long"),

@@ -236,7 +236,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
             mesh.local_protocol(app.addr.port(), app.explicit),
             Some(Protocol::Http2 | Protocol::Grpc)
         );
-        let decision = admit(&mesh, state, peer.as_deref(), &req);
+        let decision = admit(&mesh, state, peer.as_deref(), &mut req);
         (h2_app, decision)
     };
     let result = match decision {
@@ -289,25 +289,34 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
     obs.respond(resp)
 }
 
-/// Whether a request may go to the application: a well-formed head, a
-/// caller the authorization policy allows, room in the rate limit, and an
-/// upgrade (if it asks for one) the service's own routes allow.
+/// Whether a request may go to the application: a well-formed head, an end
+/// user's token (if it carries one) that verifies, a caller the
+/// authorization policy allows, room in the rate limit, and an upgrade (if
+/// it asks for one) the service's own routes allow.
 fn admit<B>(
     mesh: &crate::mesh::Mesh,
     state: &State,
     peer: Option<&str>,
-    req: &Request<B>,
+    req: &mut Request<B>,
 ) -> Result<(), ProxyError> {
     crate::forward::check_http1_head(req)?;
+    let user = mesh
+        .authn
+        .authenticate(req.headers_mut(), &state.local_metrics)?;
     let path = req.uri().path();
-    if !mesh.authz.allows_request(peer, req.method(), path) {
+    if !mesh
+        .authz
+        .allows_request(peer, user.as_deref(), req.method(), path)
+    {
+        let who = match (&user, peer) {
+            (Some(u), Some(p)) => format!("{p} (for {})", u.principal),
+            (Some(u), None) => u.principal.clone(),
+            (None, Some(p)) => p.to_string(),
+            (None, None) => "an unauthenticated caller".to_string(),
+        };
         return Err(ProxyError::new(
             Cause::Denied,
-            format!(
-                "{} may not {} {path}",
-                peer.unwrap_or("an unauthenticated caller"),
-                req.method(),
-            ),
+            format!("{who} may not {} {path}", req.method()),
         ));
     }
     mesh.authz.rate_limit(peer, path).map_err(|wait| {

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod app_health;
+pub mod authn;
 pub mod authz;
 pub mod body;
 pub mod config;

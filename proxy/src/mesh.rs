@@ -108,6 +108,8 @@ pub struct Mesh {
     pub local: Option<Arc<Service>>,
     /// Who may call this workload.
     pub authz: crate::authz::Authz,
+    /// Which end users' tokens this workload checks.
+    pub authn: crate::authn::Authn,
     /// The TelemetryPolicy of this proxy's namespace, if any.
     pub telemetry: Option<policy::TelemetryPolicySpec>,
 }
@@ -124,6 +126,7 @@ impl Mesh {
             addrs: HashMap::new(),
             local: None,
             authz: crate::authz::Authz::default(),
+            authn: crate::authn::Authn::default(),
             telemetry: None,
         }
     }
@@ -298,6 +301,18 @@ impl Mesh {
                     }),
                 |rl| registry.rate_limiter(rl),
             ),
+            authn: crate::authn::Authn::compile(
+                docs.get(&Kind::RequestAuthentication)
+                    .into_iter()
+                    .flatten()
+                    .filter(|d| d.metadata.namespace == own_ns)
+                    .filter_map(|d| match &d.spec {
+                        Spec::RequestAuthentication(a) if a.service == own_name => Some(a),
+                        _ => None,
+                    }),
+                &snapshot.jwks,
+                &format!("{own_name}.{own_ns}"),
+            )?,
             telemetry: docs
                 .get(&Kind::TelemetryPolicy)
                 .into_iter()

@@ -30,6 +30,10 @@ pub const RETRIES_TOTAL: &str = "remora_retries_total";
 pub const CIRCUIT_BREAKER_OPEN: &str = "remora_circuit_breaker_open";
 /// Requests refused by a rate limit, by `service`.
 pub const RATE_LIMITED_TOTAL: &str = "remora_rate_limited_total";
+/// End users' tokens checked under a RequestAuthentication, by `service`,
+/// `result` (`verified`: signature checked; `cached`: a token verified
+/// earlier; `refused`) and `reason` (why refused, else empty).
+pub const JWT_CHECKS_TOTAL: &str = "remora_jwt_checks_total";
 /// Requests refused because of overload (concurrency limit, bulkhead), by `service`.
 pub const OVERLOADED_TOTAL: &str = "remora_overloaded_total";
 /// Expiry of the workload certificate, as a Unix timestamp.
@@ -153,6 +157,11 @@ pub fn describe() {
         CIRCUIT_BREAKER_OPEN,
         Unit::Count,
         "Whether an endpoint's circuit breaker is open (1) or closed (0)."
+    );
+    describe_counter!(
+        JWT_CHECKS_TOTAL,
+        Unit::Count,
+        "End users' tokens checked under a RequestAuthentication, by result."
     );
     describe_counter!(
         RATE_LIMITED_TOTAL,

@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 
 use metrics::{counter, gauge, Counter, Gauge, Label};
 
-use crate::metrics::{CIRCUIT_BREAKER_OPEN, OVERLOADED_TOTAL, RATE_LIMITED_TOTAL};
+use crate::metrics::{
+    CIRCUIT_BREAKER_OPEN, JWT_CHECKS_TOTAL, OVERLOADED_TOTAL, RATE_LIMITED_TOTAL,
+};
 
 /// Counters of one destination service's refusals. Cheap to clone.
 #[derive(Clone)]
@@ -13,6 +15,8 @@ pub struct ServiceMetrics {
     service: String,
     rate_limited: Counter,
     overloaded: Counter,
+    jwt_verified: Counter,
+    jwt_cached: Counter,
 }
 
 impl ServiceMetrics {
@@ -23,12 +27,29 @@ impl ServiceMetrics {
             service: service.to_owned(),
             rate_limited: counter!(RATE_LIMITED_TOTAL, labels.iter()),
             overloaded: counter!(OVERLOADED_TOTAL, labels.iter()),
+            jwt_verified: jwt(service, "verified", ""),
+            jwt_cached: jwt(service, "cached", ""),
         }
     }
 
     /// Counts a request refused by a rate limit.
     pub fn rate_limited(&self) {
         self.rate_limited.increment(1);
+    }
+
+    /// Counts an end user's token whose signature was checked.
+    pub fn jwt_verified(&self) {
+        self.jwt_verified.increment(1);
+    }
+
+    /// Counts an end user's token found among those verified earlier.
+    pub fn jwt_cached(&self) {
+        self.jwt_cached.increment(1);
+    }
+
+    /// Counts a refused token (`reason`: a short fixed label).
+    pub fn jwt_refused(&self, reason: &'static str) {
+        jwt(&self.service, "refused", reason).increment(1);
     }
 
     /// Counts a request refused because a concurrency limit or bulkhead was full.
@@ -73,4 +94,13 @@ impl std::fmt::Debug for CircuitBreakerGauge {
         f.debug_struct("CircuitBreakerGauge")
             .finish_non_exhaustive()
     }
+}
+
+fn jwt(service: &str, result: &'static str, reason: &'static str) -> Counter {
+    let labels = [
+        Label::new("service", service.to_owned()),
+        Label::new("result", result),
+        Label::new("reason", reason),
+    ];
+    counter!(JWT_CHECKS_TOTAL, labels.iter())
 }
