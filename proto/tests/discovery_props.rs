@@ -70,17 +70,21 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
         any::<u64>(),
         vec(resource(), 0..8),
         vec(endpoint(), 0..8),
-        (text(), text(), text()),
+        (text(), text(), text(), labels()),
     )
         .prop_map(
-            |(version, policy_version, resources, endpoints, (bundle, domain, signer))| Snapshot {
-                version,
-                policy_version,
-                resources,
-                endpoints,
-                trust_bundle_pem: bundle,
-                trust_domain: domain,
-                signer_id: signer,
+            |(version, policy_version, resources, endpoints, (bundle, domain, signer, jwks))| {
+                Snapshot {
+                    version,
+                    policy_version,
+                    resources,
+                    endpoints,
+                    trust_bundle_pem: bundle,
+                    trust_domain: domain,
+                    signer_id: signer,
+                    // JWK sets by URI: a string map, as labels are.
+                    jwks,
+                }
             },
         )
 }
