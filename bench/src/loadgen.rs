@@ -44,6 +44,8 @@ pub struct Target {
     /// absolute for gRPC (it becomes `:authority`).
     pub uri: Uri,
     pub host: HeaderValue,
+    /// An `Authorization` header for every request (the JWT-checked path).
+    pub authorization: Option<HeaderValue>,
 }
 
 enum Conn {
@@ -91,7 +93,7 @@ fn grpc_request() -> Bytes {
 
 /// One request, read to its end and checked.
 async fn once(conn: &mut Conn, t: &Target, grpc_body: &Bytes) -> anyhow::Result<()> {
-    let req = match t.proto {
+    let mut req = match t.proto {
         Proto::Http1 => Request::get(t.uri.clone())
             .header(header::HOST, t.host.clone())
             .body(Full::default())?,
@@ -100,6 +102,10 @@ async fn once(conn: &mut Conn, t: &Target, grpc_body: &Bytes) -> anyhow::Result<
             .header(header::TE, "trailers")
             .body(Full::new(grpc_body.clone()))?,
     };
+    if let Some(auth) = &t.authorization {
+        req.headers_mut()
+            .insert(header::AUTHORIZATION, auth.clone());
+    }
     let resp = match conn {
         Conn::H1(s) => {
             s.ready().await?;

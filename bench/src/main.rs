@@ -221,7 +221,14 @@ fn target(addr: SocketAddr, proto: Proto, explicit_proxy: bool) -> Target {
         proto,
         uri: uri.parse().expect("a valid URI"),
         host: http::HeaderValue::from_static(AUTHORITY),
+        authorization: None,
     }
+}
+
+/// `target` with a bearer token on every request.
+fn with_token(mut t: Target, token: &str) -> Target {
+    t.authorization = http::HeaderValue::from_str(&format!("Bearer {token}")).ok();
+    t
 }
 
 /// Every process the bench measures, started and ready; dropped, all stop.
@@ -232,6 +239,7 @@ struct Rig {
     // Held for their lifetimes only.
     _others: Vec<targets::Reverse>,
     _backend: targets::Sidecar,
+    _backend_jwt: targets::Sidecar,
     _cp: targets::ControlPlane,
     _upstream: targets::Child,
 }
@@ -260,6 +268,14 @@ impl Rig {
         cp.cli(env, &["apply", "-f", &policy.display().to_string()])?;
         let backend = targets::Sidecar::start(env, &cp, "backend", up_port).await?;
         let frontend = targets::Sidecar::start(env, &cp, "frontend", up_port).await?;
+        // The same hop with a RequestAuthentication: every request carries a
+        // token the sidecar checks (verified once, then from its cache, as
+        // a client reusing its access token is served).
+        let (jwt_policy, token) = targets::jwt_policy();
+        let jwt_file = env.path("bench-jwt-policy.yaml");
+        std::fs::write(&jwt_file, jwt_policy)?;
+        cp.cli(env, &["apply", "-f", &jwt_file.display().to_string()])?;
+        let backend_jwt = targets::Sidecar::start(env, &cp, "backend-jwt", up_port).await?;
         let mut paths = vec![
             Path {
                 name: "direct",
@@ -283,6 +299,14 @@ impl Rig {
                 grpc: target(frontend.outbound, Proto::Grpc, true),
                 group: Group {
                     pids: vec![frontend.proc.pid(), backend.proc.pid()],
+                },
+            },
+            Path {
+                name: "remora 1 hop + JWT",
+                http: with_token(target(backend_jwt.inbound, Proto::Http1, false), &token),
+                grpc: with_token(target(backend_jwt.inbound, Proto::Grpc, false), &token),
+                group: Group {
+                    pids: vec![backend_jwt.proc.pid()],
                 },
             },
         ];
@@ -323,6 +347,7 @@ impl Rig {
             frontend,
             _others: others,
             _backend: backend,
+            _backend_jwt: backend_jwt,
             _cp: cp,
             _upstream: upstream,
         })

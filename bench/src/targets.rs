@@ -38,6 +38,50 @@ spec:
   rules: [{from: [\"*\"]}]
 ";
 
+/// The JWT-checked hop's policy (service `backend-jwt` with a
+/// RequestAuthentication whose JWK set is inline) and a token it accepts
+/// (ES256, valid for a day), made fresh for each run.
+pub fn jwt_policy() -> (String, String) {
+    use remora_proto::jwt::testing;
+    let key = testing::ec("bench");
+    let now = testing::now();
+    let token = testing::sign(
+        &key,
+        &serde_json::json!({"iss": "https://idp.bench", "sub": "bench-user", "aud": "api",
+            "exp": now + 86_400, "iat": now, "groups": ["bench"]}),
+    );
+    let jwks = testing::jwks(&[&key]);
+    let policy = format!(
+        "\
+apiVersion: remora.dev/v1
+kind: Service
+metadata: {{name: backend-jwt, namespace: bench}}
+spec:
+  ports: [{{port: 8080, protocol: http}}]
+---
+apiVersion: remora.dev/v1
+kind: RequestAuthentication
+metadata: {{name: backend-jwt, namespace: bench}}
+spec:
+  service: backend-jwt
+  jwtRules:
+    - issuer: https://idp.bench
+      audiences: [api]
+      jwks: '{jwks}'
+      outputClaimToHeaders: [{{header: x-user, claim: sub}}]
+---
+apiVersion: remora.dev/v1
+kind: AuthorizationPolicy
+metadata: {{name: backend-jwt, namespace: bench}}
+spec:
+  service: backend-jwt
+  mtls: permissive
+  rules: [{{from: [\"*\"], when: [{{key: request.auth.principal, values: [\"*\"]}}]}}]
+"
+    );
+    (policy, token)
+}
+
 /// A port below the ephemeral range, free now and not handed out before.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());

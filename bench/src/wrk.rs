@@ -28,9 +28,14 @@ pub async fn closed_loop(t: &Target, conns: usize, dur: Duration) -> anyhow::Res
     let path = t.uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("http://{}{path}", t.addr);
     let secs = dur.as_secs().max(1);
-    let mut child = Command::new("wrk")
-        .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s")])
-        .args(["--timeout", "10s", "-H", &format!("Host: {host}")])
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s")])
+        .args(["--timeout", "10s", "-H", &format!("Host: {host}")]);
+    if let Some(auth) = &t.authorization {
+        let auth = auth.to_str().context("the target's Authorization header")?;
+        cmd.args(["-H", &format!("Authorization: {auth}")]);
+    }
+    let mut child = cmd
         .arg(&url)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
