@@ -3,8 +3,12 @@
 //! the control plane and the proxies validate against.
 #![forbid(unsafe_code)]
 
+pub mod identity;
 pub mod jwt;
 pub mod policy;
+pub mod util;
+
+pub use identity::SpiffeId;
 
 /// The `remora.v1` API: Discovery, Identity and Admin.
 pub mod v1 {
