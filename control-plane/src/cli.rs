@@ -21,6 +21,10 @@
 //! | `serve --http-max-connections N` | `REMORA_HTTP_MAX_CONNECTIONS` | `64` |
 //! | `serve --http-header-read-timeout DUR` | `REMORA_HTTP_HEADER_READ_TIMEOUT` | `5s` |
 //! | `serve --max-apply-bytes N` | `REMORA_MAX_APPLY_BYTES` | `1048576` (1 MiB) |
+//! | `serve --kubernetes-issuer URL --kubernetes-jwks FILE` | `REMORA_KUBERNETES_ISSUER`, `REMORA_KUBERNETES_JWKS` | bootstrap tokens only |
+//! | `serve --kubernetes-audience AUD` | `REMORA_KUBERNETES_AUDIENCE` | `remora` |
+//! | `inject --token-source projected\|secret` | | `projected` |
+//! | `inject --token-audience AUD` | | `remora` |
 
 use clap::builder::NonEmptyStringValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -139,6 +143,21 @@ pub struct InjectArgs {
     /// OTLP/gRPC collector for the proxies' spans
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// What proves the proxy's identity: a projected ServiceAccount token
+    /// (the pod runs as ServiceAccount <service>, added when missing; the
+    /// control plane needs --kubernetes-issuer), or the Secret
+    /// remora-token-<service> holding a bootstrap token
+    #[arg(long, value_enum, default_value = "projected", value_name = "SOURCE")]
+    pub token_source: crate::inject::TokenSource,
+    /// The audience of the projected ServiceAccount token (the control
+    /// plane's --kubernetes-audience)
+    #[arg(
+        long,
+        default_value = crate::kubernetes::DEFAULT_AUDIENCE,
+        value_name = "AUD",
+        value_parser = NonEmptyStringValueParser::new()
+    )]
+    pub token_audience: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -301,6 +320,50 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(1024..=(1u64 << 30))
     )]
     pub max_apply_bytes: u64,
+    /// Accept Kubernetes ServiceAccount tokens (beside bootstrap tokens)
+    /// issued by this issuer: the `issuer` of the cluster's
+    /// /.well-known/openid-configuration
+    #[arg(
+        long,
+        env = "REMORA_KUBERNETES_ISSUER",
+        value_name = "URL",
+        requires = "kubernetes_jwks",
+        value_parser = NonEmptyStringValueParser::new()
+    )]
+    pub kubernetes_issuer: Option<String>,
+    /// The issuer's public keys: the JWK set the cluster serves at
+    /// /openid/v1/jwks (re-read when the file changes)
+    #[arg(
+        long,
+        env = "REMORA_KUBERNETES_JWKS",
+        value_name = "FILE",
+        requires = "kubernetes_issuer"
+    )]
+    pub kubernetes_jwks: Option<PathBuf>,
+    /// The audience a ServiceAccount token must be for [default: remora]
+    #[arg(
+        long,
+        env = "REMORA_KUBERNETES_AUDIENCE",
+        value_name = "AUD",
+        requires = "kubernetes_issuer",
+        value_parser = NonEmptyStringValueParser::new()
+    )]
+    pub kubernetes_audience: Option<String>,
+}
+
+impl ServeArgs {
+    /// The Kubernetes ServiceAccount token settings, if any were given.
+    pub fn kubernetes(&self) -> Option<crate::kubernetes::KubernetesConfig> {
+        let (issuer, jwks) = (
+            self.kubernetes_issuer.as_ref()?,
+            self.kubernetes_jwks.as_ref()?,
+        );
+        let mut config = crate::kubernetes::KubernetesConfig::new(issuer, jwks);
+        if let Some(audience) = &self.kubernetes_audience {
+            config.audience.clone_from(audience);
+        }
+        Some(config)
+    }
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -514,6 +577,59 @@ mod tests {
         };
         assert_eq!(delete.namespace, DEFAULT_NAMESPACE);
         assert!(Cli::try_parse_from(["remora-control", "delete", "route", "b", "-A"]).is_err());
+    }
+
+    #[test]
+    fn kubernetes_issuer_and_jwks_come_together() {
+        let serve = |args: &[&str]| {
+            let cli = Cli::try_parse_from(["remora-control", "serve"].iter().chain(args))?;
+            let Command::Serve(serve) = cli.command else {
+                panic!("not serve")
+            };
+            Ok::<_, clap::Error>(serve.kubernetes())
+        };
+        assert_eq!(serve(&[]).unwrap(), None);
+        let issuer = ["--kubernetes-issuer", "https://kubernetes.default.svc"];
+        let jwks = ["--kubernetes-jwks", "/etc/remora/jwks.json"];
+        let both = serve(&[issuer, jwks].concat()).unwrap().unwrap();
+        assert_eq!(both.issuer, "https://kubernetes.default.svc");
+        assert_eq!(both.jwks_file, PathBuf::from("/etc/remora/jwks.json"));
+        assert_eq!(both.audience, "remora");
+        let aud = serve(&[&issuer[..], &jwks, &["--kubernetes-audience", "mesh"]].concat());
+        assert_eq!(aud.unwrap().unwrap().audience, "mesh");
+        for alone in [&issuer[..], &jwks, &["--kubernetes-audience", "mesh"]] {
+            let err = serve(alone).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+            assert!(err.to_string().contains("--kubernetes-"), "{err}");
+        }
+        assert!(serve(&["--kubernetes-issuer", "", "--kubernetes-jwks", "f"]).is_err());
+    }
+
+    #[test]
+    fn inject_takes_a_token_source_and_audience() {
+        let inject = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from(["remora-control", "inject", "-f", "-"].iter().chain(args))?;
+            let Command::Inject(inject) = cli.command else {
+                panic!("not inject")
+            };
+            Ok::<_, clap::Error>((inject.token_source, inject.token_audience))
+        };
+        use crate::inject::TokenSource;
+        assert_eq!(
+            inject(&[]).unwrap(),
+            (TokenSource::Projected, "remora".to_string())
+        );
+        assert_eq!(
+            inject(&["--token-source", "secret"]).unwrap().0,
+            TokenSource::Secret
+        );
+        assert_eq!(
+            inject(&["--token-audience", "mesh"]).unwrap().1,
+            "mesh".to_string()
+        );
+        assert!(inject(&["--token-source", "file"]).is_err());
+        assert!(inject(&["--token-audience", ""]).is_err());
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! root rotation knows which old-root certificates may still be in use.
 //!
 //! Refusals: UNAUTHENTICATED when the token proves nothing (the message says
-//! why: malformed, unknown, revoked, expired, used up), INVALID_ARGUMENT for a
+//! why: malformed, unknown, revoked, expired, used up; for a Kubernetes
+//! ServiceAccount token, which check failed), INVALID_ARGUMENT for a
 //! CSR that cannot be used, PERMISSION_DENIED when the CSR asks for another
 //! identity (or the token proves another one than the client certificate).
 //! Every answer is counted for `/metrics`.
@@ -34,14 +35,27 @@ use tonic::{Request, Response, Status};
 pub const MAX_CSR_PEM_BYTES: usize = 16 * 1024;
 
 /// The `reason` labels of refused certificates.
-pub const REFUSAL_REASONS: [&str; 8] = [
+pub const REFUSAL_REASONS: [&str; 18] = [
     "token_malformed",
     "token_unknown",
     "token_revoked",
     "token_expired",
     "token_used_up",
+    // Kubernetes ServiceAccount tokens (`remora_proto::jwt::JwtError::reason`,
+    // and `jwt_claim` for claims that name no usable ServiceAccount).
+    "jwt_malformed",
+    "jwt_too_large",
+    "jwt_algorithm",
+    "jwt_unknown_key",
+    "jwt_signature",
+    "jwt_expired",
+    "jwt_not_yet_valid",
+    "jwt_issuer",
+    "jwt_audience",
+    "jwt_claim",
     "csr_invalid",
     "identity_mismatch",
+    // Last: unknown reasons are counted here.
     "internal",
 ];
 

@@ -8,8 +8,23 @@
 //! - the proxy `remora-proxy` as a native sidecar: an init container with
 //!   `restartPolicy: Always`, which Kubernetes ≥ 1.29 starts (and waits for its
 //!   startup probe) before the app and stops after it;
-//! - the volumes `remora-token` (Secret `remora-token-<service>`, key `token`)
-//!   and `remora-ca` (ConfigMap `remora-trust-bundle`, key `ca.pem`).
+//! - the volumes `remora-token` and `remora-ca` (ConfigMap
+//!   `remora-trust-bundle`, key `ca.pem`).
+//!
+//! The token volume holds what proves the proxy's identity to the control
+//! plane (`REMORA_TOKEN_FILE` points at it):
+//!
+//! - by default (`--token-source projected`), a projected ServiceAccount
+//!   token for the audience `--token-audience` (`remora`), valid one hour and
+//!   refreshed by the kubelet (the proxy reads the file again at every
+//!   renewal), which a control plane started with `--kubernetes-issuer`
+//!   accepts. The identity it proves is `ns/<namespace>/sa/<ServiceAccount>`,
+//!   so the pod must run as ServiceAccount `<service>`: `serviceAccountName`
+//!   is set to it when the pod names none, a pod naming another is refused,
+//!   and a `ServiceAccount` `<service>` is added to the output (before the
+//!   workload) unless the manifest has one;
+//! - with `--token-source secret`, the Secret `remora-token-<service>` (key
+//!   `token`) holding a bootstrap token (`remora-control token create`).
 //!
 //! Other documents pass through unchanged, in order; a `kind: List` has its
 //! items injected. Fields the injector does not know survive (documents are
@@ -44,6 +59,11 @@ pub const CA_VOLUME: &str = "remora-ca";
 /// The ConfigMap holding the trust bundle (key `ca.pem`).
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "remora-trust-bundle";
 pub const TOKEN_DIR: &str = "/var/run/remora/token";
+/// The token's file name in [`TOKEN_DIR`].
+pub const TOKEN_FILE: &str = "token";
+/// The projected ServiceAccount token's lifetime (the kubelet refreshes it
+/// at 80% of it).
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 pub const CA_DIR: &str = "/var/run/remora/ca";
 
 pub const ANNOTATION_INJECT: &str = "remora.dev/inject";
@@ -60,6 +80,17 @@ const OUTBOUND_PORT: u16 = 15001;
 const INBOUND_PORT: u16 = 15006;
 const HEALTH_PORT: u16 = 15020;
 
+/// What the token volume holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenSource {
+    /// A projected ServiceAccount token (the pod runs as ServiceAccount
+    /// `<service>`).
+    #[default]
+    Projected,
+    /// The Secret `remora-token-<service>` with a bootstrap token.
+    Secret,
+}
+
 /// What every injected proxy is configured with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InjectOptions {
@@ -69,6 +100,11 @@ pub struct InjectOptions {
     pub control_plane: String,
     /// The OTLP/gRPC collector (`REMORA_OTLP_ENDPOINT`), if traces are exported.
     pub otlp_endpoint: Option<String>,
+    /// What proves the proxy's identity.
+    pub token_source: TokenSource,
+    /// The projected token's audience (the control plane's
+    /// `--kubernetes-audience`).
+    pub token_audience: String,
 }
 
 impl Default for InjectOptions {
@@ -77,6 +113,8 @@ impl Default for InjectOptions {
             proxy_image: DEFAULT_PROXY_IMAGE.to_owned(),
             control_plane: DEFAULT_CONTROL_PLANE.to_owned(),
             otlp_endpoint: None,
+            token_source: TokenSource::Projected,
+            token_audience: crate::kubernetes::DEFAULT_AUDIENCE.to_owned(),
         }
     }
 }
@@ -96,10 +134,10 @@ pub struct InjectError {
 
 /// Adds the mesh to every workload of `manifest_yaml` (one or more documents).
 pub fn inject(manifest_yaml: &str, opts: &InjectOptions) -> Result<String, InjectError> {
-    let mut out = Vec::new();
+    let mut documents = Vec::new();
     for (i, de) in serde_yaml_ng::Deserializer::from_str(manifest_yaml).enumerate() {
         let document = i + 1;
-        let mut value = Value::deserialize(de).map_err(|e| InjectError {
+        let value = Value::deserialize(de).map_err(|e| InjectError {
             document,
             what: String::new(),
             field: "(yaml)".into(),
@@ -108,16 +146,104 @@ pub fn inject(manifest_yaml: &str, opts: &InjectOptions) -> Result<String, Injec
         if value.is_null() {
             continue; // an empty document, such as after a trailing `---`
         }
-        inject_object(&mut value, opts).map_err(|e| e.at(document))?;
-        let text = serde_yaml_ng::to_string(&value).map_err(|e| InjectError {
+        documents.push((document, value));
+    }
+    // The ServiceAccounts the manifest already has, wherever they are.
+    let mut accounts = Accounts::default();
+    for (_, value) in &documents {
+        accounts.note(value);
+    }
+    let mut out = Vec::new();
+    let write = |document: usize, value: &Value| {
+        serde_yaml_ng::to_string(value).map_err(|e| InjectError {
             document,
             what: String::new(),
             field: "(yaml)".into(),
             message: format!("cannot write the document back: {e}"),
-        })?;
-        out.push(text);
+        })
+    };
+    for (document, mut value) in documents {
+        let added = inject_object(&mut value, opts, &mut accounts).map_err(|e| e.at(document))?;
+        for account in &added {
+            out.push(write(document, account)?);
+        }
+        out.push(write(document, &value)?);
     }
     Ok(out.join("---\n"))
+}
+
+/// The ServiceAccounts of the manifest, and those added to it.
+#[derive(Default)]
+struct Accounts {
+    /// (namespace, name); a namespace left out matches any.
+    known: Vec<(Option<String>, String)>,
+}
+
+impl Accounts {
+    /// Notes the ServiceAccounts `value` is or holds (as a `List`).
+    fn note(&mut self, value: &Value) {
+        let kind = value.get("kind").and_then(Value::as_str);
+        let api_version = value.get("apiVersion").and_then(Value::as_str);
+        match (api_version, kind) {
+            (Some("v1"), Some("ServiceAccount")) => {
+                let meta = value.get("metadata");
+                let name = meta.and_then(|m| m.get("name")).and_then(Value::as_str);
+                let ns = meta
+                    .and_then(|m| m.get("namespace"))
+                    .and_then(Value::as_str);
+                if let Some(name) = name {
+                    self.known.push((ns.map(str::to_owned), name.to_owned()));
+                }
+            }
+            (Some("v1"), Some("List")) => {
+                for item in value
+                    .get("items")
+                    .and_then(Value::as_sequence)
+                    .into_iter()
+                    .flatten()
+                {
+                    self.note(item);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A new `ServiceAccount` `name` in `namespace`, unless there is one.
+    fn add(&mut self, namespace: Option<&str>, name: &str) -> Option<Value> {
+        let exists = self.known.iter().any(|(ns, n)| {
+            n == name && (ns.is_none() || namespace.is_none() || ns.as_deref() == namespace)
+        });
+        if exists {
+            return None;
+        }
+        self.known
+            .push((namespace.map(str::to_owned), name.to_owned()));
+        let mut meta = Mapping::new();
+        meta.insert(s("name"), s(name));
+        if let Some(ns) = namespace {
+            meta.insert(s("namespace"), s(ns));
+        }
+        Some(map([
+            ("apiVersion", s("v1")),
+            ("kind", s("ServiceAccount")),
+            ("metadata", Value::Mapping(meta)),
+        ]))
+    }
+}
+
+/// Whether `name` can name a ServiceAccount (a DNS-1123 subdomain).
+fn is_dns_subdomain(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 /// An error inside one document, before its index is known.
@@ -158,7 +284,12 @@ fn template_path(api_version: &str, kind: &str) -> Option<&'static [&'static str
     }
 }
 
-fn inject_object(doc: &mut Value, opts: &InjectOptions) -> Result<(), Problem> {
+/// Injects one object; the ServiceAccounts to add before it.
+fn inject_object(
+    doc: &mut Value,
+    opts: &InjectOptions,
+    accounts: &mut Accounts,
+) -> Result<Vec<Value>, Problem> {
     let Some(obj) = doc.as_mapping_mut() else {
         return Err(Problem::new(
             "(document)",
@@ -179,19 +310,29 @@ fn inject_object(doc: &mut Value, opts: &InjectOptions) -> Result<(), Problem> {
     };
     if kind == "List" && api_version == "v1" {
         let Some(items) = obj.get_mut("items").and_then(Value::as_sequence_mut) else {
-            return Ok(());
+            return Ok(Vec::new());
         };
-        for (i, item) in items.iter_mut().enumerate() {
-            inject_object(item, opts).map_err(|mut p| {
+        // Added ServiceAccounts go into the list, before their workload.
+        let mut injected = Vec::with_capacity(items.len());
+        for (i, mut item) in std::mem::take(items).into_iter().enumerate() {
+            let added = inject_object(&mut item, opts, accounts).map_err(|mut p| {
                 p.what = format!("{what}, items[{i}]{}", p.what);
                 p
             })?;
+            injected.extend(added);
+            injected.push(item);
         }
-        return Ok(());
+        *items = injected;
+        return Ok(Vec::new());
     }
     let Some(path) = template_path(&api_version, &kind) else {
-        return Ok(());
+        return Ok(Vec::new());
     };
+    let namespace = obj
+        .get("metadata")
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let workload = Workload {
         name: obj
             .get("metadata")
@@ -211,12 +352,16 @@ fn inject_object(doc: &mut Value, opts: &InjectOptions) -> Result<(), Problem> {
             .ok_or_else(|| with_what(Problem::new(&field, "not a mapping")))?;
     }
     let prefix = path.join(".");
-    inject_template(template, &workload, opts).map_err(|mut p| {
+    let account = inject_template(template, &workload, opts).map_err(|mut p| {
         if !prefix.is_empty() {
             p.field = format!("{prefix}.{}", p.field);
         }
         with_what(p)
-    })
+    })?;
+    Ok(account
+        .and_then(|name| accounts.add(namespace.as_deref(), &name))
+        .into_iter()
+        .collect())
 }
 
 /// The workload around a pod template (the Pod itself for a Pod).
@@ -227,12 +372,13 @@ struct Workload {
 }
 
 /// Injects one pod template (`metadata` + `spec`), unless it opted out or
-/// already has the proxy.
+/// already has the proxy. The ServiceAccount it runs as, when it must exist
+/// for a projected token.
 fn inject_template(
     template: &mut Mapping,
     workload: &Workload,
     opts: &InjectOptions,
-) -> Result<(), Problem> {
+) -> Result<Option<String>, Problem> {
     let labels = string_map(template.get("metadata").and_then(|m| m.get("labels")));
     let annotations = string_map(template.get("metadata").and_then(|m| m.get("annotations")));
     // The template's annotation wins over the workload's.
@@ -242,7 +388,7 @@ fn inject_template(
             .map(str::trim)
     };
     if annotation(ANNOTATION_INJECT).is_some_and(|v| v.eq_ignore_ascii_case("false")) {
-        return Ok(());
+        return Ok(None);
     }
     let spec = template
         .get_mut("spec")
@@ -251,7 +397,7 @@ fn inject_template(
         .ok_or_else(|| Problem::new("spec", "not a mapping"))?;
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         // iptables rules would land in the node's own network namespace.
-        return Ok(());
+        return Ok(None);
     }
     let containers = spec
         .get("containers")
@@ -272,7 +418,7 @@ fn inject_template(
         .chain(containers)
         .any(|c| named(c, PROXY_CONTAINER))
     {
-        return Ok(()); // already injected
+        return Ok(None); // already injected
     }
 
     let service = annotation(ANNOTATION_SERVICE)
@@ -290,6 +436,9 @@ fn inject_template(
         })?
         .to_owned();
     let app_port = first_container_port(containers)?;
+    if opts.token_source == TokenSource::Projected {
+        service_account_of(spec, &service)?;
+    }
     let image = annotation(ANNOTATION_PROXY_IMAGE)
         .filter(|s| !s.is_empty())
         .unwrap_or(&opts.proxy_image)
@@ -346,19 +495,82 @@ fn inject_template(
         Some(_) => return Err(Problem::new("spec.volumes", "not a list")),
     };
     volumes.retain(|v| !named(v, TOKEN_VOLUME) && !named(v, CA_VOLUME));
-    volumes.push(map([
-        ("name", s(TOKEN_VOLUME)),
-        (
-            "secret",
-            map([("secretName", s(&format!("remora-token-{service}")))]),
-        ),
-    ]));
+    volumes.push(token_volume(&service, opts));
     volumes.push(map([
         ("name", s(CA_VOLUME)),
         ("configMap", map([("name", s(TRUST_BUNDLE_CONFIGMAP))])),
     ]));
     spec.insert(s("volumes"), Value::Sequence(volumes));
+    if opts.token_source == TokenSource::Projected {
+        spec.insert(s("serviceAccountName"), s(&service));
+        Ok(Some(service))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Checks that the pod may run as ServiceAccount `service` (the identity a
+/// projected token proves is its ServiceAccount's).
+fn service_account_of(spec: &Mapping, service: &str) -> Result<(), Problem> {
+    if !is_dns_subdomain(service) {
+        return Err(Problem::new(
+            "metadata",
+            format!(
+                "the service name {service:?} cannot name the pod's ServiceAccount (lowercase \
+                 letters, digits, '-' and '.'): set annotation {ANNOTATION_SERVICE}, or inject \
+                 with --token-source secret"
+            ),
+        ));
+    }
+    for field in ["serviceAccountName", "serviceAccount"] {
+        match spec.get(field) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(name)) if name == service => {}
+            Some(Value::String(name)) if name.is_empty() => {}
+            Some(other) => {
+                let named = match other {
+                    Value::String(name) => format!("{name:?}"),
+                    other => type_name(other).to_owned(),
+                };
+                return Err(Problem::new(
+                    format!("spec.{field}"),
+                    format!(
+                        "the pod runs as ServiceAccount {named}, but its mesh identity is \
+                         ns/<namespace>/sa/{service} and its projected token proves its \
+                         ServiceAccount's: run it as ServiceAccount {service:?} (or leave \
+                         {field} out), name the service after the ServiceAccount \
+                         (annotation {ANNOTATION_SERVICE}), or inject with --token-source secret"
+                    ),
+                ));
+            }
+        }
+    }
     Ok(())
+}
+
+/// The volume `REMORA_TOKEN_FILE` is in.
+fn token_volume(service: &str, opts: &InjectOptions) -> Value {
+    let source = match opts.token_source {
+        TokenSource::Projected => (
+            "projected",
+            map([(
+                "sources",
+                Value::Sequence(vec![map([(
+                    "serviceAccountToken",
+                    map([
+                        ("audience", s(&opts.token_audience)),
+                        ("expirationSeconds", Value::from(TOKEN_EXPIRATION_SECONDS)),
+                        ("path", s(TOKEN_FILE)),
+                    ]),
+                )])]),
+            )]),
+        ),
+        TokenSource::Secret => (
+            "secret",
+            map([("secretName", s(&format!("remora-token-{service}")))]),
+        ),
+    };
+    map([("name", s(TOKEN_VOLUME)), source])
 }
 
 /// `remora-proxy init`, with the capabilities iptables needs and nothing else.
@@ -417,7 +629,10 @@ fn proxy_container(
     if let Some(v) = version {
         env.push(value("REMORA_LABELS", &format!("version={v}")));
     }
-    env.push(value("REMORA_TOKEN_FILE", &format!("{TOKEN_DIR}/token")));
+    env.push(value(
+        "REMORA_TOKEN_FILE",
+        &format!("{TOKEN_DIR}/{TOKEN_FILE}"),
+    ));
     env.push(value("REMORA_CA_FILE", &format!("{CA_DIR}/ca.pem")));
     if let Some(otlp) = &opts.otlp_endpoint {
         env.push(value("REMORA_OTLP_ENDPOINT", otlp));

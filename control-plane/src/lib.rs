@@ -10,7 +10,8 @@
 //!   listeners' connection slots.
 //! - [`ca`]: the certificate authority; [`ca_store`]: where it comes from and
 //!   is kept; [`identity_db`]: tokens and the CA record (redb); [`pem`].
-//! - [`tokens`]: bootstrap tokens; [`identity`]: the Identity service (CSR
+//! - [`tokens`]: bootstrap tokens; [`kubernetes`]: Kubernetes ServiceAccount
+//!   tokens beside them; [`identity`]: the Identity service (CSR
 //!   signing); [`issued`]: the ledger of certificates issued;
 //!   [`admin_identity`]: the token and rotation Admin RPCs;
 //!   [`rotation`]: root rotation; [`tls`]: TLS on the gRPC port.
@@ -35,6 +36,7 @@ pub mod identity_db;
 pub mod inject;
 pub mod issued;
 pub mod jwks;
+pub mod kubernetes;
 pub mod output;
 pub mod pem;
 pub mod push;

@@ -27,6 +27,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => {
             init_logging("info");
+            let kubernetes = args.kubernetes();
             let operator_ca = match (args.ca_cert, args.ca_key) {
                 (Some(cert), Some(key)) => Some(OperatorCa {
                     cert,
@@ -51,6 +52,7 @@ async fn main() -> ExitCode {
                 http_max_connections: args.http_max_connections as usize,
                 http_header_read_timeout: args.http_header_read_timeout,
                 max_apply_bytes: usize::try_from(args.max_apply_bytes).unwrap_or(usize::MAX),
+                kubernetes,
             })
             .await
         }
@@ -103,6 +105,8 @@ fn inject(args: &remora_control::cli::InjectArgs) -> anyhow::Result<()> {
         opts.control_plane = c.clone();
     }
     opts.otlp_endpoint = args.otlp_endpoint.clone();
+    opts.token_source = args.token_source;
+    opts.token_audience.clone_from(&args.token_audience);
     let injected =
         remora_control::inject::inject(&text, &opts).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
     out(injected)?;

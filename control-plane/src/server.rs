@@ -13,13 +13,14 @@ use crate::http::{self, Health};
 use crate::identity::{CertMetrics, IdentityService};
 use crate::identity_db::IdentityDb;
 use crate::issued::Ledger;
+use crate::kubernetes::{CompositeAuthenticator, KubernetesAuthenticator, KubernetesConfig};
 use crate::push::DiscoveryServer;
 use crate::reflection;
 use crate::registry::{GenerationLease, Registry};
 use crate::rotation::{trust_of, Rotation};
 use crate::store::Store;
 use crate::tls::ServerTls;
-use crate::tokens::TokenStore;
+use crate::tokens::{TokenStore, WorkloadAuthenticator};
 use anyhow::Context as _;
 use remora_proto::v1::admin_server::AdminServer;
 use remora_proto::v1::identity_server::IdentityServer;
@@ -69,6 +70,9 @@ pub struct ServeConfig {
     pub http_header_read_timeout: Duration,
     /// The most one apply may carry, all its files together (bytes).
     pub max_apply_bytes: usize,
+    /// Kubernetes ServiceAccount tokens accepted beside bootstrap tokens
+    /// (`--kubernetes-issuer`, `--kubernetes-jwks`); None: bootstrap tokens only.
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 /// The default workload certificate lifetime (and longest).
@@ -93,6 +97,7 @@ impl ServeConfig {
             http_max_connections: http::DEFAULT_MAX_CONNECTIONS,
             http_header_read_timeout: http::DEFAULT_HEADER_READ_TIMEOUT,
             max_apply_bytes: crate::admin::DEFAULT_MAX_APPLY_BYTES,
+            kubernetes: None,
         }
     }
 
@@ -221,6 +226,18 @@ async fn load_ca(config: &ServeConfig, db: &IdentityDb) -> anyhow::Result<crate:
 /// is ready.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let lifetimes = config.lifetimes()?;
+    // Before anything is created: a key file that cannot be used stops the start.
+    let kubernetes = match &config.kubernetes {
+        None => None,
+        Some(k) => {
+            let authenticator = KubernetesAuthenticator::open(k, &config.trust_domain)
+                .map_err(anyhow::Error::msg)?;
+            tracing::info!(issuer = %k.issuer, audience = %k.audience,
+                jwks = %k.jwks_file.display(), kids = ?authenticator.kids(),
+                "Kubernetes ServiceAccount tokens accepted");
+            Some(Arc::new(authenticator))
+        }
+    };
     let data_dir = config.data_dir.clone();
     create_data_dir(&data_dir)?;
     let token = load_or_create_token(&data_dir).with_context(|| {
@@ -340,8 +357,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
+    let authenticator: Arc<dyn WorkloadAuthenticator> = match kubernetes {
+        None => tokens.clone(),
+        Some(k) => Arc::new(CompositeAuthenticator::new(tokens.clone(), k)),
+    };
     let identity = IdentityService::new(
-        tokens.clone(),
+        authenticator,
         authority.clone(),
         cert_metrics.clone(),
         ledger.clone(),
@@ -403,7 +424,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     });
     let rotation_task = tokio::spawn(rotation.clone().run(signal(shutdown_rx.clone())));
     // Ends with the others on shutdown; nothing waits for it.
-    tokio::spawn(crate::jwks::run(registry.clone(), signal(shutdown_rx.clone())));
+    tokio::spawn(crate::jwks::run(
+        registry.clone(),
+        signal(shutdown_rx.clone()),
+    ));
 
     let health = Arc::new(Health {
         ready: Default::default(),

@@ -18,7 +18,8 @@
 //! renewals of every workload it bootstrapped.
 //!
 //! Verification sits behind [`WorkloadAuthenticator`], so that another kind of
-//! credential (a Kubernetes ServiceAccount token, say) can be added beside it.
+//! credential sits beside it: Kubernetes ServiceAccount tokens
+//! ([`crate::kubernetes`]).
 
 use crate::identity_db::{DbError, IdentityDb, TOKENS};
 use ring::digest::{digest, SHA256};
@@ -58,6 +59,13 @@ pub enum AuthError {
     UsedUp(u32),
     #[error("cannot check the token: {0}")]
     Internal(String),
+    /// A JWT (a Kubernetes ServiceAccount token) that does not verify.
+    #[error("ServiceAccount token refused: {0}")]
+    Jwt(remora_proto::jwt::JwtError),
+    /// A JWT that verifies but does not name a usable ServiceAccount (its
+    /// `sub` and its `kubernetes.io` claims disagree, say).
+    #[error("ServiceAccount token refused: {0}")]
+    Claims(String),
 }
 
 impl AuthError {
@@ -70,6 +78,8 @@ impl AuthError {
             AuthError::Expired => "token_expired",
             AuthError::UsedUp(_) => "token_used_up",
             AuthError::Internal(_) => "internal",
+            AuthError::Jwt(e) => e.reason(),
+            AuthError::Claims(_) => "jwt_claim",
         }
     }
 }
@@ -202,6 +212,11 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     }
 }
 
+/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service>`.
+pub fn spiffe_id(trust_domain: &str, namespace: &str, service: &str) -> String {
+    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service}")
+}
+
 /// Compares two byte strings in time that depends only on their lengths.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len()
@@ -217,7 +232,7 @@ impl TokenStore {
     }
 
     pub fn spiffe_id(&self, namespace: &str, service: &str) -> String {
-        format!("spiffe://{}/ns/{namespace}/sa/{service}", self.trust_domain)
+        spiffe_id(&self.trust_domain, namespace, service)
     }
 
     /// Creates a token for `namespace`/`service`; returns the token (shown
@@ -321,6 +336,14 @@ impl TokenStore {
         let credential = credential.trim();
         if credential.is_empty() {
             return Err(AuthError::Malformed("no token given".into()));
+        }
+        if remora_proto::jwt::looks_like_jwt(credential) {
+            return Err(AuthError::Malformed(
+                "a JWT (a Kubernetes ServiceAccount token?), but this control plane takes \
+                 bootstrap tokens only (serve --kubernetes-issuer and --kubernetes-jwks \
+                 accept ServiceAccount tokens)"
+                    .into(),
+            ));
         }
         if credential.len() > MAX_CREDENTIAL_LEN {
             return Err(AuthError::Malformed("too long".into()));
@@ -544,6 +567,24 @@ mod tests {
         let record: TokenRecord = serde_json::from_str(old).unwrap();
         assert_eq!((record.max_uses, record.uses), (0, 0));
         assert_eq!(record.refuses_new(2), None);
+    }
+
+    #[test]
+    fn a_jwt_is_not_taken_for_a_malformed_bootstrap_token() {
+        let (_dir, store) = store();
+        let jwt = format!("eyJhbGciOiJSUzI1NiJ9.{}.c2ln", "e".repeat(1500));
+        let Err(AuthError::Malformed(why)) = store.verify(&jwt, now_unix()) else {
+            panic!("not refused as malformed")
+        };
+        assert!(why.contains("--kubernetes-issuer"), "{why}");
+        assert_eq!(
+            AuthError::Jwt(remora_proto::jwt::JwtError::Expired).to_string(),
+            "ServiceAccount token refused: the token has expired"
+        );
+        assert_eq!(
+            AuthError::Jwt(remora_proto::jwt::JwtError::Audience).reason(),
+            "jwt_audience"
+        );
     }
 
     #[test]

@@ -4,7 +4,9 @@
 use super::*;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, PodSpec, Probe, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, EnvVar, Pod, PodSpec, Probe, Service, ServiceAccount,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::Resource;
@@ -117,6 +119,19 @@ fn injected_with(manifest: &str, opts: &InjectOptions) -> Vec<String> {
         .collect()
 }
 
+/// The documents that are not ServiceAccounts (those the injector adds).
+fn without_accounts(docs: &[String]) -> Vec<String> {
+    docs.iter()
+        .filter(|d| kind_of(d) != "ServiceAccount")
+        .cloned()
+        .collect()
+}
+
+fn kind_of(doc: &str) -> String {
+    let v: Value = serde_yaml_ng::from_str(doc).expect("yaml");
+    v["kind"].as_str().unwrap_or_default().to_owned()
+}
+
 fn typed<T: serde::de::DeserializeOwned>(doc: &str) -> T {
     serde_yaml_ng::from_str(doc).unwrap_or_else(|e| panic!("not a valid object: {e}\n{doc}"))
 }
@@ -171,8 +186,13 @@ fn http_probe(p: &Option<Probe>) -> (String, IntOrString) {
     (get.path.clone().unwrap_or_default(), get.port.clone())
 }
 
-/// Everything the mesh adds to a pod, checked on the typed pod spec.
+/// Everything the mesh adds to a pod, checked on the typed pod spec, with
+/// the default projected ServiceAccount token.
 fn assert_meshed(spec: &PodSpec, service: &str, app_port: Option<u16>) {
+    assert_meshed_with(spec, service, app_port, TokenSource::Projected);
+}
+
+fn assert_meshed_with(spec: &PodSpec, service: &str, app_port: Option<u16>, source: TokenSource) {
     let init = spec.init_containers.as_ref().expect("init containers");
     assert_eq!(init[0].name, "remora-init", "remora-init runs first");
     assert_eq!(init[1].name, "remora-proxy", "the proxy starts next");
@@ -298,11 +318,38 @@ fn assert_meshed(spec: &PodSpec, service: &str, app_port: Option<u16>) {
         .iter()
         .find(|v| v.name == "remora-token")
         .expect("token volume");
-    let secret = format!("remora-token-{service}");
-    assert_eq!(
-        token.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
-        Some(secret.as_str())
-    );
+    match source {
+        TokenSource::Projected => {
+            assert_eq!(token.secret, None);
+            let sources = token
+                .projected
+                .as_ref()
+                .and_then(|p| p.sources.as_deref())
+                .expect("a projected volume");
+            assert_eq!(sources.len(), 1);
+            let sat = sources[0]
+                .service_account_token
+                .as_ref()
+                .expect("a serviceAccountToken source");
+            assert_eq!(sat.audience.as_deref(), Some("remora"));
+            assert_eq!(sat.expiration_seconds, Some(3600));
+            // REMORA_TOKEN_FILE (checked above) is the mount path + this path.
+            assert_eq!(sat.path, "token");
+            assert_eq!(
+                spec.service_account_name.as_deref(),
+                Some(service),
+                "the pod runs as the ServiceAccount its identity names"
+            );
+        }
+        TokenSource::Secret => {
+            assert_eq!(token.projected, None);
+            let secret = format!("remora-token-{service}");
+            assert_eq!(
+                token.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
+                Some(secret.as_str())
+            );
+        }
+    }
     let ca = volumes
         .iter()
         .find(|v| v.name == "remora-ca")
@@ -344,28 +391,49 @@ fn assert_meshed(spec: &PodSpec, service: &str, app_port: Option<u16>) {
 
 #[test]
 fn every_workload_kind_gets_the_init_container_and_a_native_sidecar() {
-    let docs = injected(WORKLOADS);
-    let kinds: Vec<String> = docs
-        .iter()
-        .map(|d| {
-            let v: Value = serde_yaml_ng::from_str(d).expect("yaml");
-            v["kind"].as_str().unwrap_or_default().to_owned()
-        })
-        .collect();
+    let all = injected(WORKLOADS);
+    let kinds: Vec<String> = all.iter().map(|d| kind_of(d)).collect();
     assert_eq!(
         kinds,
         [
+            "ServiceAccount",
             "Deployment",
             "Service",
+            "ServiceAccount",
             "StatefulSet",
             "ConfigMap",
+            "ServiceAccount",
             "DaemonSet",
+            "ServiceAccount",
             "Job",
+            "ServiceAccount",
             "CronJob",
+            "ServiceAccount",
             "Pod"
         ],
-        "documents keep their order"
+        "documents keep their order, each workload's ServiceAccount just before it"
     );
+    let accounts: Vec<(Option<String>, Option<String>)> = all
+        .iter()
+        .filter(|d| kind_of(d) == "ServiceAccount")
+        .map(|d| {
+            let sa: ServiceAccount = typed(d);
+            (sa.metadata.namespace, sa.metadata.name)
+        })
+        .collect();
+    let shop = |name: &str| (Some("shop".to_owned()), Some(name.to_owned()));
+    assert_eq!(
+        accounts,
+        [
+            shop("frontend"),
+            shop("db"),
+            shop("agent"),
+            shop("reports"),
+            shop("nightly"),
+            shop("debug")
+        ]
+    );
+    let docs = without_accounts(&all);
 
     let web = pod_spec_of(&docs[0]);
     assert_meshed(&web, "frontend", Some(8080));
@@ -417,15 +485,29 @@ fn output_uses_only_fields_of_the_kubernetes_api() {
         let back = serde_json::to_value(typed::<T>(doc)).expect("serializes");
         assert_eq!(back, original, "a field the Kubernetes API does not know");
     }
-    let docs = injected(WORKLOADS);
-    round_trips::<Deployment>(&docs[0]);
-    round_trips::<Service>(&docs[1]);
-    round_trips::<StatefulSet>(&docs[2]);
-    round_trips::<ConfigMap>(&docs[3]);
-    round_trips::<DaemonSet>(&docs[4]);
-    round_trips::<Job>(&docs[5]);
-    round_trips::<CronJob>(&docs[6]);
-    round_trips::<Pod>(&docs[7]);
+    for opts in [
+        InjectOptions::default(),
+        InjectOptions {
+            token_source: TokenSource::Secret,
+            ..InjectOptions::default()
+        },
+    ] {
+        let docs = injected_with(WORKLOADS, &opts);
+        for doc in &docs {
+            match kind_of(doc).as_str() {
+                "ServiceAccount" => round_trips::<ServiceAccount>(doc),
+                "Deployment" => round_trips::<Deployment>(doc),
+                "Service" => round_trips::<Service>(doc),
+                "StatefulSet" => round_trips::<StatefulSet>(doc),
+                "ConfigMap" => round_trips::<ConfigMap>(doc),
+                "DaemonSet" => round_trips::<DaemonSet>(doc),
+                "Job" => round_trips::<Job>(doc),
+                "CronJob" => round_trips::<CronJob>(doc),
+                "Pod" => round_trips::<Pod>(doc),
+                other => panic!("unexpected kind {other}"),
+            }
+        }
+    }
 }
 
 #[test]
@@ -434,7 +516,13 @@ fn injecting_twice_gives_the_same_output_as_once() {
     let once = inject(WORKLOADS, &opts).expect("first");
     let twice = inject(&once, &opts).expect("second");
     assert_eq!(once, twice);
-    let spec = pod_spec_of(&injected(&twice)[0]);
+    let secret = InjectOptions {
+        token_source: TokenSource::Secret,
+        ..InjectOptions::default()
+    };
+    let once_secret = inject(WORKLOADS, &secret).expect("first");
+    assert_eq!(once_secret, inject(&once_secret, &secret).expect("second"));
+    let spec = pod_spec_of(&without_accounts(&injected(&twice))[0]);
     let proxies = spec
         .init_containers
         .iter()
@@ -454,7 +542,7 @@ fn injecting_twice_gives_the_same_output_as_once() {
 
 #[test]
 fn other_kinds_and_unknown_fields_pass_through_untouched() {
-    let docs = injected(WORKLOADS);
+    let docs = without_accounts(&injected(WORKLOADS));
     let originals: Vec<Value> = serde_yaml_ng::Deserializer::from_str(WORKLOADS)
         .map(|de| Value::deserialize(de).expect("yaml"))
         .collect();
@@ -512,7 +600,9 @@ spec: {hostNetwork: true, containers: [{name: a, image: a:1}]}
         "metadata: {labels: {app: legacy}}",
         "metadata: {labels: {app: legacy}, annotations: {remora.dev/inject: \"true\"}}",
     );
-    assert_meshed(&pod_spec_of(&injected(&back_in)[0]), "legacy", None);
+    let docs = injected(&back_in);
+    assert_eq!(kind_of(&docs[0]), "ServiceAccount");
+    assert_meshed(&pod_spec_of(&docs[1]), "legacy", None);
 }
 
 #[test]
@@ -533,7 +623,7 @@ spec:
         remora.dev/proxy-workers: "2"
     spec: {containers: [{name: api, image: api:1, ports: [{containerPort: 8080}]}]}
 "#;
-    let spec = pod_spec_of(&injected(manifest)[0]);
+    let spec = pod_spec_of(&without_accounts(&injected(manifest))[0]);
     assert_eq!(
         env_value(container(&spec, "remora-proxy"), "REMORA_WORKERS"),
         Some("2")
@@ -565,8 +655,9 @@ fn options_set_the_image_control_plane_and_collector() {
         proxy_image: "remora-proxy:test".into(),
         control_plane: "https://cp.example:15012".into(),
         otlp_endpoint: Some("http://jaeger.tracing:4317".into()),
+        ..InjectOptions::default()
     };
-    let docs = injected_with(WORKLOADS, &opts);
+    let docs = without_accounts(&injected_with(WORKLOADS, &opts));
     let spec = pod_spec_of(&docs[0]);
     let proxy = container(&spec, "remora-proxy");
     assert_eq!(proxy.image.as_deref(), Some("remora-proxy:test"));
@@ -601,7 +692,10 @@ items:
     spec: {containers: [{name: p, image: p:1}]}
 "#;
     let out: Value = serde_yaml_ng::from_str(&injected(list)[0]).expect("yaml");
-    let pod = serde_yaml_ng::to_string(&out["items"][1]).expect("yaml");
+    let sa: ServiceAccount =
+        serde_yaml_ng::from_value(out["items"][1].clone()).expect("a ServiceAccount item");
+    assert_eq!(sa.metadata.name.as_deref(), Some("shop"));
+    let pod = serde_yaml_ng::to_string(&out["items"][2]).expect("yaml");
     assert_meshed(&pod_spec_of(&pod), "shop", None);
     assert!(out["items"][0].get("spec").is_none());
 }
@@ -624,7 +718,7 @@ spec: {tasks: []}
 #[test]
 fn empty_documents_are_dropped() {
     let docs = injected("---\napiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: [{name: a, image: a}]}\n---\n");
-    assert_eq!(docs.len(), 1);
+    assert_eq!(docs.len(), 2, "the pod and its ServiceAccount");
 }
 
 #[test]
@@ -682,4 +776,177 @@ fn errors_name_the_document_and_the_field() {
     );
     let yaml = err(&format!("{pod}---\nkind: [unclosed\n"));
     assert!(yaml.starts_with("document 2: (yaml): "), "{yaml}");
+}
+
+const ONE_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: api, namespace: shop, labels: {app: api}}
+spec:
+  containers: [{name: api, image: api:1, ports: [{containerPort: 8080}]}]
+";
+
+fn with_spec_line(line: &str) -> String {
+    ONE_POD.replace("spec:\n", &format!("spec:\n  {line}\n"))
+}
+
+#[test]
+fn the_token_is_a_projected_service_account_token_for_the_chosen_audience() {
+    let opts = InjectOptions {
+        token_audience: "mesh.example".into(),
+        ..InjectOptions::default()
+    };
+    let docs = injected_with(ONE_POD, &opts);
+    assert_eq!(docs.len(), 2);
+    let sa: ServiceAccount = typed(&docs[0]);
+    assert_eq!(sa.metadata.name.as_deref(), Some("api"));
+    assert_eq!(sa.metadata.namespace.as_deref(), Some("shop"));
+    let spec = pod_spec_of(&docs[1]);
+    assert_eq!(spec.service_account_name.as_deref(), Some("api"));
+    let token = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == TOKEN_VOLUME)
+        .expect("the token volume");
+    let sat = token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0]
+        .service_account_token
+        .clone()
+        .unwrap();
+    assert_eq!(sat.audience.as_deref(), Some("mesh.example"));
+    assert_eq!(sat.expiration_seconds, Some(TOKEN_EXPIRATION_SECONDS));
+    let proxy = container(&spec, PROXY_CONTAINER);
+    let mount = proxy
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == TOKEN_VOLUME)
+        .expect("the token mount");
+    assert_eq!(
+        env_value(proxy, "REMORA_TOKEN_FILE"),
+        Some(format!("{}/{}", mount.mount_path, sat.path).as_str()),
+        "the proxy reads the projected token"
+    );
+    // The default audience is the control plane's default.
+    let spec = pod_spec_of(&injected(ONE_POD)[1]);
+    assert_meshed(&spec, "api", Some(8080));
+}
+
+#[test]
+fn the_pod_runs_as_the_service_account_its_identity_names() {
+    // Already the right one, under either field: kept, and the account added.
+    for line in ["serviceAccountName: api", "serviceAccount: api"] {
+        let docs = injected(&with_spec_line(line));
+        assert_eq!(kind_of(&docs[0]), "ServiceAccount", "{line}");
+        let spec = pod_spec_of(&docs[1]);
+        assert_eq!(spec.service_account_name.as_deref(), Some("api"), "{line}");
+    }
+    // Another one is refused, saying why and what to do.
+    for (line, field) in [
+        ("serviceAccountName: default", "spec.serviceAccountName"),
+        ("serviceAccount: builder", "spec.serviceAccount"),
+    ] {
+        let err = inject(&with_spec_line(line), &InjectOptions::default())
+            .expect_err(line)
+            .to_string();
+        assert!(
+            err.starts_with(&format!("document 1 (Pod shop/api): {field}: ")),
+            "{err}"
+        );
+        assert!(err.contains("ns/<namespace>/sa/api"), "{err}");
+        assert!(err.contains("--token-source secret"), "{err}");
+    }
+    // Named after the ServiceAccount, the workload is fine.
+    let renamed = with_spec_line("serviceAccountName: builder").replace(
+        "labels: {app: api}",
+        "labels: {app: api}, annotations: {remora.dev/service: builder}",
+    );
+    let docs = injected(&renamed);
+    let spec = pod_spec_of(&docs[1]);
+    assert_meshed(&spec, "builder", Some(8080));
+    // A service name that cannot name a ServiceAccount is refused.
+    let err = inject(
+        &ONE_POD.replace("app: api", "app: Api_V2"),
+        &InjectOptions::default(),
+    )
+    .expect_err("an invalid ServiceAccount name")
+    .to_string();
+    assert!(
+        err.contains("\"Api_V2\" cannot name the pod's ServiceAccount"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_service_account_already_in_the_manifest_is_not_added_again() {
+    let account = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: api, namespace: shop}\n";
+    // Before or after the workload.
+    for manifest in [
+        format!("{account}---\n{ONE_POD}"),
+        format!("{ONE_POD}---\n{account}"),
+    ] {
+        let docs = injected(&manifest);
+        assert_eq!(docs.len(), 2, "{docs:?}");
+        assert_eq!(
+            docs.iter()
+                .filter(|d| kind_of(d) == "ServiceAccount")
+                .count(),
+            1
+        );
+    }
+    // Two workloads of one service in one namespace: one account.
+    let twice = format!(
+        "{ONE_POD}---\n{}",
+        ONE_POD.replace("name: api,", "name: api-2,")
+    );
+    let docs = injected(&twice);
+    let kinds: Vec<String> = docs.iter().map(|d| kind_of(d)).collect();
+    assert_eq!(kinds, ["ServiceAccount", "Pod", "Pod"]);
+    // In another namespace, another account.
+    let elsewhere = format!(
+        "{ONE_POD}---\n{}",
+        ONE_POD.replace("namespace: shop", "namespace: billing")
+    );
+    let docs = injected(&elsewhere);
+    let kinds: Vec<String> = docs.iter().map(|d| kind_of(d)).collect();
+    assert_eq!(kinds, ["ServiceAccount", "Pod", "ServiceAccount", "Pod"]);
+    let sa: ServiceAccount = typed(&docs[2]);
+    assert_eq!(sa.metadata.namespace.as_deref(), Some("billing"));
+    // A workload left alone gets none.
+    let opted_out = ONE_POD.replace(
+        "labels: {app: api}",
+        "labels: {app: api}, annotations: {remora.dev/inject: \"false\"}",
+    );
+    assert_eq!(injected(&opted_out).len(), 1);
+}
+
+#[test]
+fn token_source_secret_keeps_the_bootstrap_token_secret() {
+    let opts = InjectOptions {
+        token_source: TokenSource::Secret,
+        ..InjectOptions::default()
+    };
+    let docs = injected_with(WORKLOADS, &opts);
+    assert!(
+        docs.iter().all(|d| kind_of(d) != "ServiceAccount"),
+        "no ServiceAccount added"
+    );
+    assert_eq!(docs.len(), 8);
+    let web = pod_spec_of(&docs[0]);
+    assert_meshed_with(&web, "frontend", Some(8080), TokenSource::Secret);
+    assert_eq!(
+        web.service_account_name, None,
+        "the pod's account untouched"
+    );
+    assert_meshed_with(
+        &pod_spec_of(&docs[7]),
+        "debug",
+        Some(7000),
+        TokenSource::Secret,
+    );
+    // A pod running as another ServiceAccount is fine: the token names the identity.
+    let docs = injected_with(&with_spec_line("serviceAccountName: builder"), &opts);
+    assert_eq!(docs.len(), 1);
+    let spec = pod_spec_of(&docs[0]);
+    assert_eq!(spec.service_account_name.as_deref(), Some("builder"));
+    assert_meshed_with(&spec, "api", Some(8080), TokenSource::Secret);
 }
