@@ -22,6 +22,7 @@ pub mod observability;
 pub mod pki;
 pub mod process;
 pub mod raw_http;
+pub mod structure;
 pub mod wire;
 
 pub use clients::*;
