@@ -11,6 +11,9 @@
 //! ```text
 //! cargo build --workspace --bins && cargo test -p remora-tests
 //! ```
+//!
+//! [`bin`] refuses a binary older than any file cargo built it from (its
+//! dep-info), naming the file, so a test never runs a stale build.
 #![forbid(unsafe_code)]
 
 pub mod clients;
