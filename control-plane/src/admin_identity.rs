@@ -31,16 +31,24 @@ async fn blocking<T: Send + 'static>(
         .map_err(token_status)
 }
 
-fn info(store: &TokenStore, r: TokenRecord) -> TokenInfo {
-    TokenInfo {
-        spiffe_id: store.spiffe_id(&r.namespace, &r.service),
+fn info(store: &TokenStore, r: TokenRecord) -> Result<TokenInfo, Status> {
+    let spiffe_id = store
+        .spiffe_id(&r.namespace, &r.service)
+        .map_err(|message| {
+            token_status(TokenError::Corrupt {
+                id: r.id.clone(),
+                message,
+            })
+        })?;
+    Ok(TokenInfo {
+        spiffe_id: spiffe_id.into_string(),
         token_id: r.id,
         created_unix: r.created_unix,
         expires_unix: r.expires_unix,
         revoked: r.revoked,
         uses: r.uses,
         max_uses: r.max_uses,
-    }
+    })
 }
 
 /// `max_uses` 0 is no limit.
@@ -53,7 +61,10 @@ pub async fn create_token(
     let store = tokens.clone();
     let (token, record) =
         blocking(move || store.create_limited(&req.namespace, &req.service, ttl, max_uses)).await?;
-    let spiffe_id = tokens.spiffe_id(&record.namespace, &record.service);
+    let spiffe_id = tokens
+        .spiffe_id(&record.namespace, &record.service)
+        .map_err(Status::internal)?
+        .into_string();
     tracing::info!(
         token_id = %record.id,
         %spiffe_id,
@@ -94,7 +105,10 @@ pub async fn list_tokens(tokens: &Arc<TokenStore>) -> Result<ListTokensResponse,
     let store = tokens.clone();
     let records = blocking(move || store.list()).await?;
     Ok(ListTokensResponse {
-        tokens: records.into_iter().map(|r| info(tokens, r)).collect(),
+        tokens: records
+            .into_iter()
+            .map(|r| info(tokens, r))
+            .collect::<Result<_, _>>()?,
     })
 }
 

@@ -1,8 +1,9 @@
 //! Admin API authentication: a bearer token generated on the first `serve` into
 //! `<data-dir>/admin.token` (mode 0600) and checked on every Admin call.
 
+use crate::secret::{constant_time_eq, random_hex};
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use tonic::service::Interceptor;
@@ -28,7 +29,7 @@ pub fn load_or_create_token(data_dir: &Path) -> io::Result<String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let token = random_hex(TOKEN_BYTES)?;
+    let token = random_hex(TOKEN_BYTES).map_err(io::Error::other)?;
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -59,17 +60,6 @@ fn warn_if_readable_by_others(path: &Path) {
             tracing::warn!(path = %path.display(), "admin token file is readable by other users; chmod 600 it");
         }
     }
-}
-
-fn random_hex(n: usize) -> io::Result<String> {
-    let mut bytes = vec![0u8; n];
-    fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Compares two byte strings in time that depends only on their lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Refuses every request without `authorization: Bearer <token>`.

@@ -15,6 +15,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
+use remora_proto::util::hex;
 use ring::digest::{digest, SHA256};
 use ring::rand::{SecureRandom as _, SystemRandom};
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
@@ -45,7 +46,7 @@ fn invalid(message: impl Into<String>) -> CaError {
 
 /// Lowercase hex SHA-256 of a certificate's DER: a signer id.
 pub fn fingerprint(der: &[u8]) -> String {
-    crate::tokens::hex(digest(&SHA256, der).as_ref())
+    hex(digest(&SHA256, der).as_ref())
 }
 
 pub fn parse_cert<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>, CaError> {
@@ -60,7 +61,7 @@ pub fn not_after_unix(der: &[u8]) -> Result<i64, CaError> {
 
 /// A certificate's serial number as lowercase hex (the ledger's key).
 pub fn serial_hex(der: &[u8]) -> Result<String, CaError> {
-    Ok(crate::tokens::hex(parse_cert(der)?.raw_serial()))
+    Ok(hex(parse_cert(der)?.raw_serial()))
 }
 
 /// The URI subject alternative names of a certificate.
@@ -271,7 +272,7 @@ pub fn generate_root(trust_domain: &str, now: i64) -> Result<Signer, CaError> {
         .distinguished_name
         .push(DnType::OrganizationName, "Remora");
     // A distinct name per root keeps old and new apart during a rotation.
-    let tag = crate::tokens::hex(&serial.to_bytes()[..4]);
+    let tag = hex(&serial.to_bytes()[..4]);
     params
         .distinguished_name
         .push(DnType::CommonName, format!("Remora root CA {tag}"));
@@ -385,6 +386,7 @@ impl Authority {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use remora_proto::util::now_unix;
 
     #[test]
     fn lifetimes_are_clamped() {
@@ -400,7 +402,7 @@ mod tests {
 
     #[test]
     fn a_generated_root_signs_workload_and_server_certificates() {
-        let now = crate::tokens::now_unix();
+        let now = now_unix();
         let root = generate_root("cluster.local", now).unwrap();
         assert_eq!(root.id, fingerprint(&root.cert));
         assert!(parse_cert(&root.cert).unwrap().is_ca());
@@ -429,7 +431,7 @@ mod tests {
 
     #[test]
     fn a_key_that_is_not_the_certificates_is_refused() {
-        let now = crate::tokens::now_unix();
+        let now = now_unix();
         let root = generate_root("cluster.local", now).unwrap();
         let other = KeyPair::generate().unwrap();
         assert!(Signer::new(root.cert.clone(), other, Vec::new()).is_err());

@@ -13,6 +13,7 @@ use crate::identity_db::{IdentityDb, CA};
 use crate::pem::parse_certs;
 use anyhow::{anyhow, bail, Context as _};
 use rcgen::KeyPair;
+use remora_proto::util::now_unix;
 use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 use std::io::Write as _;
@@ -69,7 +70,7 @@ pub fn load_or_generate(db: &IdentityDb, trust_domain: &str) -> anyhow::Result<C
     if let Some(bytes) = db.get(CA, CA_KEY)? {
         return decode(&bytes).context("the CA record in the identity database is unusable");
     }
-    let signer = generate_root(trust_domain, crate::tokens::now_unix())?;
+    let signer = generate_root(trust_domain, now_unix())?;
     tracing::info!(signer_id = %signer.id, "generated a new root CA");
     let state = CaState {
         roots: vec![signer.cert.clone()],

@@ -444,18 +444,10 @@ pub struct DeleteArgs {
     pub namespace: String,
 }
 
-/// A trust domain is a DNS-like name: lowercase letters, digits, `.`, `-`, `_`.
+/// A trust domain is a DNS-like name: lowercase letters, digits, `.`, `-`, `_`
+/// ([`remora_proto::identity::check_trust_domain`]).
 fn parse_trust_domain(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 255
-        && s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-        });
-    if ok {
-        Ok(s.to_string())
-    } else {
-        Err("a trust domain has only lowercase letters, digits, '.', '-' and '_'".into())
-    }
+    remora_proto::identity::check_trust_domain(s).map(|()| s.to_string())
 }
 
 /// The server URL, always `https://`: `host:port` and `http://host:port`

@@ -21,10 +21,11 @@
 //! connection that has been silent longest is the likeliest to be an attack.
 //! Evictions and refusals are counted for `/metrics`.
 
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use tokio::sync::Notify;
 
 /// How many connections may hold a slot, in all and from one source.
@@ -89,8 +90,8 @@ impl ConnLimiter {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     pub fn limits(&self) -> Limits {

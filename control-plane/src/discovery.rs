@@ -20,10 +20,11 @@
 use crate::issued::Ledger;
 use crate::push::{Discovery, EncodedSnapshot, Published};
 use crate::registry::{Registry, StreamId};
+use remora_proto::util::now_unix_ms;
 use remora_proto::v1::discovery_request::Kind as RequestKind;
 use remora_proto::v1::{Ack, DiscoveryRequest, Register};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -59,13 +60,6 @@ async fn left(registry: &Registry, ledger: &Arc<Ledger>, serial: String) {
     }
     // A rotation may have been waiting for them.
     registry.notify_changed();
-}
-
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Checks what a proxy says about itself before it enters the registry.
@@ -169,13 +163,15 @@ async fn accept(
 ) {
     let registered = tokio::select! {
         r = read_register(&mut inbound) => r.and_then(|register| {
-            let claimed = registry.identity(&register.namespace, &register.service);
-            if claimed == peer {
-                Ok(register)
-            } else {
-                Err(Status::permission_denied(format!(
+            match registry.identity(&register.namespace, &register.service) {
+                Ok(claimed) if claimed == peer => Ok(register),
+                Ok(claimed) => Err(Status::permission_denied(format!(
                     "the client certificate is for {peer}, but the Register claims {claimed}"
-                )))
+                ))),
+                Err(why) => Err(Status::permission_denied(format!(
+                    "the client certificate is for {peer}, but the Register claims no \
+                     identity: {why}"
+                ))),
             }
         }),
         _ = registry.closed() => Err(Status::unavailable("the control plane is shutting down")),

@@ -22,10 +22,11 @@
 
 use crate::ca::Authority;
 use crate::issued::{IssuedCert, Ledger};
-use crate::tokens::{now_unix, AuthError, WorkloadAuthenticator};
+use crate::tokens::{AuthError, WorkloadAuthenticator};
 use metrics::{counter, describe_counter, Counter, Unit};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rcgen::{CertificateSigningRequestParams, SanType};
+use remora_proto::util::now_unix;
 use remora_proto::v1::identity_server::Identity;
 use remora_proto::v1::{CertifyRequest, CertifyResponse};
 use std::sync::Arc;
@@ -220,7 +221,7 @@ impl IdentityService {
         }
         .map_err(refused)?;
         if let Some(holder) = renewal_by {
-            if holder != who.spiffe_id {
+            if who.spiffe_id != holder {
                 return Err((
                     "identity_mismatch",
                     Status::permission_denied(format!(
@@ -277,14 +278,14 @@ impl IdentityService {
         let now = now_unix();
         let issued = state
             .signer
-            .sign_workload(&csr.public_key, &who.spiffe_id, lifetime, now)
+            .sign_workload(&csr.public_key, who.spiffe_id.as_str(), lifetime, now)
             .map_err(|e| ("internal", Status::internal(e.to_string())))?;
         // Durable before it is handed out: a certificate the ledger does not
         // know could be stranded by a root rotation.
         let entry = IssuedCert {
             serial: issued.serial.clone(),
             signer_id: issued.signer_id.clone(),
-            spiffe_id: who.spiffe_id.clone(),
+            spiffe_id: who.spiffe_id.to_string(),
             token_id: who.token_id.clone(),
             not_after_unix: issued.not_after_unix,
             renewed_from,
@@ -315,7 +316,7 @@ impl IdentityService {
             certificate_chain_pem: issued.chain_pem,
             trust_bundle_pem: state.bundle_pem(),
             not_after_unix: issued.not_after_unix,
-            spiffe_id: who.spiffe_id,
+            spiffe_id: who.spiffe_id.into_string(),
             signer_id: issued.signer_id,
         })
     }

@@ -19,9 +19,9 @@
 //! Blocking (redb): callers run it on the blocking pool.
 
 use crate::identity_db::{DbError, IdentityDb, CERTS, META};
+use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
 
 const STARTED_KEY: &str = "ledger_started_unix";
 
@@ -104,7 +104,7 @@ impl Ledger {
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, IssuedCert>> {
-        self.certs.lock().unwrap_or_else(|e| e.into_inner())
+        self.certs.lock()
     }
 
     /// When the ledger started: certificates issued before then are not in it.

@@ -27,15 +27,17 @@
 //! credential shaped like a JWT goes to the Kubernetes verifier, anything
 //! else to the [`TokenStore`].
 
-use crate::tokens::{
-    check_name, spiffe_id, AuthError, TokenStore, WorkloadAuthenticator, WorkloadIdentity,
-};
+use crate::tokens::{AuthError, TokenStore, WorkloadAuthenticator, WorkloadIdentity};
+use parking_lot::Mutex;
+use remora_proto::identity::check_name;
 use remora_proto::jwt::{self, Claims, Expected, KeySet};
+use remora_proto::SpiffeId;
 use serde_json::Value;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 
 /// The audience a token must be for unless `--kubernetes-audience` says
 /// otherwise (the one `inject` asks the kubelet for).
@@ -133,18 +135,15 @@ impl KubernetesAuthenticator {
             jwt::verify(credential.trim(), &keys, &self.expected, now).map_err(AuthError::Jwt)?;
         let (namespace, account) = service_account(&claims).map_err(AuthError::Claims)?;
         Ok(WorkloadIdentity {
-            spiffe_id: spiffe_id(&self.trust_domain, &namespace, &account),
-            namespace,
-            service: account,
+            spiffe_id: SpiffeId::new(&self.trust_domain, &namespace, &account)
+                .map_err(AuthError::Claims)?,
             token_id: None,
         })
     }
 
     /// [`verify_at`](Self::verify_at) now.
     pub fn verify(&self, credential: &str) -> Result<WorkloadIdentity, AuthError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let now = u64::try_from(remora_proto::util::now_unix()).unwrap_or(0);
         self.verify_at(credential, now)
     }
 
@@ -251,7 +250,7 @@ struct JwksState {
 impl JwksFile {
     /// The keys in force, after looking at the file if it is time to.
     fn current(&self) -> Arc<KeySet> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock();
         if state.checked.elapsed() >= self.interval {
             state.checked = Instant::now();
             self.refresh(&mut state);
@@ -415,7 +414,10 @@ mod tests {
                 auth.authenticate(&format!("{token}\n")).await.unwrap(),
             ] {
                 assert_eq!(who.spiffe_id, want);
-                assert_eq!((who.namespace.as_str(), who.service.as_str()), (ns, sa));
+                assert_eq!(
+                    (who.spiffe_id.namespace(), who.spiffe_id.service()),
+                    (ns, sa)
+                );
                 assert_eq!(who.token_id, None, "nothing to consume");
                 auth.consume(&who).await.unwrap();
             }

@@ -43,6 +43,7 @@ pub mod push;
 mod reflection;
 pub mod registry;
 pub mod rotation;
+pub mod secret;
 pub mod server;
 pub mod store;
 pub mod tls;

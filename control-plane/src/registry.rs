@@ -20,12 +20,14 @@ use metrics::{
     Gauge, Histogram, Unit,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
+use parking_lot::{Mutex, MutexGuard};
 use remora_proto::v1::{Ack, Endpoint, ProxyStatus, Register, Resource, Snapshot};
+use remora_proto::SpiffeId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::sync::Arc;
 use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::Instant;
 
 /// Identifies one discovery stream (not one instance: an instance that
 /// reconnects gets a new stream id).
@@ -355,14 +357,16 @@ impl Registry {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave `Inner` half-updated in a
-        // way that matters more than stopping service would, so keep going.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        // No poisoning (parking_lot): a panic while holding the lock cannot
+        // leave `Inner` half-updated in a way that matters more than stopping
+        // service would, so keep going.
+        self.inner.lock()
     }
 
-    /// The SPIFFE identity of a workload.
-    pub fn identity(&self, namespace: &str, service: &str) -> String {
-        format!("spiffe://{}/ns/{namespace}/sa/{service}", self.trust_domain)
+    /// The SPIFFE identity of a workload; an error naming the part that
+    /// cannot be in a SPIFFE ID.
+    pub fn identity(&self, namespace: &str, service: &str) -> Result<SpiffeId, String> {
+        SpiffeId::new(&self.trust_domain, namespace, service)
     }
 
     /// Tells every discovery stream to end (server shutdown).
@@ -694,7 +698,12 @@ impl Registry {
                 instance_id: p.register.instance_id.clone(),
                 address: p.register.address.clone(),
                 labels: p.register.labels.clone(),
-                identity: self.identity(&p.register.namespace, &p.register.service),
+                // A proxy registers only with a certificate for its identity,
+                // so its names make one.
+                identity: self
+                    .identity(&p.register.namespace, &p.register.service)
+                    .map(SpiffeId::into_string)
+                    .unwrap_or_default(),
             })
             .collect();
         endpoints.sort_by(|a, b| {

@@ -22,6 +22,7 @@ use crate::store::Store;
 use crate::tls::ServerTls;
 use crate::tokens::{TokenStore, WorkloadAuthenticator};
 use anyhow::Context as _;
+use remora_proto::util::now_unix;
 use remora_proto::v1::admin_server::AdminServer;
 use remora_proto::v1::identity_server::IdentityServer;
 use std::net::SocketAddr;
@@ -226,6 +227,8 @@ async fn load_ca(config: &ServeConfig, db: &IdentityDb) -> anyhow::Result<crate:
 /// is ready.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let lifetimes = config.lifetimes()?;
+    // Every workload identity is a SPIFFE ID in it.
+    remora_proto::identity::check_trust_domain(&config.trust_domain).map_err(anyhow::Error::msg)?;
     // Before anything is created: a key file that cannot be used stops the start.
     let kubernetes = match &config.kubernetes {
         None => None,
@@ -273,7 +276,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let ca = load_ca(&config, &identity_db).await?;
     let ledger_db = identity_db.clone();
     let (ledger, lease) = tokio::task::spawn_blocking(move || {
-        let ledger = Ledger::open(ledger_db.clone(), crate::tokens::now_unix())?;
+        let ledger = Ledger::open(ledger_db.clone(), now_unix())?;
         let lease = GenerationLease::open(ledger_db)?;
         Ok::<_, crate::identity_db::DbError>((ledger, lease))
     })

@@ -11,11 +11,11 @@
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use remora_proto::policy::{Kind, ResourceKey};
+use remora_proto::util::now_unix_ms;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The file the store lives in, inside the data directory.
 pub const FILE_NAME: &str = "policies.redb";
@@ -204,13 +204,6 @@ pub fn key_of(doc: &serde_json::Value) -> Option<ResourceKey> {
         namespace: metadata.get("namespace")?.as_str()?.to_string(),
         name: metadata.get("name")?.as_str()?.to_string(),
     })
-}
-
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -23,11 +23,13 @@
 use crate::ca::{self, CaState, ServerCert};
 use crate::conn_limit::ConnLimiter;
 use arc_swap::ArcSwap;
+use parking_lot::{Mutex, MutexGuard};
+use remora_proto::util::now_unix;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -106,9 +108,7 @@ impl ServerTls {
                 names.push(name.clone());
             }
         }
-        let cert = state
-            .server_signer()
-            .sign_server(&names, crate::tokens::now_unix())?;
+        let cert = state.server_signer().sign_server(&names, now_unix())?;
         let config = build_config(state, &cert)?;
         Ok(ServerTls {
             names,
@@ -117,8 +117,8 @@ impl ServerTls {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, ServerCert> {
-        self.cert.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, ServerCert> {
+        self.cert.lock()
     }
 
     /// Follows a new CA state: reissues the certificate when its signer
@@ -126,7 +126,7 @@ impl ServerTls {
     /// left, and trusts `state.roots`. Returns whether the certificate was
     /// reissued.
     pub fn reload(&self, state: &CaState) -> Result<bool, TlsError> {
-        let now = crate::tokens::now_unix();
+        let now = now_unix();
         let mut cert = self.lock();
         let left = cert.not_after_unix - now;
         let lifetime = (cert.not_after_unix - cert.not_before_unix).max(1);

@@ -22,10 +22,15 @@
 //! ([`crate::kubernetes`]).
 
 use crate::identity_db::{DbError, IdentityDb, TOKENS};
+use crate::secret;
+use remora_proto::util::hex;
+use remora_proto::SpiffeId;
 use ring::digest::{digest, SHA256};
-use ring::rand::{SecureRandom as _, SystemRandom};
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+/// Kept for the control plane's integration tests (`control-plane/tests`).
+pub use remora_proto::util::now_unix;
 
 const ID_BYTES: usize = 8;
 const SECRET_BYTES: usize = 32;
@@ -35,10 +40,8 @@ const MAX_CREDENTIAL_LEN: usize = 256;
 /// Who a credential proves the caller to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkloadIdentity {
-    pub namespace: String,
-    pub service: String,
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service>`.
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
     /// The bootstrap token that proved it, if a token did (its uses are
     /// counted against it).
     pub token_id: Option<String>,
@@ -171,56 +174,12 @@ pub struct TokenStore {
     trust_domain: String,
 }
 
-pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn random_hex(n: usize) -> Result<String, TokenError> {
-    let mut bytes = vec![0u8; n];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| TokenError::Random)?;
-    Ok(hex(&bytes))
+    secret::random_hex(n).map_err(|_| TokenError::Random)
 }
 
 fn is_lower_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// A namespace or service name usable in a SPIFFE ID path segment.
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid {what} {name:?}: use 1 to 253 letters, digits, '.', '-' or '_'"
-        ))
-    }
-}
-
-/// `spiffe://<trust-domain>/ns/<namespace>/sa/<service>`.
-pub fn spiffe_id(trust_domain: &str, namespace: &str, service: &str) -> String {
-    format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service}")
-}
-
-/// Compares two byte strings in time that depends only on their lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len()
-        && std::hint::black_box(a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y))) == 0
 }
 
 impl TokenStore {
@@ -231,8 +190,10 @@ impl TokenStore {
         }
     }
 
-    pub fn spiffe_id(&self, namespace: &str, service: &str) -> String {
-        spiffe_id(&self.trust_domain, namespace, service)
+    /// The identity a token for `namespace`/`service` proves; an error
+    /// naming the part that cannot be in a SPIFFE ID.
+    pub fn spiffe_id(&self, namespace: &str, service: &str) -> Result<SpiffeId, String> {
+        SpiffeId::new(&self.trust_domain, namespace, service)
     }
 
     /// Creates a token for `namespace`/`service`; returns the token (shown
@@ -260,8 +221,8 @@ impl TokenStore {
                 "--uses must be at least 1 (leave it out for no limit)".into(),
             ));
         }
-        check_name("namespace", namespace).map_err(TokenError::Invalid)?;
-        check_name("service", service).map_err(TokenError::Invalid)?;
+        self.spiffe_id(namespace, service)
+            .map_err(TokenError::Invalid)?;
         let id = random_hex(ID_BYTES)?;
         let secret = random_hex(SECRET_BYTES)?;
         let now = now_unix();
@@ -363,19 +324,22 @@ impl TokenStore {
             .map_err(|e| AuthError::Internal(e.to_string()))?
             .ok_or(AuthError::Unknown)?;
         let presented = hex(digest(&SHA256, secret.as_bytes()).as_ref());
-        if !constant_time_eq(presented.as_bytes(), record.secret_sha256.as_bytes()) {
+        if !secret::constant_time_eq(presented.as_bytes(), record.secret_sha256.as_bytes()) {
             return Err(AuthError::Unknown);
         }
         Ok(record)
     }
 
-    fn identity_of(&self, record: TokenRecord) -> WorkloadIdentity {
-        WorkloadIdentity {
-            spiffe_id: self.spiffe_id(&record.namespace, &record.service),
-            namespace: record.namespace,
-            service: record.service,
+    /// The identity a token's record proves (its names were checked when
+    /// it was created).
+    fn identity_of(&self, record: TokenRecord) -> Result<WorkloadIdentity, AuthError> {
+        let spiffe_id = self
+            .spiffe_id(&record.namespace, &record.service)
+            .map_err(|e| AuthError::Internal(format!("token {}: {e}", record.id)))?;
+        Ok(WorkloadIdentity {
+            spiffe_id,
             token_id: Some(record.id),
-        }
+        })
     }
 
     /// Checks a credential for a first certificate at time `now`: genuine,
@@ -386,7 +350,7 @@ impl TokenStore {
         if let Some(refusal) = record.refuses_new(now) {
             return Err(refusal);
         }
-        Ok(self.identity_of(record))
+        self.identity_of(record)
     }
 
     /// Checks a credential presented with a renewal (the workload proved its
@@ -397,7 +361,7 @@ impl TokenStore {
         if record.revoked {
             return Err(AuthError::Revoked);
         }
-        Ok(self.identity_of(record))
+        self.identity_of(record)
     }
 
     /// Counts one first certificate against token `id` at time `now`, in one
