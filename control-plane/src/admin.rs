@@ -13,6 +13,7 @@
 use crate::admin_identity;
 use crate::ca::Authority;
 use crate::changes::{self, Plan};
+use crate::human;
 use crate::registry::{resources_of, Registry};
 use crate::rotation::Rotation;
 use crate::store::{HistoryRecord, Store, StoreError};
@@ -163,8 +164,8 @@ impl Admin for AdminService {
             return Err(Status::invalid_argument(format!(
                 "the files are {}, more than the limit of {} per apply (the control plane's \
                  --max-apply-bytes): split them into several applies",
-                crate::output::bytes(size),
-                crate::output::bytes(self.max_apply_bytes)
+                human::bytes(size),
+                human::bytes(self.max_apply_bytes)
             )));
         }
         let turn = self

@@ -1,22 +1,17 @@
 //! Admin API authentication: a bearer token generated on the first `serve` into
 //! `<data-dir>/admin.token` (mode 0600) and checked on every Admin call.
 
+use crate::data_dir::{read_token, token_path};
 use crate::secret::{constant_time_eq, random_hex};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
-/// The token file, inside the data directory.
-pub const TOKEN_FILE: &str = "admin.token";
 /// Random bytes in a token (hex-encoded on disk and on the wire).
 const TOKEN_BYTES: usize = 32;
-
-pub fn token_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(TOKEN_FILE)
-}
 
 /// Reads the admin token from `data_dir`, creating it on first use.
 pub fn load_or_create_token(data_dir: &Path) -> io::Result<String> {
@@ -39,19 +34,6 @@ pub fn load_or_create_token(data_dir: &Path) -> io::Result<String> {
     file.write_all(format!("{token}\n").as_bytes())?;
     file.sync_all()?;
     Ok(token)
-}
-
-/// Reads a token file written by [`load_or_create_token`].
-pub fn read_token(path: &Path) -> io::Result<String> {
-    let content = fs::read_to_string(path)?;
-    let token = content.trim();
-    if token.is_empty() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} is empty", path.display()),
-        ));
-    }
-    Ok(token.to_string())
 }
 
 fn warn_if_readable_by_others(path: &Path) {

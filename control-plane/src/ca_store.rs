@@ -23,13 +23,6 @@ use std::sync::Arc;
 
 const CA_KEY: &str = "state";
 
-/// The trust bundle file's name in the data directory (the `--ca-file` default).
-pub const BUNDLE_FILE: &str = "trust-bundle.pem";
-
-pub fn default_bundle_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(BUNDLE_FILE)
-}
-
 /// The generated CA as stored.
 #[derive(Serialize, Deserialize)]
 struct CaRecord {

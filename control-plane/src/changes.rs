@@ -2,6 +2,7 @@
 //! document ("HTTPRoute/shop/backend configured"), the history summary, and the
 //! YAML rendering and unified diff of versions. Pure functions, no I/O.
 
+use crate::human;
 use crate::store::State;
 use remora_proto::policy::{Document, ResourceKey};
 use std::collections::BTreeMap;
@@ -132,20 +133,11 @@ pub fn plan_restore(current: &State, target: &State) -> Plan {
     plan(target.clone(), changes)
 }
 
-/// Every document of a state as YAML, sorted by key, separated by `---`.
-pub fn render_yaml<'a>(docs: impl IntoIterator<Item = &'a serde_json::Value>) -> String {
-    docs.into_iter()
-        .map(|doc| {
-            serde_yaml_ng::to_string(doc).unwrap_or_else(|e| format!("# unrenderable: {e}\n"))
-        })
-        .collect::<Vec<_>>()
-        .join("---\n")
-}
-
 /// A unified diff of two versions' YAML renderings; empty when they are equal.
 pub fn unified_diff(from_version: u64, from: &State, to_version: u64, to: &State) -> String {
-    let old = render_yaml(from.values());
-    let new = render_yaml(to.values());
+    // Every document of each state as YAML, sorted by key.
+    let old = human::yaml(from.values());
+    let new = human::yaml(to.values());
     if old == new {
         return String::new();
     }

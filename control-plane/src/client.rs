@@ -3,88 +3,18 @@
 //! Errors come back as [`anyhow::Error`] with a message meant for a person;
 //! `main` prints them and exits 1.
 
-use crate::auth::{read_token, token_path};
 use crate::cli::{ApplyArgs, Command, DeleteArgs, GetArgs, GlobalArgs, Output};
-use crate::connect::{self, Target};
+use crate::connect::Admin;
+use crate::human;
 use crate::identity_commands;
 use crate::output::{self, note, out, outln};
-use anyhow::{anyhow, bail, Context as _};
-use remora_proto::v1::admin_client::AdminClient;
+use anyhow::{bail, Context as _};
 use remora_proto::v1::{
     ApplyRequest, ApplyResponse, DeleteRequest, DiffRequest, GetRequest, HistoryRequest,
     RollbackRequest, SourceFile, StatusRequest,
 };
 use std::io::Read as _;
 use std::path::Path;
-use tonic::metadata::AsciiMetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
-use tonic::{Code, Request, Status};
-
-type Client = AdminClient<InterceptedService<Channel, BearerToken>>;
-
-/// Adds `authorization: Bearer <token>` to every call.
-#[derive(Clone)]
-pub(crate) struct BearerToken(AsciiMetadataValue);
-
-impl tonic::service::Interceptor for BearerToken {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-/// A connected Admin client, with what error messages need to say.
-pub(crate) struct Admin {
-    pub(crate) client: Client,
-    url: String,
-}
-
-impl Admin {
-    async fn connect(global: &GlobalArgs) -> anyhow::Result<Admin> {
-        let target = Target::from_args(global)?;
-        let token = match &global.admin_token {
-            Some(token) => token.trim().to_string(),
-            None => {
-                let path = token_path(&global.data_dir);
-                read_token(&path).map_err(|e| {
-                    anyhow!(
-                        "no admin token: cannot read {}: {e} (pass --admin-token, set REMORA_ADMIN_TOKEN, or point --data-dir at the server's data directory)",
-                        path.display()
-                    )
-                })?
-            }
-        };
-        let bearer: AsciiMetadataValue = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| anyhow!("the admin token has characters that cannot be sent"))?;
-        let channel = connect::channel(&target).await?;
-        Ok(Admin {
-            client: AdminClient::with_interceptor(channel, BearerToken(bearer)),
-            url: target.url,
-        })
-    }
-
-    /// Turns a refusal into a message for the operator.
-    pub(crate) fn error(&self, action: &str, status: Status) -> anyhow::Error {
-        let message = status.message();
-        match status.code() {
-            Code::InvalidArgument => anyhow!("{action} refused: {message}"),
-            Code::NotFound => anyhow!("{action}: {message}"),
-            Code::FailedPrecondition => anyhow!("{action} refused: {message}"),
-            Code::Unauthenticated => anyhow!(
-                "the control plane at {} refused the admin token: {message}",
-                self.url
-            ),
-            Code::Unavailable => {
-                anyhow!("cannot reach the control plane at {}: {message}", self.url)
-            }
-            code => anyhow!("{action} failed: {code:?}: {message}"),
-        }
-    }
-}
 
 /// Runs one operator command (everything but `serve`).
 pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
@@ -253,7 +183,7 @@ fn read_capped(what: &str, reader: impl std::io::Read, limit: usize) -> anyhow::
         bail!(
             "{what} is larger than {}, more than any control plane takes in one apply \
              (their --max-apply-bytes is 1 MiB by default)",
-            output::bytes(limit)
+            human::bytes(limit)
         );
     }
     Ok(content)
@@ -269,8 +199,8 @@ pub fn read_sources(args: &[String]) -> anyhow::Result<Vec<SourceFile>> {
         bail!(
             "the files are {} together, more than any control plane takes in one apply ({}; \
              their --max-apply-bytes is 1 MiB by default): apply them in parts",
-            output::bytes(total),
-            output::bytes(MAX_APPLY_BYTES_SENT)
+            human::bytes(total),
+            human::bytes(MAX_APPLY_BYTES_SENT)
         );
     }
     Ok(files)

@@ -1,14 +1,19 @@
 //! How the CLI reaches the control plane: always over TLS, verifying the
 //! server's certificate against the trust bundle (`--ca-file`, default
 //! `<data-dir>/trust-bundle.pem`) and the name `--server-name` (default
-//! `remora-control`), whatever the scheme of `--server`.
+//! `remora-control`), whatever the scheme of `--server`; and [`Admin`], the
+//! Admin client the commands use, with the admin token on every call.
 
-use crate::ca_store::default_bundle_path;
 use crate::cli::{server_url, GlobalArgs, DEFAULT_SERVER_NAME};
+use crate::data_dir::{default_bundle_path, read_token, token_path};
 use anyhow::{anyhow, bail};
+use remora_proto::v1::admin_client::AdminClient;
 use std::path::PathBuf;
 use std::time::Duration;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -103,4 +108,69 @@ pub async fn channel(target: &Target) -> anyhow::Result<Channel> {
         };
         anyhow!("cannot reach the control plane at {url}: {message}{hint}")
     })
+}
+
+type Client = AdminClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub(crate) struct BearerToken(AsciiMetadataValue);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A connected Admin client, with what error messages need to say.
+pub(crate) struct Admin {
+    pub(crate) client: Client,
+    url: String,
+}
+
+impl Admin {
+    pub(crate) async fn connect(global: &GlobalArgs) -> anyhow::Result<Admin> {
+        let target = Target::from_args(global)?;
+        let token = match &global.admin_token {
+            Some(token) => token.trim().to_string(),
+            None => {
+                let path = token_path(&global.data_dir);
+                read_token(&path).map_err(|e| {
+                    anyhow!(
+                        "no admin token: cannot read {}: {e} (pass --admin-token, set REMORA_ADMIN_TOKEN, or point --data-dir at the server's data directory)",
+                        path.display()
+                    )
+                })?
+            }
+        };
+        let bearer: AsciiMetadataValue = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow!("the admin token has characters that cannot be sent"))?;
+        let channel = channel(&target).await?;
+        Ok(Admin {
+            client: AdminClient::with_interceptor(channel, BearerToken(bearer)),
+            url: target.url,
+        })
+    }
+
+    /// Turns a refusal into a message for the operator.
+    pub(crate) fn error(&self, action: &str, status: Status) -> anyhow::Error {
+        let message = status.message();
+        match status.code() {
+            Code::InvalidArgument => anyhow!("{action} refused: {message}"),
+            Code::NotFound => anyhow!("{action}: {message}"),
+            Code::FailedPrecondition => anyhow!("{action} refused: {message}"),
+            Code::Unauthenticated => anyhow!(
+                "the control plane at {} refused the admin token: {message}",
+                self.url
+            ),
+            Code::Unavailable => {
+                anyhow!("cannot reach the control plane at {}: {message}", self.url)
+            }
+            code => anyhow!("{action} failed: {code:?}: {message}"),
+        }
+    }
 }

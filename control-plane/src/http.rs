@@ -3,7 +3,7 @@
 
 use crate::ca::Authority;
 use crate::conn_limit::ConnLimiter;
-use crate::identity::CertMetrics;
+use crate::metrics::certs::CertMetrics;
 use crate::registry::Registry;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -11,9 +11,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use metrics_exporter_prometheus::{
-    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
-};
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -163,33 +161,6 @@ pub fn metrics(health: &Health) -> String {
 /// How often recorded histogram samples are folded into their buckets when
 /// nobody scrapes, so memory stays bounded.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
-/// A Prometheus recorder that is not installed globally: handles are created
-/// from it with [`metrics::with_local_recorder`] and keep recording into it.
-/// `histograms` get these bucket bounds (seconds); other histograms would be
-/// rendered as summaries.
-pub(crate) fn local_recorder(histograms: &[(&str, &[f64])]) -> PrometheusRecorder {
-    let mut builder = PrometheusBuilder::new();
-    for (name, buckets) in histograms {
-        builder = builder
-            .set_buckets_for_metric(Matcher::Full((*name).to_string()), buckets)
-            .expect("histogram buckets are not empty");
-    }
-    builder.build_recorder()
-}
-
-/// The value of the sample `name{labels}` (labels exactly as rendered, such as
-/// `reason="csr_invalid"`, or "" for none) in a Prometheus text exposition.
-pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
-    let wanted = if labels.is_empty() {
-        format!("{name} ")
-    } else {
-        format!("{name}{{{labels}}} ")
-    };
-    text.lines()
-        .find_map(|line| line.strip_prefix(wanted.as_str()))
-        .and_then(|value| value.trim().parse().ok())
-}
 
 /// Runs the upkeep of `handles` every [`UPKEEP_INTERVAL`] until the task ends.
 async fn upkeep(handles: Vec<PrometheusHandle>) {

@@ -1,7 +1,8 @@
 //! `remora-control token create|revoke|list` and `remora-control ca rotate`.
 
 use crate::cli::{CaCommand, TokenCommand};
-use crate::client::Admin;
+use crate::connect::Admin;
+use crate::human;
 use crate::output::{self, note, out, outln};
 use remora_proto::v1::{
     CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, RotateCaRequest,
@@ -56,7 +57,7 @@ pub(crate) async fn token(admin: &mut Admin, command: TokenCommand) -> anyhow::R
                     "token {} proves {} (expires {}{limit}); it is not shown again",
                     created.token_id,
                     created.spiffe_id,
-                    output::unix_time_or(created.expires_unix, "never")
+                    human::unix_time_or(created.expires_unix, "never")
                 ));
             }
             Ok(())

@@ -345,8 +345,8 @@ impl WorkloadAuthenticator for CompositeAuthenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{CertMetrics, REFUSAL_REASONS};
     use crate::identity_db::IdentityDb;
+    use crate::metrics::certs::{CertMetrics, REFUSAL_REASONS};
     use remora_proto::jwt::testing::{self, ec, hs256, jwks, now, raw, rsa, rsa_other, sign};
     use serde_json::json;
 

@@ -3,12 +3,12 @@
 //! [`note`] (stderr), never `print!`/`println!`, which panic when the output
 //! is gone (`| head -1`, a full disk).
 
+use crate::human::{self, unix_time_or};
 use remora_proto::policy::{Document, Kind, API_VERSION};
 use remora_proto::v1::{HistoryEntry, ProxyStatus, Resource, StatusResponse, TokenInfo};
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::io::Write as _;
-use std::time::{Duration, UNIX_EPOCH};
 
 /// The CLI's output (stdout) could not be written. `main` ends quietly with
 /// exit 0 when the reader went away ([`WriteError::is_closed_pipe`], as with
@@ -106,7 +106,7 @@ pub fn resources_table(resources: &[Resource]) -> String {
 
 pub fn resources_yaml(resources: &[Resource]) -> String {
     let docs: Vec<serde_json::Value> = resources.iter().map(document).collect();
-    crate::changes::render_yaml(&docs)
+    human::yaml(&docs)
 }
 
 pub fn resources_json(resources: &[Resource]) -> String {
@@ -114,40 +114,9 @@ pub fn resources_json(resources: &[Resource]) -> String {
     serde_json::to_string_pretty(&docs).unwrap_or_else(|_| "[]".into()) + "\n"
 }
 
-fn rfc3339(unix_ms: i64) -> String {
-    let Ok(ms) = u64::try_from(unix_ms) else {
-        return "-".into();
-    };
-    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-/// A Unix time in seconds as RFC 3339, or `none` for 0 and below.
-pub fn unix_time_or(secs: i64, none: &str) -> String {
-    match u64::try_from(secs) {
-        Ok(s) if s > 0 => {
-            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(s)).to_string()
-        }
-        _ => none.to_string(),
-    }
-}
-
 /// The first 12 hex characters of a signer id, or `-`.
 fn short_id(id: &str) -> String {
-    or_dash(crate::rotation::short(id))
-}
-
-/// A size for people: `512 B`, `64.0 KiB`, `10.0 MiB`.
-pub fn bytes(n: usize) -> String {
-    // Sizes shown with one decimal: precision is not the point.
-    #[allow(clippy::cast_precision_loss)]
-    let f = n as f64;
-    if n < 1024 {
-        format!("{n} B")
-    } else if n < 1024 * 1024 {
-        format!("{:.1} KiB", f / 1024.0)
-    } else {
-        format!("{:.1} MiB", f / (1024.0 * 1024.0))
-    }
+    or_dash(human::short(id))
 }
 
 /// `token list`: USES is `used/max` (`used/-` without a limit).
@@ -160,11 +129,7 @@ pub fn tokens_table(tokens: &[TokenInfo]) -> String {
                 t.spiffe_id.clone(),
                 unix_time_or(t.created_unix, "-"),
                 unix_time_or(t.expires_unix, "never"),
-                if t.max_uses == 0 {
-                    format!("{}/-", t.uses)
-                } else {
-                    format!("{}/{}", t.uses, t.max_uses)
-                },
+                human::uses(t.uses, t.max_uses),
                 if t.revoked { "yes" } else { "no" }.to_string(),
             ]
         })
@@ -225,7 +190,7 @@ pub fn history_table(entries: &[HistoryEntry]) -> String {
         .map(|e| {
             vec![
                 e.version.to_string(),
-                rfc3339(e.timestamp_unix_ms),
+                human::unix_ms(e.timestamp_unix_ms),
                 e.action.clone(),
                 e.resource_count.to_string(),
                 e.summary.clone(),

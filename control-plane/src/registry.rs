@@ -13,13 +13,9 @@
 //! pushes ever carry the same version.
 
 use crate::identity_db::{DbError, IdentityDb, META};
+use crate::metrics::registry::RegistryMetrics;
 use crate::push::Published;
 use crate::store::State;
-use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
-    Gauge, Histogram, Unit,
-};
-use metrics_exporter_prometheus::PrometheusHandle;
 use parking_lot::{Mutex, MutexGuard};
 use remora_proto::v1::{Ack, Endpoint, ProxyStatus, Register, Resource, Snapshot};
 use remora_proto::SpiffeId;
@@ -33,130 +29,11 @@ use tokio::time::Instant;
 /// reconnects gets a new stream id).
 pub type StreamId = u64;
 
-/// Proxies with an open discovery stream.
-pub const PROXIES_CONNECTED: &str = "remora_control_proxies_connected";
-/// The policy version in force.
-pub const CONFIG_VERSION: &str = "remora_config_version";
-/// The generation of the current snapshot (its version is `<policy>.<generation>`).
-pub const SNAPSHOT_GENERATION: &str = "remora_control_snapshot_generation";
-/// Snapshots sent to proxies.
-pub const PUSHES_TOTAL: &str = "remora_control_pushes_total";
-/// From a snapshot's publication (or the proxy's connection, if later) to the
-/// proxy's ACK of it, in seconds.
-pub const PUSH_LATENCY_SECONDS: &str = "remora_control_push_latency_seconds";
-/// Snapshots refused by proxies.
-pub const NACKS_TOTAL: &str = "remora_control_nacks_total";
-/// 1 while an old root is being retired.
-pub const CA_ROTATION_IN_PROGRESS: &str = "remora_control_ca_rotation_in_progress";
-/// Roots in the trust bundle.
-pub const CA_TRUSTED_ROOTS: &str = "remora_control_ca_trusted_roots";
-
-/// Bucket bounds of [`PUSH_LATENCY_SECONDS`].
-const PUSH_LATENCY_BUCKETS: [f64; 14] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-/// The registry's metrics (and the CA's gauges), on this control plane's own
-/// recorder: see [`crate::http::metrics`].
-pub struct RegistryMetrics {
-    handle: PrometheusHandle,
-    proxies_connected: Gauge,
-    config_version: Gauge,
-    snapshot_generation: Gauge,
-    pushes: Counter,
-    push_latency: Histogram,
-    nacks: Counter,
-    ca_rotation_in_progress: Gauge,
-    ca_trusted_roots: Gauge,
-}
-
-impl Default for RegistryMetrics {
-    fn default() -> RegistryMetrics {
-        let recorder =
-            crate::http::local_recorder(&[(PUSH_LATENCY_SECONDS, &PUSH_LATENCY_BUCKETS)]);
-        let handle = recorder.handle();
-        metrics::with_local_recorder(&recorder, || {
-            describe_gauge!(
-                PROXIES_CONNECTED,
-                Unit::Count,
-                "Proxies with an open discovery stream."
-            );
-            describe_gauge!(CONFIG_VERSION, Unit::Count, "The policy version in force.");
-            describe_gauge!(
-                SNAPSHOT_GENERATION,
-                Unit::Count,
-                "The generation of the current snapshot (version <policy>.<generation>)."
-            );
-            describe_counter!(PUSHES_TOTAL, Unit::Count, "Snapshots sent to proxies.");
-            describe_histogram!(
-                PUSH_LATENCY_SECONDS,
-                Unit::Seconds,
-                "Time from a snapshot's publication (or the proxy's connection, if later) \
-                 to the proxy's ACK of it, in seconds."
-            );
-            describe_counter!(NACKS_TOTAL, Unit::Count, "Snapshots refused by proxies.");
-            describe_gauge!(
-                CA_ROTATION_IN_PROGRESS,
-                Unit::Count,
-                "1 while an old root is being retired."
-            );
-            describe_gauge!(CA_TRUSTED_ROOTS, Unit::Count, "Roots in the trust bundle.");
-            RegistryMetrics {
-                handle: handle.clone(),
-                proxies_connected: gauge!(PROXIES_CONNECTED),
-                config_version: gauge!(CONFIG_VERSION),
-                snapshot_generation: gauge!(SNAPSHOT_GENERATION),
-                pushes: counter!(PUSHES_TOTAL),
-                push_latency: histogram!(PUSH_LATENCY_SECONDS),
-                nacks: counter!(NACKS_TOTAL),
-                ca_rotation_in_progress: gauge!(CA_ROTATION_IN_PROGRESS),
-                ca_trusted_roots: gauge!(CA_TRUSTED_ROOTS),
-            }
-        })
-    }
-}
-
-impl std::fmt::Debug for RegistryMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryMetrics").finish_non_exhaustive()
-    }
-}
-
-impl RegistryMetrics {
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        self.handle.render()
-    }
-
-    /// The recorder's handle (rendering, upkeep).
-    pub fn handle(&self) -> PrometheusHandle {
-        self.handle.clone()
-    }
-
-    /// The value of `name{labels}` now (labels as rendered; "" for none).
-    pub fn value(&self, name: &str, labels: &str) -> Option<f64> {
-        crate::http::sample(&self.render(), name, labels)
-    }
-
-    /// Sets the CA's gauges (read from the authority when scraped).
-    pub fn set_ca(&self, rotating: bool, trusted_roots: usize) {
-        self.ca_rotation_in_progress
-            .set(if rotating { 1.0 } else { 0.0 });
-        self.ca_trusted_roots.set(count(trusted_roots));
-    }
-}
-
 impl Proxy {
     /// Whether peers should dial it now.
     fn is_endpoint(&self) -> bool {
         self.endpoint_registered && self.app_serving
     }
-}
-
-/// A count as a gauge value (exact far beyond any count here).
-#[allow(clippy::cast_precision_loss)]
-fn count(n: impl TryInto<u64>) -> f64 {
-    n.try_into().unwrap_or(u64::MAX) as f64
 }
 
 struct Proxy {
@@ -524,9 +401,7 @@ impl Registry {
                 _replaced: replaced_tx,
             },
         );
-        self.metrics
-            .proxies_connected
-            .set(count(inner.proxies.len()));
+        self.metrics.set_proxies_connected(inner.proxies.len());
         if endpoint_registered || endpoint_count(&inner) != before {
             self.publish(&mut inner);
         }
@@ -567,9 +442,7 @@ impl Registry {
     pub fn remove(&self, id: StreamId) -> Option<String> {
         let mut inner = self.lock();
         let proxy = inner.proxies.remove(&id)?;
-        self.metrics
-            .proxies_connected
-            .set(count(inner.proxies.len()));
+        self.metrics.set_proxies_connected(inner.proxies.len());
         if proxy.is_endpoint() {
             self.publish(&mut inner);
         }
@@ -586,7 +459,7 @@ impl Registry {
     /// snapshot's publication (or the proxy's connection, if later) when it is
     /// the current one, else from now.
     pub fn record_sent(&self, id: StreamId, version: &str) {
-        self.metrics.pushes.increment(1);
+        self.metrics.pushed();
         let now = Instant::now();
         let mut inner = self.lock();
         let current = generation_of(version) == Some(inner.generation);
@@ -606,7 +479,7 @@ impl Registry {
     /// this control plane published count towards a rotation.
     pub fn record_ack(&self, id: StreamId, ack: &Ack) {
         if !ack.ok {
-            self.metrics.nacks.increment(1);
+            self.metrics.nacked();
         }
         let mut inner = self.lock();
         let current = inner.generation;
@@ -618,9 +491,7 @@ impl Registry {
             {
                 if let Some((_, started)) = proxy.push_started.take() {
                     if ack.ok {
-                        self.metrics
-                            .push_latency
-                            .record(started.elapsed().as_secs_f64());
+                        self.metrics.acked_after(started.elapsed());
                     }
                 }
             }
@@ -684,10 +555,8 @@ impl Registry {
             lease.cover(generation);
         }
         inner.published_at = Instant::now();
-        self.metrics.config_version.set(count(inner.policy_version));
         self.metrics
-            .snapshot_generation
-            .set(count(inner.generation));
+            .set_versions(inner.policy_version, inner.generation);
         let mut endpoints: Vec<Endpoint> = inner
             .proxies
             .values()

@@ -1,6 +1,7 @@
 //! Unit tests of [`super`] (the registry).
 
 use super::*;
+use crate::metrics::registry::*;
 
 fn reg(instance: &str, address: &str) -> Register {
     Register {

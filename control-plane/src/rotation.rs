@@ -29,6 +29,7 @@
 
 use crate::ca::{self, generate_root, Authority, CaState};
 use crate::ca_store;
+use crate::human::{self, short};
 use crate::identity_db::IdentityDb;
 use crate::issued::Ledger;
 use crate::registry::{Registry, Trust};
@@ -77,7 +78,7 @@ impl std::fmt::Display for Holdout {
             f,
             "{}, valid until {}",
             self.what,
-            crate::output::unix_time_or(self.until_unix, "?")
+            human::unix_time_or(self.until_unix, "?")
         )
     }
 }
@@ -432,9 +433,4 @@ impl Rotation {
             tracing::error!(error = %e, "cannot retire the old root");
         }
     }
-}
-
-/// The first 12 hex characters of a signer id.
-pub fn short(id: &str) -> &str {
-    id.get(..12).unwrap_or(id)
 }

@@ -10,10 +10,11 @@ use crate::ca_store::{self, OperatorCa};
 use crate::conn_limit::{ConnLimiter, Limits};
 use crate::discovery::DiscoveryService;
 use crate::http::{self, Health};
-use crate::identity::{CertMetrics, IdentityService};
+use crate::identity::IdentityService;
 use crate::identity_db::IdentityDb;
 use crate::issued::Ledger;
 use crate::kubernetes::{CompositeAuthenticator, KubernetesAuthenticator, KubernetesConfig};
+use crate::metrics::certs::CertMetrics;
 use crate::push::DiscoveryServer;
 use crate::reflection;
 use crate::registry::{GenerationLease, Registry};
@@ -287,7 +288,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let ca_file = config
         .ca_file
         .clone()
-        .unwrap_or_else(|| ca_store::default_bundle_path(&config.data_dir));
+        .unwrap_or_else(|| crate::data_dir::default_bundle_path(&config.data_dir));
     ca_store::write_bundle_file(&ca_file, &ca.bundle_pem())?;
     let tls = Arc::new(
         ServerTls::new(&ca, &config.server_names).context("cannot set up TLS for the gRPC port")?,

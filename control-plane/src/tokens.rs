@@ -132,11 +132,7 @@ pub struct TokenRecord {
 impl TokenRecord {
     /// `used/max` (`used/-` without a limit).
     pub fn uses_text(&self) -> String {
-        if self.max_uses == 0 {
-            format!("{}/-", self.uses)
-        } else {
-            format!("{}/{}", self.uses, self.max_uses)
-        }
+        crate::human::uses(self.uses, self.max_uses)
     }
 
     /// Why it cannot bootstrap a new certificate at `now`, if it cannot.
