@@ -2,13 +2,16 @@
 //! small one the proxy made itself. An enum rather than a boxed trait object, so
 //! forwarding a request costs no allocation for its body.
 
-use crate::error::Cause;
+use crate::expect::{Gate, Gated};
+use crate::io::InFlight;
+use crate::replay::ReplayBody;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
 #[derive(Debug)]
@@ -20,26 +23,82 @@ pub enum ProxyBody {
     /// A client's request body, streamed once.
     Upload(Upload),
     /// A request body that a retry can send again.
-    Replay(crate::replay::ReplayBody<Upload>),
+    Replay(ReplayBody<Upload>),
     /// A request body held until the upstream answers `100 Continue`.
-    Gated(Box<crate::expect::Gated>),
+    Gated(Box<Gated<ProxyBody>>),
     /// A response streamed from upstream with what must last until its end:
-    /// the bulkhead slot it holds and the telemetry recorded when it ends.
+    /// the bulkhead slot it holds and the work done when it ends.
     Tracked(Incoming, Box<Tail>),
+}
+
+impl Default for ProxyBody {
+    fn default() -> Self {
+        ProxyBody::empty()
+    }
+}
+
+/// How a streamed body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Read to its end.
+    Complete,
+    /// Its sender broke it off (for a response: the upstream).
+    Broken,
+    /// Dropped before its end: its reader went away (for a response: the
+    /// client, or a cancelled gRPC call).
+    Abandoned,
+}
+
+/// End-of-body work that a layer above registers on a response body (the
+/// request's record, say): told of each frame, then once of how the body
+/// ended. One allocation per body that has one, no lock.
+pub trait OnEnd: Send + Sync {
+    /// A frame went by on its way to the client.
+    fn on_frame(&mut self, _frame: &Frame<Bytes>) {}
+    /// The body ended, or was dropped before its end.
+    fn ended(self: Box<Self>, end: End);
+}
+
+/// Where a lent HTTP/1 connection goes back to: its pool.
+pub trait Home: Send + Sync {
+    fn check_in(&self, sender: http1::SendRequest<ProxyBody>);
+}
+
+/// An upstream HTTP/1 connection lent to one response: back to its
+/// [`Home`] when the response body has been read to its end, with no task
+/// spawned per request.
+pub struct Checkin {
+    home: Weak<dyn Home>,
+    sender: http1::SendRequest<ProxyBody>,
+}
+
+impl Checkin {
+    pub fn new(home: Weak<dyn Home>, sender: http1::SendRequest<ProxyBody>) -> Checkin {
+        Checkin { home, sender }
+    }
+
+    pub fn give_back(self) {
+        if let Some(home) = self.home.upgrade() {
+            if !self.sender.is_closed() {
+                home.check_in(self.sender);
+            }
+        }
+    }
 }
 
 /// What a response body carries until it ends (or is dropped).
 #[derive(Default)]
 pub struct Tail {
     pub permit: Option<remora_resilience::RequestPermit>,
-    pub done: Option<crate::observe::Pending>,
-    /// The upstream HTTP/1 connection, back to its pool at the end.
-    pub checkin: Option<crate::pool::Checkin>,
+    /// The upstream HTTP/1 connection, back to its pool at a clean end.
+    pub checkin: Option<Checkin>,
     /// Keeps the downstream connection from idling until the body ends.
-    pub in_flight: Option<crate::io::InFlight>,
+    pub in_flight: Option<InFlight>,
     /// A request body held for `100 Continue`: never sent once this
     /// response (which answered without it) has ended.
-    pub gate: Option<crate::expect::Gate>,
+    pub gate: Option<Gate>,
+    /// The work of the layer above (the request's record).
+    on_end: Option<Box<dyn OnEnd>>,
     /// Whether the body was read to its end (or had nothing to read).
     ended: bool,
 }
@@ -51,9 +110,15 @@ impl std::fmt::Debug for Tail {
 }
 
 impl Tail {
+    /// Registers the end-of-body work of the layer above (one per body).
+    pub fn on_end(&mut self, hook: Box<dyn OnEnd>) {
+        debug_assert!(self.on_end.is_none(), "one end-of-body hook per body");
+        self.on_end = Some(hook);
+    }
+
     fn on_frame(&mut self, frame: &Frame<Bytes>) {
-        if let Some(done) = self.done.as_mut() {
-            done.on_frame(frame);
+        if let Some(hook) = self.on_end.as_mut() {
+            hook.on_frame(frame);
         }
     }
 
@@ -62,17 +127,16 @@ impl Tail {
         self.ended
     }
 
-    /// The body ended: cleanly (`None`), or with the error that ended it.
-    fn end(&mut self, error: Option<Cause>) {
+    fn end(&mut self, how: End) {
         self.ended = true;
         if let Some(c) = self.checkin.take() {
             // A connection whose response broke off is not reused.
-            if error.is_none() {
+            if how == End::Complete {
                 c.give_back();
             }
         }
-        if let Some(done) = self.done.take() {
-            done.complete(error);
+        if let Some(hook) = self.on_end.take() {
+            hook.ended(how);
         }
         if let Some(g) = self.gate.take() {
             g.finish();
@@ -85,9 +149,14 @@ impl Tail {
 impl Drop for Tail {
     fn drop(&mut self) {
         // Dropped before its end: the client stopped reading (it went away,
-        // or reset the stream, as a cancelled gRPC call does).
-        let error = (!self.ended).then_some(Cause::ClientReset);
-        self.end(error);
+        // or reset the stream, as a cancelled gRPC call does). A body that
+        // ended (or was empty) still has its work done.
+        let how = if self.ended {
+            End::Complete
+        } else {
+            End::Abandoned
+        };
+        self.end(how);
     }
 }
 
@@ -98,6 +167,15 @@ impl Drop for Tail {
 pub struct Upload {
     inner: Incoming,
     tally: Option<Arc<Tally>>,
+}
+
+/// How a client's request body failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadFailure {
+    /// The client stopped sending (closed, reset the stream).
+    Aborted,
+    /// Malformed framing: a bad chunk size, a body longer than declared.
+    Malformed,
 }
 
 /// What a request body carried, shared with the request's record.
@@ -117,10 +195,10 @@ impl Tally {
     }
 
     /// How the client's body failed, if it did.
-    pub fn failure(&self) -> Option<Cause> {
+    pub fn failure(&self) -> Option<UploadFailure> {
         match self.failure.load(Ordering::Relaxed) {
-            ABORTED => Some(Cause::ClientReset),
-            MALFORMED => Some(Cause::BadRequest),
+            ABORTED => Some(UploadFailure::Aborted),
+            MALFORMED => Some(UploadFailure::Malformed),
             _ => None,
         }
     }
@@ -254,12 +332,12 @@ impl Body for ProxyBody {
                         // The last frame: finish before the peer can see it
                         // and send its next request.
                         if frame.is_trailers() || b.is_end_stream() {
-                            tail.end(None);
+                            tail.end(End::Complete);
                         }
                     }
-                    Poll::Ready(None) => tail.end(None),
+                    Poll::Ready(None) => tail.end(End::Complete),
                     // The upstream broke the response off.
-                    Poll::Ready(Some(Err(_))) => tail.end(Some(Cause::UpstreamReset)),
+                    Poll::Ready(Some(Err(_))) => tail.end(End::Broken),
                     Poll::Pending => {}
                 }
                 r

@@ -3,58 +3,49 @@
 //! plane is gone the proxy keeps its last good snapshot and reconnects with
 //! exponential backoff and full jitter.
 
+use crate::control_plane::ControlPlane;
 use crate::mesh::Mesh;
 use crate::state::State;
 use remora_proto::v1::discovery_client::DiscoveryClient;
 use remora_proto::v1::{discovery_request, Ack, Deregister, DiscoveryRequest, Health, Register};
+use remora_resilience::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Reconnecting: exponential from 100 ms up to 10 s, with full jitter.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
-/// Exponential backoff with full jitter: a random delay in [0, min(max, base·2ⁿ)].
-#[derive(Debug)]
-pub struct Backoff {
-    attempt: u32,
-    base: Duration,
-    max: Duration,
+/// Who this proxy registers as.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub service: String,
+    pub namespace: String,
+    pub instance_id: String,
+    pub labels: Vec<(String, String)>,
+    /// The address peers dial; none: not an endpoint.
+    pub advertise: Option<String>,
 }
 
-impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff {
-            attempt: 0,
-            base,
-            max,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        ceiling.mul_f64(fastrand::f64())
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
+/// The discovery client: this proxy's registration, the control plane it
+/// talks to, and the data plane each snapshot is compiled for and installed
+/// in.
+pub struct Discovery {
+    pub control_plane: ControlPlane,
+    pub me: Registration,
+    pub data: Arc<State>,
 }
 
 /// Runs the discovery client until the process ends. `leave` turns true when
 /// the proxy drains: the control plane is told to drop this endpoint.
-pub async fn run(state: Arc<State>, mut leave: watch::Receiver<bool>) {
-    let mut backoff = Backoff::new(BACKOFF_BASE, BACKOFF_MAX);
+pub async fn run(discovery: Discovery, mut leave: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF.attempts();
     loop {
-        match session(&state, &mut leave).await {
+        match session(&discovery, &mut leave).await {
             Ok(()) => {}
             Err(Session::Failed(e)) => {
-                tracing::warn!(error = %e, control_plane = %state.settings.control_plane,
+                tracing::warn!(error = %e, control_plane = %discovery.control_plane.address,
                     "control plane unreachable; serving the last snapshot");
             }
             Err(Session::Lost(e)) => {
@@ -62,7 +53,7 @@ pub async fn run(state: Arc<State>, mut leave: watch::Receiver<bool>) {
                 backoff.reset();
             }
         }
-        state.set_control_plane_connected(false);
+        discovery.connected(false);
         tokio::time::sleep(backoff.next_delay()).await;
     }
 }
@@ -74,13 +65,31 @@ enum Session {
     Lost(String),
 }
 
-async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Result<(), Session> {
-    let s = &state.settings;
+impl Discovery {
+    /// Whether a discovery session is up. Failing again and again may mean
+    /// the control plane no longer accepts this workload's certificate (the
+    /// identity slot counts the failures for `refusals`).
+    fn connected(&self, up: bool) {
+        remora_telemetry::metrics::set_control_plane_connected(up);
+        let identity = &self.control_plane.identity;
+        if up {
+            identity.control_plane_connected();
+        } else {
+            identity.control_plane_failed();
+        }
+    }
+}
+
+async fn session(discovery: &Discovery, leave: &mut watch::Receiver<bool>) -> Result<(), Session> {
+    let Discovery {
+        control_plane,
+        me: s,
+        data: state,
+    } = discovery;
+    let identity = &control_plane.identity;
     // Discovery is authenticated by the workload certificate.
-    state.identity.wait_for_cert().await;
-    let channel = crate::control_plane::channel(state, true)
-        .await
-        .map_err(Session::Failed)?;
+    identity.wait_for_cert().await;
+    let channel = control_plane.channel(true).await.map_err(Session::Failed)?;
     let mut client = DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel::<DiscoveryRequest>(8);
     let register = Register {
@@ -112,12 +121,12 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
         .await
         .map_err(|e| Session::Failed(e.to_string()))?
         .into_inner();
-    state.set_control_plane_connected(true);
-    tracing::info!(control_plane = %s.control_plane, "connected to the control plane");
+    discovery.connected(true);
+    tracing::info!(control_plane = %control_plane.address, "connected to the control plane");
     let own = (s.namespace.as_str(), s.service.as_str());
     let mut got_one = false;
     let mut leave_open = true;
-    let mut certs = state.identity.generations();
+    let mut certs = identity.generations();
     loop {
         tokio::select! {
             msg = snapshots.message() => {
@@ -128,8 +137,8 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
                 };
                 got_one = true;
                 let version = snapshot.version.clone();
-                state.identity.set_bundle(&snapshot.trust_bundle_pem);
-                state.identity.check_signer(&snapshot.signer_id);
+                identity.set_bundle(&snapshot.trust_bundle_pem);
+                identity.check_signer(&snapshot.signer_id);
                 let mut ack = match Mesh::compile(snapshot, own, &state.pools, &state.registry) {
                     Ok(mesh) => {
                         state.install(mesh);
@@ -141,7 +150,7 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
                         Ack { version, ok: false, error, ..Default::default() }
                     }
                 };
-                if let Some(cert) = state.identity.cert() {
+                if let Some(cert) = identity.cert() {
                     ack.cert_signer_id = cert.signer_id.clone();
                     ack.cert_not_after_unix = cert.not_after_unix;
                 }
@@ -153,7 +162,7 @@ async fn session(state: &Arc<State>, leave: &mut watch::Receiver<bool>) -> Resul
                 // A renewed certificate: tell the control plane (a root
                 // rotation finishes once every proxy reports the new signer).
                 if r.is_ok() && got_one {
-                    if let Some(cert) = state.identity.cert() {
+                    if let Some(cert) = identity.cert() {
                         let ack = Ack {
                             version: state.mesh.load().version.clone(),
                             ok: true,
@@ -199,24 +208,5 @@ fn lost(got_one: bool, e: String) -> Session {
         Session::Lost(e)
     } else {
         Session::Failed(e)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        for n in 0..20 {
-            let d = b.next_delay();
-            let cap = Duration::from_millis(100)
-                .saturating_mul(1 << n.min(16))
-                .min(Duration::from_secs(10));
-            assert!(d <= cap, "attempt {n}: {d:?} > {cap:?}");
-        }
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

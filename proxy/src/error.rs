@@ -2,7 +2,7 @@
 //! status table in design.md it maps to) and whether a retry may help; this is
 //! the one place that turns an error into the answer the proxy makes itself.
 
-use crate::body::ProxyBody;
+use crate::body::{ProxyBody, UploadFailure};
 use http::{HeaderValue, Response, StatusCode};
 use std::fmt;
 
@@ -103,6 +103,16 @@ impl Cause {
     }
 }
 
+impl From<UploadFailure> for Cause {
+    /// A client's request body that failed is the client's failure.
+    fn from(f: UploadFailure) -> Cause {
+        match f {
+            UploadFailure::Aborted => Cause::ClientReset,
+            UploadFailure::Malformed => Cause::BadRequest,
+        }
+    }
+}
+
 /// The status recorded for a request whose client went away (nginx's 499).
 pub const CLIENT_CLOSED_REQUEST: StatusCode = match StatusCode::from_u16(499) {
     Ok(s) => s,
@@ -134,6 +144,8 @@ pub struct ProxyError {
     retry_after: Option<std::time::Duration>,
     /// For `unauthenticated`: the `WWW-Authenticate` challenge.
     challenge: Option<HeaderValue>,
+    /// The I/O, TLS or HTTP error this one wraps.
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 /// The `WWW-Authenticate` challenge of a 401 (RFC 6750): the realm is the
@@ -161,6 +173,7 @@ impl ProxyError {
             detail: detail.into(),
             retry_after: None,
             challenge: None,
+            source: None,
         }
     }
 
@@ -171,6 +184,7 @@ impl ProxyError {
             detail: detail.into(),
             retry_after: None,
             challenge: None,
+            source: None,
         }
     }
 
@@ -181,6 +195,7 @@ impl ProxyError {
             detail: detail.into(),
             retry_after: None,
             challenge: None,
+            source: None,
         }
     }
 
@@ -191,6 +206,7 @@ impl ProxyError {
             detail: detail.into(),
             retry_after: None,
             challenge: None,
+            source: None,
         }
     }
 
@@ -205,6 +221,7 @@ impl ProxyError {
             ),
             retry_after: None,
             challenge: None,
+            source: None,
         }
         .with_retry_after(wait)
     }
@@ -225,7 +242,20 @@ impl ProxyError {
             detail: detail.into(),
             retry_after: None,
             challenge: None,
+            source: None,
         }
+    }
+
+    /// Keeps `source`, the error this one wraps, as its
+    /// [`source`](std::error::Error::source).
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Who caused it: the client, the upstream, or the proxy itself.
+    pub fn side(&self) -> Side {
+        self.cause.side()
     }
 
     /// The failure was the client's after all (its request body was cut off
@@ -268,7 +298,13 @@ impl fmt::Display for ProxyError {
     }
 }
 
-impl std::error::Error for ProxyError {}
+impl std::error::Error for ProxyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
 
 /// Builds the proxy's own answer for `cause`.
 pub fn local_response(cause: Cause, grpc: bool, detail: &str) -> Response<ProxyBody> {

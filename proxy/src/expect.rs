@@ -14,7 +14,6 @@
 //! Between sidecars such a request travels as HTTP/1.1 over mTLS, so that
 //! the peer's `100` can come back the same way.
 
-use crate::body::ProxyBody;
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use http::{header, HeaderMap, Request};
@@ -49,21 +48,16 @@ struct Shared {
 }
 
 /// The handle that opens (or abandons) a held body.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Gate(Arc<Shared>);
 
 impl Gate {
-    /// Holds `req`'s body until the upstream's `100 Continue` (or the
-    /// timeout). Returns the handle; drop it once the final answer is in.
-    pub fn hold(req: &mut Request<ProxyBody>) -> Gate {
-        let shared = Arc::new(Shared::default());
-        let inner = std::mem::replace(req.body_mut(), ProxyBody::empty());
-        *req.body_mut() = ProxyBody::Gated(Box::new(Gated {
-            inner,
-            shared: shared.clone(),
-            timer: Box::pin(tokio::time::sleep(EXPECT_TIMEOUT)),
-        }));
-        let gate = Gate(shared);
+    /// A gate that the upstream's `100 Continue` to `req` opens (seen
+    /// through hyper's informational-response callback). Hold the request's
+    /// body behind it with [`Gate::hold`]; drop or [`finish`](Gate::finish)
+    /// it once the final answer is in.
+    pub fn on_continue<B>(req: &mut Request<B>) -> Gate {
+        let gate = Gate::default();
         let on_continue = gate.clone();
         hyper::ext::on_informational(req, move |res| {
             if res.status() == http::StatusCode::CONTINUE {
@@ -71,6 +65,15 @@ impl Gate {
             }
         });
         gate
+    }
+
+    /// `body`, held until this gate opens (or [`EXPECT_TIMEOUT`] passes).
+    pub fn hold<B>(&self, body: B) -> Gated<B> {
+        Gated {
+            inner: body,
+            shared: self.0.clone(),
+            timer: Box::pin(tokio::time::sleep(EXPECT_TIMEOUT)),
+        }
     }
 
     /// Whether the body was let through.
@@ -97,17 +100,17 @@ impl Gate {
 
 /// A request body held back until its gate opens.
 #[derive(Debug)]
-pub struct Gated {
-    inner: ProxyBody,
+pub struct Gated<B> {
+    inner: B,
     shared: Arc<Shared>,
     timer: Pin<Box<tokio::time::Sleep>>,
 }
 
-impl Gated {
+impl<B: Body<Data = Bytes> + Unpin> Gated<B> {
     pub fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         loop {
             match self.shared.state.load(Ordering::Acquire) {
                 OPEN => return Pin::new(&mut self.inner).poll_frame(cx),
@@ -144,16 +147,16 @@ impl Gated {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::Full;
 
-    fn request() -> Request<ProxyBody> {
-        Request::post("/upload")
-            .header(header::EXPECT, "100-continue")
-            .body(ProxyBody::full("payload"))
-            .unwrap()
+    fn held() -> (Gate, Gated<Full<Bytes>>) {
+        let gate = Gate::default();
+        let body = gate.hold(Full::new(Bytes::from_static(b"payload")));
+        (gate, body)
     }
 
-    async fn next(body: &mut ProxyBody) -> Option<Bytes> {
-        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
+    async fn next(body: &mut Gated<Full<Bytes>>) -> Option<Bytes> {
+        std::future::poll_fn(|cx| body.poll_frame(cx))
             .await
             .map(|f| f.unwrap().into_data().unwrap())
     }
@@ -170,34 +173,30 @@ mod tests {
 
     #[tokio::test]
     async fn the_body_waits_for_the_upstreams_continue() {
-        let mut req = request();
-        let gate = Gate::hold(&mut req);
-        let body = req.body_mut();
-        let held = tokio::time::timeout(Duration::from_millis(500), next(body)).await;
+        let (gate, mut body) = held();
+        let held = tokio::time::timeout(Duration::from_millis(500), next(&mut body)).await;
         assert!(
             held.is_err(),
             "the body went before the upstream asked for it"
         );
         gate.set(OPEN);
-        assert_eq!(next(body).await.as_deref(), Some(&b"payload"[..]));
+        assert_eq!(next(&mut body).await.as_deref(), Some(&b"payload"[..]));
         assert!(gate.opened());
     }
 
     #[tokio::test]
     async fn a_final_answer_first_means_no_body_is_sent() {
-        let mut req = request();
-        let gate = Gate::hold(&mut req);
+        let (gate, mut body) = held();
         gate.clone().finish();
-        assert_eq!(next(req.body_mut()).await, None);
+        assert_eq!(next(&mut body).await, None);
         assert!(!gate.opened());
     }
 
     #[tokio::test]
     async fn an_upstream_that_never_answers_100_gets_the_body_after_the_timeout() {
-        let mut req = request();
-        let _gate = Gate::hold(&mut req);
+        let (_gate, mut body) = held();
         let started = tokio::time::Instant::now();
-        assert_eq!(next(req.body_mut()).await.as_deref(), Some(&b"payload"[..]));
+        assert_eq!(next(&mut body).await.as_deref(), Some(&b"payload"[..]));
         assert!(started.elapsed() >= EXPECT_TIMEOUT);
     }
 }

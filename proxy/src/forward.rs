@@ -3,7 +3,9 @@
 //! HTTP/1.1 upgrades (WebSocket), which continue as a byte relay.
 
 use crate::body::ProxyBody;
+use crate::connect::Connect;
 use crate::error::{Cause, ProxyError};
+use crate::expect::{expects_continue, Gate};
 use crate::pool::{EndpointPool, Upstream};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Version};
@@ -231,7 +233,8 @@ pub const ORIG_PROTO: HeaderName = HeaderName::from_static("remora-orig-proto");
 /// its method. Only proxies set it (an application's is removed as hop-by-hop).
 pub const UNREACHED: HeaderName = HeaderName::from_static("remora-unreached");
 
-/// Sends `req` to `pool`. To a mesh peer every request but an upgrade or an
+/// Sends `req` to `pool`, which opens a connection, if it needs one, as
+/// `connect` says. To a mesh peer every request but an upgrade or an
 /// `Expect: 100-continue` upload goes as HTTP/2 (one multiplexed mTLS
 /// connection), an HTTP/1 request marked with `remora-orig-proto`; to an
 /// application whose port is declared HTTP/2 (`h2_app`), HTTP/2 (h2c);
@@ -239,9 +242,8 @@ pub const UNREACHED: HeaderName = HeaderName::from_static("remora-unreached");
 pub async fn forward(
     mut req: Request<ProxyBody>,
     pool: &Arc<EndpointPool>,
-    connect_timeout: Duration,
+    connect: &Connect<'_>,
     idle_timeout: Duration,
-    limit: Option<&crate::pool::ConnLimit<'_>>,
     h2_app: bool,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     // Everything is changed in place: the request moves once, into the pool.
@@ -260,7 +262,7 @@ pub async fn forward(
         && !upgrade
         && !h2_app
         && !req.body().is_end_stream()
-        && crate::expect::expects_continue(req.headers());
+        && expects_continue(req.headers());
     let version = if req.version() == Version::HTTP_2
         || (!upgrade && !expect && (pool.is_mesh() || h2_app))
     {
@@ -286,10 +288,13 @@ pub async fn forward(
             }
         }
     }
-    let gate = expect.then(|| crate::expect::Gate::hold(&mut req));
-    let (mut resp, mut checkin) = pool
-        .send(req, version, upgrade, connect_timeout, limit)
-        .await?;
+    let gate = expect.then(|| {
+        let gate = Gate::on_continue(&mut req);
+        let body = std::mem::take(req.body_mut());
+        *req.body_mut() = ProxyBody::Gated(Box::new(gate.hold(body)));
+        gate
+    });
+    let (mut resp, mut checkin) = pool.send(req, version, upgrade, connect).await?;
     if gate.as_ref().is_some_and(|g| !g.opened()) {
         // Answered without the body: the connection, left mid-request, is
         // not reused.

@@ -9,6 +9,7 @@
 //! plug in between accept and protocol.)
 
 use crate::body::ProxyBody;
+use crate::connect::{self, Connect};
 use crate::detect::{self, Detected};
 use crate::drain::Drain;
 use crate::error::{Cause, ProxyError, RetryClass};
@@ -16,7 +17,7 @@ use crate::forward::{forward, restore_orig_proto};
 use crate::intercept;
 use crate::io::{Activity, Prefixed};
 use crate::observe::{Observed, TcpObserved};
-use crate::pool::{self, EndpointPool};
+use crate::pool::EndpointPool;
 use crate::serve::{serve_http, Builder, Speaks};
 use crate::state::State;
 use crate::tls::{self, Carry};
@@ -223,7 +224,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
         peer,
         metrics,
     } = &*conn;
-    let mut obs = Observed::begin(state, SpanKind::Server, INBOUND, &mut req);
+    let mut obs = Observed::begin(&state.telemetry, SpanKind::Server, INBOUND, &mut req);
     obs.peer = peer.clone();
     obs.upstream = Some(app.addr);
     obs.routed(&req, "inbound", metrics.clone());
@@ -248,9 +249,8 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
             let r = forward(
                 Request::from_parts(head, body),
                 &app.pool,
-                limits.connect_timeout,
+                &Connect::plain(limits.connect_timeout),
                 limits.tcp_idle_timeout,
-                None,
                 h2_app,
             )
             .await;
@@ -348,7 +348,7 @@ where
         .local_port(app.addr.port(), app.explicit)
         .and_then(|p| p.idle_timeout)
         .unwrap_or(limits.tcp_idle_timeout);
-    match pool::connect(app.addr, limits.connect_timeout).await {
+    match connect::tcp(app.addr, limits.connect_timeout).await {
         Ok(upstream) => {
             let r = crate::tcp::relay_tracked(io, upstream, activity, idle).await;
             crate::outbound::finish_tcp(state, obs, r);

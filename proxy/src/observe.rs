@@ -4,7 +4,7 @@
 //! [`Observed::finish`] with the answer; everything in between fills in what
 //! it learns (route, destination, endpoint, attempts, error cause).
 
-use crate::body::{ProxyBody, Tally, Upload};
+use crate::body::{End, OnEnd, ProxyBody, Tally, Upload};
 use crate::error::Cause;
 use http::{Request, Response};
 use http_body::Body;
@@ -60,7 +60,7 @@ impl Telemetry {
 /// answer's end, a broken response, or the client going away (the request's
 /// future or its response body dropped), which is recorded as `client-reset`.
 pub struct Observed {
-    state: Arc<crate::state::State>,
+    telemetry: Arc<Telemetry>,
     started: Instant,
     direction: &'static str,
     ctx: TraceContext,
@@ -88,12 +88,12 @@ impl Observed {
     /// Continues (or starts) the trace and passes the proxy's own span on as
     /// the parent of the next hop.
     pub fn begin<B>(
-        state: &Arc<crate::state::State>,
+        telemetry: &Arc<Telemetry>,
         kind: SpanKind,
         direction: &'static str,
         req: &mut Request<B>,
     ) -> Observed {
-        let tel = &state.telemetry;
+        let tel = telemetry;
         let grpc = remora_telemetry::span::is_grpc(req.headers());
         let parent = remora_telemetry::extract(req.headers());
         let sampled = tel.sampler.decide(parent.as_ref());
@@ -127,7 +127,7 @@ impl Observed {
             Box::new(e)
         });
         Observed {
-            state: state.clone(),
+            telemetry: telemetry.clone(),
             started: Instant::now(),
             direction,
             ctx,
@@ -157,7 +157,7 @@ impl Observed {
     /// How the client's request body failed, if it did: a failed exchange is
     /// then the client's, not the upstream's.
     pub fn client_failure(&self) -> Option<Cause> {
-        self.upload.as_ref()?.failure()
+        self.upload.as_ref()?.failure().map(Cause::from)
     }
 
     /// Whether anything records the upstream's own time (the access log).
@@ -199,14 +199,12 @@ impl Observed {
         };
         let size = resp.body().size_hint().exact();
         match resp.body_mut().tail() {
-            Some(tail) if !tail.ended() => {
-                tail.done = Some(Pending {
-                    obs: self,
-                    status,
-                    grpc_status,
-                    bytes: 0,
-                });
-            }
+            Some(tail) if !tail.ended() => tail.on_end(Box::new(Pending {
+                obs: self,
+                status,
+                grpc_status,
+                bytes: 0,
+            })),
             _ => self.complete(status, grpc_status, size.unwrap_or(0)),
         }
         resp
@@ -219,7 +217,7 @@ impl Observed {
 
     fn record(&mut self, status: u16, grpc_status: Option<u16>, bytes_sent: u64) {
         self.recorded = true;
-        let tel = &self.state.telemetry;
+        let tel = &*self.telemetry;
         let elapsed = self.started.elapsed();
         let metrics = self.metrics.take().unwrap_or_else(|| tel.unrouted.clone());
         metrics.record(status, grpc_status, elapsed);
@@ -352,15 +350,15 @@ impl TcpObserved {
 }
 
 /// A request whose response body is still streaming: recorded when it ends.
-pub struct Pending {
+struct Pending {
     obs: Observed,
     status: u16,
     grpc_status: Option<u16>,
     bytes: u64,
 }
 
-impl Pending {
-    pub fn on_frame(&mut self, frame: &http_body::Frame<bytes::Bytes>) {
+impl OnEnd for Pending {
+    fn on_frame(&mut self, frame: &http_body::Frame<bytes::Bytes>) {
         if let Some(d) = frame.data_ref() {
             self.bytes += d.len() as u64;
         } else if let Some(t) = frame.trailers_ref() {
@@ -371,16 +369,19 @@ impl Pending {
         }
     }
 
-    /// The body ended, cleanly or with `error` (the side that broke it).
-    pub fn complete(self, error: Option<Cause>) {
+    /// The answer's body ended: cleanly, broken off by the upstream, or
+    /// abandoned by the client.
+    fn ended(self: Box<Self>, end: End) {
         let Pending {
             mut obs,
             status,
             grpc_status,
             bytes,
-        } = self;
-        if error.is_some() {
-            obs.error = error;
+        } = *self;
+        match end {
+            End::Complete => {}
+            End::Broken => obs.error = Some(Cause::UpstreamReset),
+            End::Abandoned => obs.error = Some(Cause::ClientReset),
         }
         obs.complete(status, grpc_status, bytes);
     }

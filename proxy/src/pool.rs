@@ -9,13 +9,15 @@
 //! Pools outlive configuration snapshots: [`Pools::get`] hands the same pool to
 //! every snapshot that names the address, so a config push keeps connections.
 //!
-//! A pool for a mesh endpoint (one with an expected identity) speaks mTLS:
-//! every HTTP request over one multiplexed HTTP/2 connection (ALPN `h2`),
-//! upgrades over HTTP/1.1 (ALPN `http/1.1`), opaque TCP with ALPN `remora-tcp`.
+//! A pool for a mesh endpoint (one with an expected identity) opens its
+//! connections the way its caller's [`Connect`] says: mTLS, on the outbound
+//! path. Every HTTP request then goes over one multiplexed HTTP/2 connection
+//! (ALPN `h2`), upgrades over HTTP/1.1 (ALPN `http/1.1`), opaque TCP with
+//! ALPN `remora-tcp`.
 
-use crate::body::ProxyBody;
+use crate::body::{Checkin, Home, ProxyBody};
+use crate::connect::{Conn, Connect};
 use crate::error::ProxyError;
-use crate::identity::Identity;
 use crate::tls::Carry;
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
@@ -25,8 +27,8 @@ use rustls::pki_types::ServerName;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Idle HTTP/1 connections older than this are not reused.
 const MAX_IDLE_AGE: Duration = Duration::from_secs(90);
@@ -36,7 +38,7 @@ const MAX_IDLE_AGE: Duration = Duration::from_secs(90);
 pub struct PoolSettings {
     pub max_idle_per_endpoint: usize,
     pub max_header_bytes: usize,
-    /// Also bounds the TLS handshake.
+    /// Bounds a TLS handshake (the TCP connect has its caller's time limit).
     pub connect_timeout: Duration,
     /// An HTTP/2 connection's receive window (see `Limits::h2_connection_window`).
     pub h2_connection_window: u32,
@@ -57,17 +59,15 @@ pub enum Upstream {
 /// compiled, never per request.
 pub struct Pools {
     settings: PoolSettings,
-    identity: Arc<Identity>,
     pools: Mutex<HashMap<PoolKey, Weak<EndpointPool>>>,
 }
 
 type PoolKey = (SocketAddr, Option<ServerName<'static>>);
 
 impl Pools {
-    pub fn new(settings: PoolSettings, identity: Arc<Identity>) -> Arc<Pools> {
+    pub fn new(settings: PoolSettings) -> Arc<Pools> {
         Arc::new(Pools {
             settings,
-            identity,
             pools: Mutex::new(HashMap::new()),
         })
     }
@@ -85,7 +85,6 @@ impl Pools {
         let p = Arc::new(EndpointPool {
             addr,
             peer: key.1.clone(),
-            identity: self.identity.clone(),
             settings: self.settings.clone(),
             h1_idle: Mutex::new(Vec::new()),
             h2: ArcSwapOption::empty(),
@@ -111,7 +110,6 @@ struct IdleH1 {
 pub struct EndpointPool {
     addr: SocketAddr,
     peer: Option<ServerName<'static>>,
-    identity: Arc<Identity>,
     settings: PoolSettings,
     h1_idle: Mutex<Vec<IdleH1>>,
     h2: ArcSwapOption<http2::SendRequest<ProxyBody>>,
@@ -134,32 +132,17 @@ impl EndpointPool {
         self.peer.is_some()
     }
 
-    /// Opens a new connection: TCP, then mTLS for a mesh endpoint.
-    pub async fn open(&self, carry: Carry, connect_timeout: Duration) -> Result<Conn, ProxyError> {
-        let tcp = connect(self.addr, connect_timeout).await?;
-        let Some(peer) = &self.peer else {
-            return Ok(Conn::Plain(tcp));
-        };
-        let configs = self
-            .identity
-            .configs()
-            .ok_or_else(|| ProxyError::connect("no workload certificate yet"))?;
-        let connector = tokio_rustls::TlsConnector::from(configs.client(carry));
-        let tls = tokio::time::timeout(
-            self.settings.connect_timeout,
-            connector.connect(peer.clone(), tcp),
-        )
-        .await
-        .map_err(|_| ProxyError::connect(format!("{}: TLS handshake timed out", self.addr)))?
-        .map_err(|e| ProxyError::connect(format!("{}: TLS handshake: {e}", self.addr)))?;
-        if tls.get_ref().1.alpn_protocol() != Some(carry.alpn()) {
-            return Err(ProxyError::connect(format!(
-                "{}: the peer did not agree to {}",
+    /// Opens a new connection as `connect` says: TCP, then, to a mesh
+    /// endpoint, mTLS carrying what `carry` says.
+    pub async fn open(&self, carry: Carry, connect: &Connect<'_>) -> Result<Conn, ProxyError> {
+        connect
+            .open(
                 self.addr,
-                String::from_utf8_lossy(carry.alpn())
-            )));
-        }
-        Ok(Conn::Tls(Box::new(tls)))
+                self.peer.as_ref(),
+                carry,
+                self.settings.connect_timeout,
+            )
+            .await
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -167,8 +150,9 @@ impl EndpointPool {
     }
 
     /// Sends `req` and returns the response head; the body streams on. A new
-    /// connection, if one is needed, first takes a permit from `limit` (the
-    /// destination's `maxConnections`), held until the connection closes.
+    /// connection, if one is needed, is opened as `connect` says, first
+    /// taking a permit from its limit (the destination's `maxConnections`),
+    /// held until the connection closes.
     /// An HTTP/1 connection comes back as a [`Checkin`], to be returned to the
     /// pool when the response body has been read to its end.
     /// `upgrade`: the request asks to switch protocols (its connection is then
@@ -178,12 +162,11 @@ impl EndpointPool {
         req: http::Request<ProxyBody>,
         version: Upstream,
         upgrade: bool,
-        connect_timeout: Duration,
-        limit: Option<&ConnLimit<'_>>,
+        connect: &Connect<'_>,
     ) -> Result<(http::Response<Incoming>, Option<Checkin>), ProxyError> {
         match version {
-            Upstream::Http1 => self.send_h1(req, upgrade, connect_timeout, limit).await,
-            Upstream::Http2 => Ok((self.send_h2(req, connect_timeout, limit).await?, None)),
+            Upstream::Http1 => self.send_h1(req, upgrade, connect).await,
+            Upstream::Http2 => Ok((self.send_h2(req, connect).await?, None)),
         }
     }
 
@@ -191,8 +174,7 @@ impl EndpointPool {
         self: &Arc<Self>,
         req: http::Request<ProxyBody>,
         upgrade: bool,
-        connect_timeout: Duration,
-        limit: Option<&ConnLimit<'_>>,
+        connect: &Connect<'_>,
     ) -> Result<(http::Response<Incoming>, Option<Checkin>), ProxyError> {
         let upgrade = upgrade || req.method() == http::Method::CONNECT;
         // Connecting is boxed: it is rare (a pooled connection is the rule), and
@@ -200,17 +182,14 @@ impl EndpointPool {
         // kilobytes larger, to be moved and allocated on each request.
         let (mut sender, pooled) = match self.checkout_h1() {
             Some(s) => (s, true),
-            None => (
-                Box::pin(self.connect_h1(connect_timeout, limit)).await?,
-                false,
-            ),
+            None => (Box::pin(self.connect_h1(connect)).await?, false),
         };
         let resp = match sender.try_send_request(req).await {
             Ok(resp) => resp,
             Err(mut e) => match e.take_message() {
                 // Never written: the pooled connection was closing. Try a new one.
                 Some(req) if pooled => {
-                    sender = Box::pin(self.connect_h1(connect_timeout, limit)).await?;
+                    sender = Box::pin(self.connect_h1(connect)).await?;
                     sender
                         .send_request(req)
                         .await
@@ -220,9 +199,9 @@ impl EndpointPool {
             },
         };
         let checkin =
-            (!upgrade && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Checkin {
-                pool: Arc::downgrade(self),
-                sender,
+            (!upgrade && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| {
+                let home: Weak<EndpointPool> = Arc::downgrade(self);
+                Checkin::new(home, sender)
             });
         Ok((resp, checkin))
     }
@@ -244,8 +223,11 @@ impl EndpointPool {
         }
         None
     }
+}
 
-    fn checkin_h1(&self, sender: http1::SendRequest<ProxyBody>) {
+impl Home for EndpointPool {
+    /// An HTTP/1 connection whose response was read whole: idle again.
+    fn check_in(&self, sender: http1::SendRequest<ProxyBody>) {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.settings.max_idle_per_endpoint {
             idle.push(IdleH1 {
@@ -254,14 +236,15 @@ impl EndpointPool {
             });
         }
     }
+}
 
+impl EndpointPool {
     async fn connect_h1(
         &self,
-        connect_timeout: Duration,
-        limit: Option<&ConnLimit<'_>>,
+        connect: &Connect<'_>,
     ) -> Result<http1::SendRequest<ProxyBody>, ProxyError> {
-        let permit = acquire(limit)?;
-        let io = self.open(Carry::Http1, connect_timeout).await?;
+        let permit = connect.permit()?;
+        let io = self.open(Carry::Http1, connect).await?;
         let head_limit = self
             .settings
             .max_header_bytes
@@ -287,17 +270,16 @@ impl EndpointPool {
     async fn send_h2(
         &self,
         req: http::Request<ProxyBody>,
-        connect_timeout: Duration,
-        limit: Option<&ConnLimit<'_>>,
+        connect: &Connect<'_>,
     ) -> Result<http::Response<Incoming>, ProxyError> {
-        let mut sender = self.h2_sender(connect_timeout, limit).await?;
+        let mut sender = self.h2_sender(connect).await?;
         match sender.try_send_request(req).await {
             Ok(resp) => Ok(resp),
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     // The shared connection went away before the request was sent.
                     self.h2.store(None);
-                    let mut sender = self.h2_sender(connect_timeout, limit).await?;
+                    let mut sender = self.h2_sender(connect).await?;
                     sender
                         .send_request(req)
                         .await
@@ -310,8 +292,7 @@ impl EndpointPool {
 
     async fn h2_sender(
         &self,
-        connect_timeout: Duration,
-        limit: Option<&ConnLimit<'_>>,
+        connect: &Connect<'_>,
     ) -> Result<http2::SendRequest<ProxyBody>, ProxyError> {
         if let Some(s) = self.h2.load().as_deref() {
             if !s.is_closed() {
@@ -319,13 +300,12 @@ impl EndpointPool {
             }
         }
         // Boxed for the reason given in `send_h1`.
-        Box::pin(self.h2_connect(connect_timeout, limit)).await
+        Box::pin(self.h2_connect(connect)).await
     }
 
     async fn h2_connect(
         &self,
-        connect_timeout: Duration,
-        limit: Option<&ConnLimit<'_>>,
+        connect: &Connect<'_>,
     ) -> Result<http2::SendRequest<ProxyBody>, ProxyError> {
         // One connection attempt at a time; the others wait for its result.
         let _guard = self.h2_connecting.lock().await;
@@ -334,8 +314,8 @@ impl EndpointPool {
                 return Ok(s.clone());
             }
         }
-        let permit = acquire(limit)?;
-        let io = self.open(Carry::H2, connect_timeout).await?;
+        let permit = connect.permit()?;
+        let io = self.open(Carry::H2, connect).await?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -365,44 +345,6 @@ impl EndpointPool {
     }
 }
 
-/// An HTTP/1 connection lent to one response: back to its pool when the
-/// response body ends (see `body::Tail`), with no task spawned per request.
-pub struct Checkin {
-    pool: Weak<EndpointPool>,
-    sender: http1::SendRequest<ProxyBody>,
-}
-
-impl Checkin {
-    pub fn give_back(self) {
-        if let Some(pool) = self.pool.upgrade() {
-            if !self.sender.is_closed() {
-                pool.checkin_h1(self.sender);
-            }
-        }
-    }
-}
-
-/// The destination's connection limit, for the connection a request may open.
-pub struct ConnLimit<'a> {
-    pub bulkhead: &'a remora_resilience::Bulkhead,
-    pub critical: bool,
-}
-
-fn acquire(
-    limit: Option<&ConnLimit<'_>>,
-) -> Result<Option<remora_resilience::ConnPermit>, ProxyError> {
-    match limit {
-        None => Ok(None),
-        Some(l) => l
-            .bulkhead
-            .try_acquire_connection(l.critical)
-            .map(Some)
-            .map_err(|e| {
-                ProxyError::new(crate::error::Cause::Overloaded, format!("connections: {e}"))
-            }),
-    }
-}
-
 /// An error from an upstream exchange, classified for retries: a stream the
 /// server refused (HTTP/2 REFUSED_STREAM) was never processed.
 fn exchange_error(addr: SocketAddr, e: hyper::Error) -> ProxyError {
@@ -414,91 +356,5 @@ fn exchange_error(addr: SocketAddr, e: hyper::Error) -> ProxyError {
         ProxyError::refused(format!("{addr}: stream refused"))
     } else {
         ProxyError::upstream(format!("{addr}: {e}"))
-    }
-}
-
-/// Opens a TCP connection within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            crate::io::keepalive(&s);
-            Ok(s)
-        }
-        Ok(Err(e)) => Err(ProxyError::connect(format!("connect {addr}: {e}"))),
-        Err(_) => Err(ProxyError::connect(format!(
-            "connect {addr}: timed out after {timeout:?}"
-        ))),
-    }
-}
-
-/// An upstream connection: plaintext (the local app, a passthrough) or mTLS
-/// (a mesh peer).
-pub enum Conn {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl tokio::io::AsyncRead for Conn {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl tokio::io::AsyncWrite for Conn {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Plain(s) => s.is_write_vectored(),
-            Conn::Tls(s) => s.is_write_vectored(),
-        }
     }
 }

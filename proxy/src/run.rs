@@ -9,11 +9,14 @@
 //! `drain-grace` has passed.
 
 use crate::admin::{self, LogReload};
+use crate::certify::{self, Credentials};
 use crate::config::Settings;
+use crate::control_plane::ControlPlane;
+use crate::discovery::{self, Discovery, Registration};
 use crate::drain::Drainer;
 use crate::runtime::{bind_std, DataPlane};
 use crate::state::State;
-use crate::{discovery, inbound, outbound, serve};
+use crate::{inbound, outbound, serve};
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -108,8 +111,30 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
         reload,
         current_log,
     ));
-    tokio::spawn(crate::identity::run(state.clone()));
-    tokio::spawn(discovery::run(state.clone(), leave_rx));
+    let control_plane = ControlPlane {
+        address: state.settings.control_plane.clone(),
+        name: state.settings.control_plane_name.clone(),
+        ca_file: state.settings.ca_file.clone(),
+        identity: state.identity.clone(),
+    };
+    let credentials = Credentials {
+        token_file: state.settings.token_file.clone(),
+        lifetime: state.settings.cert_lifetime,
+    };
+    tokio::spawn(certify::run(control_plane.clone(), credentials));
+    let me = Registration {
+        service: state.settings.service.clone(),
+        namespace: state.settings.namespace.clone(),
+        instance_id: state.settings.instance_id.clone(),
+        labels: state.settings.labels.clone(),
+        advertise: state.settings.advertise.clone(),
+    };
+    let discovery = Discovery {
+        control_plane,
+        me,
+        data: state.clone(),
+    };
+    tokio::spawn(discovery::run(discovery, leave_rx));
     if let Some(target) = app_probe_target(&state.settings) {
         tokio::spawn(crate::app_health::run(state.clone(), target));
     }

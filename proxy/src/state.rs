@@ -19,7 +19,7 @@ pub struct State {
     pub pools: Arc<Pools>,
     /// Breaker, budget and bulkhead state kept across snapshots.
     pub registry: crate::destination::Registry,
-    pub telemetry: Telemetry,
+    pub telemetry: Arc<Telemetry>,
     /// Counters of this workload's own service (rate-limited answers).
     pub local_metrics: remora_telemetry::ServiceMetrics,
     /// The pool to the local application in explicit mode (127.0.0.1:app-port).
@@ -41,19 +41,16 @@ impl State {
             &settings.service,
             &settings.trust_domain,
         );
-        let pools = Pools::new(
-            PoolSettings {
-                max_idle_per_endpoint: settings.limits.pool_max_idle,
-                max_header_bytes: settings.limits.max_header_bytes,
-                connect_timeout: settings.limits.connect_timeout,
-                h2_connection_window: settings.limits.h2_connection_window(),
-                h2_keepalive: (
-                    settings.limits.h2_keepalive_interval,
-                    settings.limits.h2_keepalive_timeout,
-                ),
-            },
-            identity.clone(),
-        );
+        let pools = Pools::new(PoolSettings {
+            max_idle_per_endpoint: settings.limits.pool_max_idle,
+            max_header_bytes: settings.limits.max_header_bytes,
+            connect_timeout: settings.limits.connect_timeout,
+            h2_connection_window: settings.limits.h2_connection_window(),
+            h2_keepalive: (
+                settings.limits.h2_keepalive_interval,
+                settings.limits.h2_keepalive_timeout,
+            ),
+        });
         let app_pool = settings
             .app_port
             .map(|p| pools.get(SocketAddr::from((Ipv4Addr::LOCALHOST, p)), None));
@@ -64,7 +61,7 @@ impl State {
             pools,
             registry: crate::destination::Registry::default(),
             local_metrics,
-            telemetry,
+            telemetry: Arc::new(telemetry),
             app_pool,
             app_health: crate::app_health::AppHealth::default(),
             has_snapshot: AtomicBool::new(false),
@@ -101,16 +98,5 @@ impl State {
 
     pub fn set_draining(&self) {
         self.draining.store(true, Ordering::Release);
-    }
-
-    pub fn set_control_plane_connected(&self, up: bool) {
-        remora_telemetry::metrics::set_control_plane_connected(up);
-        // Discovery failing again and again may mean the control plane no
-        // longer accepts this workload's certificate (identity checks).
-        if up {
-            self.identity.control_plane_connected();
-        } else {
-            self.identity.control_plane_failed();
-        }
     }
 }

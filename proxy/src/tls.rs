@@ -11,13 +11,17 @@
 //!   the applications' HTTP/1.1 included), `http/1.1` (upgrades such as
 //!   WebSocket) or `remora-tcp` (opaque TCP).
 
+use crate::error::ProxyError;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpStream;
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
@@ -120,6 +124,32 @@ impl TlsConfigs {
             Carry::Tcp => self.client_tcp.clone(),
         }
     }
+}
+
+/// The client side of an mTLS handshake with the peer sidecar at `addr`
+/// over `tcp`, within `timeout`: this workload's certificate from `configs`,
+/// the peer's verified against the trust bundle and the identity that `peer`
+/// (its TLS server name) carries, and `carry`'s ALPN agreed.
+pub async fn connect(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    peer: &ServerName<'static>,
+    configs: &TlsConfigs,
+    carry: Carry,
+    timeout: Duration,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ProxyError> {
+    let connector = tokio_rustls::TlsConnector::from(configs.client(carry));
+    let tls = tokio::time::timeout(timeout, connector.connect(peer.clone(), tcp))
+        .await
+        .map_err(|_| ProxyError::connect(format!("{addr}: TLS handshake timed out")))?
+        .map_err(|e| ProxyError::connect(format!("{addr}: TLS handshake: {e}")).with_source(e))?;
+    if tls.get_ref().1.alpn_protocol() != Some(carry.alpn()) {
+        return Err(ProxyError::connect(format!(
+            "{addr}: the peer did not agree to {}",
+            String::from_utf8_lossy(carry.alpn())
+        )));
+    }
+    Ok(tls)
 }
 
 /// Presents this workload's certificate, as server and as client.

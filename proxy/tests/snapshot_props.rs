@@ -9,7 +9,6 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use remora_proto::v1::{Endpoint, Resource, Snapshot};
 use remora_proxy::destination::Registry;
-use remora_proxy::identity::Identity;
 use remora_proxy::mesh::Mesh;
 use remora_proxy::pool::{PoolSettings, Pools};
 use serde_json::{json, Value};
@@ -397,16 +396,13 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
 }
 
 fn pools() -> Arc<Pools> {
-    Pools::new(
-        PoolSettings {
-            max_idle_per_endpoint: 4,
-            max_header_bytes: 65_536,
-            connect_timeout: Duration::from_secs(1),
-            h2_connection_window: 1 << 20,
-            h2_keepalive: (Duration::from_secs(20), Duration::from_secs(10)),
-        },
-        Identity::new("shop", "frontend", "cluster.local"),
-    )
+    Pools::new(PoolSettings {
+        max_idle_per_endpoint: 4,
+        max_header_bytes: 65_536,
+        connect_timeout: Duration::from_secs(1),
+        h2_connection_window: 1 << 20,
+        h2_keepalive: (Duration::from_secs(20), Duration::from_secs(10)),
+    })
 }
 
 /// Whether the proxy's own validation accepts every document.

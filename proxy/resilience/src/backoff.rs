@@ -1,5 +1,7 @@
 //! Exponential backoff with full jitter between retry attempts, issue 4 §2
-//! (`retry.backoff: {base, max}`).
+//! (`retry.backoff: {base, max}`), and the same between the attempts of a
+//! long-lived client that keeps reconnecting ([`Attempts`]: the sidecar's
+//! discovery stream and certificate renewals).
 
 use std::time::Duration;
 
@@ -48,11 +50,48 @@ impl Backoff {
         self.jitter(attempt, rng.u64(..=u64::MAX))
     }
 
+    /// The delays of a series of attempts: before the first retry, the second, and so
+    /// on, until [`Attempts::reset`] starts the series again.
+    pub const fn attempts(self) -> Attempts {
+        Attempts {
+            backoff: self,
+            attempt: 0,
+        }
+    }
+
     fn jitter(&self, attempt: u32, random: u64) -> Duration {
         let ceiling = u64::try_from(self.ceiling(attempt).as_nanos()).unwrap_or(u64::MAX);
         // Map a uniform u64 onto [0, ceiling] without modulo bias.
         let nanos = (u128::from(random) * (u128::from(ceiling) + 1)) >> 64;
         Duration::from_nanos(nanos as u64)
+    }
+}
+
+/// A [`Backoff`] that counts its own attempts, for a client that reconnects until it
+/// succeeds and starts over once it has (see [`Backoff::attempts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempts {
+    backoff: Backoff,
+    /// Retries made since the last reset.
+    attempt: u32,
+}
+
+impl Attempts {
+    /// The delay before the next attempt: [`Backoff::delay`] of the attempts made so far.
+    pub fn next_delay(&mut self) -> Duration {
+        let delay = self.backoff.delay(self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        delay
+    }
+
+    /// The ceiling of the next delay ([`Backoff::ceiling`]).
+    pub fn next_ceiling(&self) -> Duration {
+        self.backoff.ceiling(self.attempt)
+    }
+
+    /// An attempt succeeded: the next delay is the shortest again.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
     }
 }
 
@@ -106,5 +145,35 @@ mod tests {
     fn zero_base_means_no_wait() {
         let b = Backoff::new(Duration::ZERO, ms(100));
         assert_eq!(b.delay(5), Duration::ZERO);
+    }
+
+    #[test]
+    fn attempts_grow_to_the_cap_and_start_over_after_a_reset() {
+        let mut a = Backoff::new(ms(100), ms(10_000)).attempts();
+        for n in 0..40u32 {
+            let ceiling = a.next_ceiling();
+            assert_eq!(
+                ceiling,
+                ms(100).saturating_mul(1 << n.min(20)).min(ms(10_000))
+            );
+            assert!(a.next_delay() <= ceiling, "attempt {n}");
+        }
+        assert_eq!(
+            a.next_ceiling(),
+            ms(10_000),
+            "capped, however many attempts"
+        );
+        a.reset();
+        assert_eq!(a.next_ceiling(), ms(100));
+        assert!(a.next_delay() <= ms(100));
+        assert_eq!(a.next_ceiling(), ms(200));
+    }
+
+    #[test]
+    fn attempts_are_jittered() {
+        let mut a = Backoff::new(ms(1_000), ms(1_000)).attempts();
+        let delays: Vec<Duration> = (0..200).map(|_| a.next_delay()).collect();
+        assert!(delays.iter().all(|d| *d <= ms(1_000)));
+        assert!(delays.iter().any(|d| *d < ms(500)) && delays.iter().any(|d| *d > ms(500)));
     }
 }

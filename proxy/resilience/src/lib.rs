@@ -11,7 +11,7 @@
 //! | --- | --- | --- |
 //! | §1 Timeouts | [`deadline`] | `grpc-timeout` parse/format, [`effective_deadline`], [`Deadline`] for what is left per attempt |
 //! | §2 Retries | [`retry`] | [`RetryOn`] (the route's `on` list), [`Outcome`], [`is_idempotent`], [`grpc_status_of`] |
-//! | §2 Retries | [`backoff`] | [`Backoff`]: exponential with full jitter |
+//! | §2 Retries | [`backoff`] | [`Backoff`]: exponential with full jitter; [`Attempts`] for a client that reconnects |
 //! | §2 Retry budget | [`budget`] | [`RetryBudget`]: ratio of requests plus a floor per second |
 //! | §3 Circuit breakers | [`breaker`] | [`Breaker`]: per-endpoint outlier ejection, [`Admission`] per request |
 //! | §4 Bulkheads | [`bulkhead`] | [`Bulkhead`]: in-flight, pending and connection limits with a critical reserve |
@@ -72,7 +72,7 @@ pub mod ratelimit;
 pub mod retry;
 mod window;
 
-pub use backoff::Backoff;
+pub use backoff::{Attempts, Backoff};
 pub use balance::{Balanced, Balancer, LeastRequest, P2cEwma, RoundRobin};
 pub use breaker::{Admission, Breaker, BreakerConfig, BreakerState};
 pub use budget::RetryBudget;

@@ -19,7 +19,7 @@ pub(crate) async fn handle(
     target: Target,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let mut obs = Observed::begin(&state, SpanKind::Client, OUTBOUND, &mut req);
+    let mut obs = Observed::begin(&state.telemetry, SpanKind::Client, OUTBOUND, &mut req);
     let grpc = obs.grpc;
     let resp = match route_and_forward(&state, &target, req, grpc, &mut obs).await {
         Ok(resp) => resp,

@@ -10,7 +10,9 @@
 //!    the destination's bulkhead, then retries within the budget;
 //! 4. balance: an endpoint of the chosen backend whose circuit is not open
 //!    (P2C over peak-EWMA by default), or the route's fallback;
-//! 5. connect: a pooled mTLS connection to the peer's inbound side.
+//! 5. connect: a pooled connection to the peer's inbound side; a new one is
+//!    mTLS ([`connect_mtls`]): this workload's certificate, and the peer's
+//!    checked for the identity its endpoint must have.
 //!
 //! This file holds the accept loop, interception and opaque TCP; `http.rs`
 //! the HTTP request path (2–3) and `retry.rs` the attempts (3–5).
@@ -21,6 +23,8 @@ mod retry;
 use self::http::handle;
 
 use crate::body::ProxyBody;
+use crate::connect::{self, ConnLimit, Connect};
+use crate::destination::Destination;
 use crate::drain::Drain;
 use crate::error::{Cause, ProxyError};
 use crate::io::{Activity, Prefixed};
@@ -29,7 +33,7 @@ use crate::observe::TcpObserved;
 use crate::serve::{serve_http, Builder, Speaks};
 use crate::state::State;
 use crate::tls::Carry;
-use crate::{detect, intercept, pool, tcp};
+use crate::{detect, intercept, tcp};
 use ::http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -132,13 +136,8 @@ pub(crate) async fn connect_tunnel(
     })?;
     let endpoint = pick_any(svc)?;
     let limits = &state.settings.limits;
-    let upstream = endpoint
-        .pool
-        .open(
-            Carry::Tcp,
-            svc.dest.connect_timeout.unwrap_or(limits.connect_timeout),
-        )
-        .await?;
+    let connect = connect_mtls(state, &svc.dest, false);
+    let upstream = endpoint.pool.open(Carry::Tcp, &connect).await?;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let idle = limits.tcp_idle_timeout;
     let mut obs = TcpObserved::begin(OUTBOUND, &svc.fqdn);
@@ -157,6 +156,27 @@ pub(crate) async fn connect_tunnel(
     let mut resp = Response::new(ProxyBody::empty());
     *resp.status_mut() = StatusCode::OK;
     Ok(resp)
+}
+
+/// Step 5, connect: how a new connection to a peer of `dest` is opened. TCP
+/// within the destination's connect timeout, then mTLS ([`tls::connect`]):
+/// this workload's certificate, the peer's checked against the trust bundle
+/// and the identity its endpoint must have. A request's connection (not an
+/// opaque TCP one) takes a permit from the destination's connection limit.
+///
+/// [`tls::connect`]: crate::tls::connect
+pub(crate) fn connect_mtls<'a>(
+    state: &'a State,
+    dest: &'a Destination,
+    critical: bool,
+) -> Connect<'a> {
+    let limits = &state.settings.limits;
+    let timeout = dest.connect_timeout.unwrap_or(limits.connect_timeout);
+    let limit = dest
+        .bulkhead
+        .as_ref()
+        .map(|bulkhead| ConnLimit { bulkhead, critical });
+    Connect::mtls(&state.identity, timeout).limited(limit)
 }
 
 pub(crate) fn pick_any(svc: &Service) -> Result<&Arc<Endpoint>, ProxyError> {
@@ -180,14 +200,14 @@ async fn relay_to_service<I>(
         Err(e) => return tracing::debug!(error = %e, "outbound tcp: no endpoint"),
     };
     let limits = &state.settings.limits;
-    let timeout = svc.dest.connect_timeout.unwrap_or(limits.connect_timeout);
     let mut obs = TcpObserved::begin(OUTBOUND, &svc.fqdn);
     obs.upstream = Some(endpoint.addr);
     obs.peer = Some(svc.identity.clone());
     let idle = svc
         .tcp_idle_timeout(port)
         .unwrap_or(limits.tcp_idle_timeout);
-    match endpoint.pool.open(Carry::Tcp, timeout).await {
+    let connect = connect_mtls(state, &svc.dest, false);
+    match endpoint.pool.open(Carry::Tcp, &connect).await {
         Ok(upstream) => {
             let r = tcp::relay_tracked(io, upstream, activity, idle).await;
             finish_tcp(state, obs, r);
@@ -206,7 +226,7 @@ where
     let limits = &state.settings.limits;
     let mut obs = TcpObserved::begin(OUTBOUND, "passthrough");
     obs.upstream = Some(addr);
-    match pool::connect(addr, limits.connect_timeout).await {
+    match connect::tcp(addr, limits.connect_timeout).await {
         Ok(upstream) => {
             let r = tcp::relay_tracked(io, upstream, activity, limits.tcp_idle_timeout).await;
             finish_tcp(state, obs, r);

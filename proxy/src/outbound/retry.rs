@@ -6,12 +6,12 @@
 //! Breakers and the balancer's latency record the response head: a gRPC error
 //! that only arrives in trailers is not counted against the endpoint.
 
+use super::connect_mtls;
 use crate::body::{ProxyBody, Upload};
 use crate::error::{Cause, ProxyError, RetryClass, Side};
 use crate::forward::{forward, is_upgrade};
 use crate::mesh::{Endpoint, Service};
 use crate::observe::Observed;
-use crate::pool::ConnLimit;
 use crate::replay::{Replay, DEFAULT_CAP};
 use crate::route::Rule;
 use crate::state::State;
@@ -49,7 +49,6 @@ pub(super) async fn attempts(
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let dest = &svc.dest;
     let limits = &state.settings.limits;
-    let connect_timeout = dest.connect_timeout.unwrap_or(limits.connect_timeout);
     // Upgrades (WebSocket) carry a connection, not a request: never retried.
     let retry = rule
         .and_then(|r| r.retry.as_ref())
@@ -111,16 +110,12 @@ pub(super) async fn attempts(
             .map(|t| deadline.map_or(t, |d| d.attempt_timeout(Some(t))));
         let in_flight = endpoint.pool.load.start();
         let started = Instant::now();
-        let conn_limit = dest.bulkhead.as_ref().map(|bulkhead| ConnLimit {
-            bulkhead,
-            critical: rule.is_some_and(|r| r.critical),
-        });
+        let connect = connect_mtls(state, dest, rule.is_some_and(|r| r.critical));
         let send = forward(
             Request::from_parts(head, this_body),
             &endpoint.pool,
-            connect_timeout,
+            &connect,
             limits.tcp_idle_timeout,
-            conn_limit.as_ref(),
             false,
         );
         let mut result = match per_try {
