@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
-use remora_proxy::config::{RunArgs, Settings};
+use remora_proxy::control::config::{RunArgs, Settings};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ enum Command {
     /// Run the proxy beside an application.
     Run(Box<RunArgs>),
     /// Install the iptables interception rules in this network namespace (init container).
-    Init(remora_proxy::init::InitArgs),
+    Init(remora_proxy::control::init::InitArgs),
     /// Block until the local proxy answers /ready (for an app's entrypoint).
     WaitReady {
         /// The proxy's health address.
@@ -33,8 +33,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => Settings::resolve(*args).and_then(remora_proxy::run::main),
-        Command::Init(args) => remora_proxy::init::init(&args),
+        Command::Run(args) => Settings::resolve(*args).and_then(remora_proxy::control::run::main),
+        Command::Init(args) => remora_proxy::control::init::init(&args),
         Command::WaitReady { health, timeout } => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

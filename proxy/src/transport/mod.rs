@@ -1,0 +1,15 @@
+//! The transport.
+pub mod body;
+pub mod connect;
+pub mod detect;
+pub mod drain;
+pub mod error;
+pub mod expect;
+pub mod forward;
+pub mod intercept;
+pub mod io;
+pub mod pool;
+pub mod replay;
+pub mod serve;
+pub mod tcp;
+pub mod tls;
