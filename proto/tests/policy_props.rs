@@ -4,6 +4,11 @@
 //! every valid document survives the trip through YAML and through the
 //! snapshot's JSON form unchanged.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "test code: \"quickly\" is a bound on real time"
+)]
+
 use proptest::collection::{btree_map, vec};
 use proptest::prelude::*;
 use proptest::test_runner::Config;

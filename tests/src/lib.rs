@@ -15,6 +15,11 @@
 //! [`bin`] refuses a binary older than any file cargo built it from (its
 //! dep-info), naming the file, so a test never runs a stale build.
 #![forbid(unsafe_code)]
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "test code: not a hot path, and its deadlines are real time"
+)]
 
 pub mod clients;
 pub mod faults;

@@ -1,6 +1,12 @@
 //! Failures that must not take the mesh down, with the policies users get by
 //! default (no DestinationPolicy, no retry on the route).
 
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "test code: not a hot path, and its deadlines are real time"
+)]
+
 use std::time::{Duration, Instant};
 
 use remora_tests::*;

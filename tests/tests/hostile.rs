@@ -3,6 +3,12 @@
 //! attacker would (raw sockets, no client library smoothing things over) and
 //! checks what the other clients and the application see.
 
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "test code: not a hot path, and its deadlines are real time"
+)]
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

@@ -23,6 +23,12 @@
 //! Bounded: 200 generated connections per run (`REMORA_FUZZ_CASES`
 //! overrides), well under 30 s.
 
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "test code: not a hot path, and its deadlines are real time"
+)]
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -16,6 +16,12 @@
 //!   become ready, and each refusal is counted with its reason. Bootstrap
 //!   tokens keep working beside ServiceAccount tokens.
 
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "test code: not a hot path, and its deadlines are real time"
+)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -2,6 +2,12 @@
 //! `remora-proxy wait-ready` blocks an app's entrypoint until the local proxy
 //! is ready, and gives up (exit 1) when it never becomes ready.
 
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "test code: not a hot path, and its deadlines are real time"
+)]
+
 use remora_tests::*;
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -8,6 +8,12 @@
 //! test chooses by path, so that it can refuse an upload unread, break off a
 //! response, or answer only HTTP/2.
 
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "test code: not a hot path, and its deadlines are real time"
+)]
+
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

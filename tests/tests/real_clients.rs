@@ -19,6 +19,12 @@
 //! cargo build --workspace --bins && sudo cargo test -p remora-tests --test real_clients
 //! ```
 
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "test code: not a hot path, and its deadlines are real time"
+)]
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Output, Stdio};

@@ -3,6 +3,12 @@
 //! proxies: the JWK set is served over HTTP by the test, fetched by the
 //! control plane and pushed; the keys and tokens are made here.
 
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "test code: not a hot path, and its deadlines are real time"
+)]
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -5,6 +5,12 @@
 //! (127.0.0.1) keeps at most 16 and `/config_dump` still answers; a
 //! connection that sends no complete request head is closed after 5 s.
 
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "test code: not a hot path, and its deadlines are real time"
+)]
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

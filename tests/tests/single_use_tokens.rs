@@ -6,6 +6,12 @@
 //! after the token is both used up and expired, because a renewal is
 //! authenticated by the certificate it holds.
 
+#![allow(
+    clippy::disallowed_methods,
+    clippy::disallowed_types,
+    reason = "test code: not a hot path, and its deadlines are real time"
+)]
+
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use remora_tests::*;

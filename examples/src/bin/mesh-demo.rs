@@ -13,7 +13,7 @@ use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
@@ -24,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use remora_examples::explicit_proxy::ProxyConnector;
 use remora_examples::probe;
+use tokio::time::Instant;
 
 /// The demo's policies, applied with `remora-control apply -f -`.
 const SHOP_YAML: &str = include_str!("../../policies/shop.yaml");
@@ -496,8 +497,8 @@ where
 /// at once, to another listener or to an outgoing connection (a sidecar's to
 /// the control plane), before the process meant to listen on it starts.
 fn free_addrs<const N: usize>() -> anyhow::Result<[SocketAddr; N]> {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    static GIVEN: parking_lot::Mutex<Vec<u16>> = parking_lot::const_mutex(Vec::new());
+    let mut given = GIVEN.lock();
     let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())

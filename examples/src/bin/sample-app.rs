@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -51,6 +51,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use parking_lot::Mutex;
 use remora_proto::examples::echo_server::{Echo, EchoServer};
 use remora_proto::examples::{EchoReply, EchoRequest};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -164,7 +165,7 @@ impl App {
     /// Counts one ordinary request to `path`.
     fn count(&self, path: &str) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let mut paths = self.paths.lock().unwrap_or_else(|e| e.into_inner());
+        let mut paths = self.paths.lock();
         if let Some(n) = paths.get_mut(path) {
             *n += 1;
         } else if paths.len() < 1000 {
@@ -365,7 +366,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Response<Body> {
     }
     if path == "/stats" {
         let n = app.requests.load(Ordering::Relaxed);
-        let paths = app.paths.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let paths = app.paths.lock().clone();
         let f = &app.faults;
         return json(
             StatusCode::OK,

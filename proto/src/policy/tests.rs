@@ -100,6 +100,10 @@ fn a_key_given_twice_is_refused_and_named() {
 }
 
 #[test]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "\"quickly\" is a bound on real time"
+)]
 fn nesting_past_the_limit_is_refused_quickly_and_named() {
     let started = std::time::Instant::now();
     let flow = format!("spec:\n  ports: {}", "[".repeat(200 * 1024));
