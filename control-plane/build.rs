@@ -9,8 +9,8 @@ fn main() {
         .name("stream")
         .route_name("Stream")
         .input_type("remora_proto::v1::DiscoveryRequest")
-        .output_type("crate::push::EncodedSnapshot")
-        .codec_path("crate::push::DiscoveryCodec")
+        .output_type("crate::discovery::push::EncodedSnapshot")
+        .codec_path("crate::discovery::push::DiscoveryCodec")
         .client_streaming()
         .server_streaming()
         .build();

@@ -12,7 +12,7 @@
 //! `https://` URIs are checked against the system's roots (`SSL_CERT_FILE`,
 //! else `/etc/ssl/certs/ca-certificates.crt`).
 
-use crate::registry::Registry;
+use crate::discovery::registry::Registry;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Limited};
 use remora_proto::jwt::{KeySet, MAX_JWKS_BYTES};
@@ -234,7 +234,7 @@ fn tls_connector() -> Result<tokio_rustls::TlsConnector, String> {
     let pem = std::fs::read_to_string(&path)
         .map_err(|e| format!("reading the system roots {}: {e}", path.display()))?;
     let mut roots = rustls::RootCertStore::empty();
-    for cert in crate::pem::parse_certs(&pem)? {
+    for cert in crate::identity::pem::parse_certs(&pem)? {
         // A bundle may hold a certificate rustls cannot use; skip it.
         let _ = roots.add(cert);
     }

@@ -6,9 +6,9 @@
 //! intermediate. Its `signer_id` is the lowercase hex SHA-256 of its DER.
 //! [`Authority`] holds the current [`CaState`] behind an `ArcSwap`, so issuing
 //! never waits on a rotation; where the state comes from and how it is kept is
-//! [`crate::ca_store`]'s job.
+//! [`crate::identity::ca_store`]'s job.
 
-use crate::pem::{self, cert_pem};
+use crate::identity::pem::{self, cert_pem};
 use arc_swap::ArcSwap;
 use rcgen::string::Ia5String;
 use rcgen::{

@@ -1,6 +1,8 @@
 //! Unit tests of [`super`] (the registry).
 
 use super::*;
+use crate::discovery::lease::{GenerationLease, LEASE_BLOCK};
+use crate::identity::db::IdentityDb;
 use crate::metrics::registry::*;
 
 fn reg(instance: &str, address: &str) -> Register {

@@ -9,7 +9,7 @@
 //! the token it sends along must only be genuine and not revoked, and no use
 //! is counted, so a single-use token keeps its workload renewing.
 //!
-//! Every certificate is written to the ledger ([`crate::issued`]) before it
+//! Every certificate is written to the ledger ([`crate::identity::issued`]) before it
 //! is handed out, with the certificate a renewal replaces: that is how a
 //! root rotation knows which old-root certificates may still be in use.
 //!
@@ -20,10 +20,10 @@
 //! identity (or the token proves another one than the client certificate).
 //! Every answer is counted for `/metrics`.
 
-use crate::ca::Authority;
-use crate::issued::{IssuedCert, Ledger};
+use crate::identity::ca::Authority;
+use crate::identity::issued::{IssuedCert, Ledger};
+use crate::identity::tokens::{AuthError, WorkloadAuthenticator};
 use crate::metrics::certs::CertMetrics;
-use crate::tokens::{AuthError, WorkloadAuthenticator};
 use rcgen::{CertificateSigningRequestParams, SanType};
 use remora_proto::util::now_unix;
 use remora_proto::v1::identity_server::Identity;
@@ -196,10 +196,10 @@ impl Identity for IdentityService {
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
         let peer = request.remote_addr();
-        let presented = match crate::tls::peer_spiffe_id(&request) {
+        let presented = match crate::identity::peer::peer_spiffe_id(&request) {
             Ok(holder) => holder.map(|spiffe_id| Presented {
                 spiffe_id,
-                serial: crate::tls::peer_serial(&request),
+                serial: crate::identity::peer::peer_serial(&request),
             }),
             Err(status) => {
                 self.metrics.refuse("identity_mismatch");

@@ -148,12 +148,12 @@ pub struct InjectArgs {
     /// control plane needs --kubernetes-issuer), or the Secret
     /// remora-token-<service> holding a bootstrap token
     #[arg(long, value_enum, default_value = "projected", value_name = "SOURCE")]
-    pub token_source: crate::inject::TokenSource,
+    pub token_source: crate::cli::inject::TokenSource,
     /// The audience of the projected ServiceAccount token (the control
     /// plane's --kubernetes-audience)
     #[arg(
         long,
-        default_value = crate::kubernetes::DEFAULT_AUDIENCE,
+        default_value = crate::identity::kubernetes::DEFAULT_AUDIENCE,
         value_name = "AUD",
         value_parser = NonEmptyStringValueParser::new()
     )]
@@ -353,12 +353,12 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     /// The Kubernetes ServiceAccount token settings, if any were given.
-    pub fn kubernetes(&self) -> Option<crate::kubernetes::KubernetesConfig> {
+    pub fn kubernetes(&self) -> Option<crate::identity::kubernetes::KubernetesConfig> {
         let (issuer, jwks) = (
             self.kubernetes_issuer.as_ref()?,
             self.kubernetes_jwks.as_ref()?,
         );
-        let mut config = crate::kubernetes::KubernetesConfig::new(issuer, jwks);
+        let mut config = crate::identity::kubernetes::KubernetesConfig::new(issuer, jwks);
         if let Some(audience) = &self.kubernetes_audience {
             config.audience.clone_from(audience);
         }
@@ -607,7 +607,7 @@ mod tests {
             };
             Ok::<_, clap::Error>((inject.token_source, inject.token_audience))
         };
-        use crate::inject::TokenSource;
+        use crate::cli::inject::TokenSource;
         assert_eq!(
             inject(&[]).unwrap(),
             (TokenSource::Projected, "remora".to_string())

@@ -4,7 +4,7 @@
 //! `remora-control`), whatever the scheme of `--server`; and [`Admin`], the
 //! Admin client the commands use, with the admin token on every call.
 
-use crate::cli::{server_url, GlobalArgs, DEFAULT_SERVER_NAME};
+use crate::cli::args::{server_url, GlobalArgs, DEFAULT_SERVER_NAME};
 use crate::data_dir::{default_bundle_path, read_token, token_path};
 use anyhow::{anyhow, bail};
 use remora_proto::v1::admin_client::AdminClient;

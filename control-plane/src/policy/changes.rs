@@ -3,7 +3,7 @@
 //! YAML rendering and unified diff of versions. Pure functions, no I/O.
 
 use crate::human;
-use crate::store::State;
+use crate::policy::store::State;
 use remora_proto::policy::{Document, ResourceKey};
 use std::collections::BTreeMap;
 

@@ -1,9 +1,9 @@
 //! `remora-control token create|revoke|list` and `remora-control ca rotate`.
 
-use crate::cli::{CaCommand, TokenCommand};
-use crate::connect::Admin;
+use crate::cli::args::{CaCommand, TokenCommand};
+use crate::cli::connect::Admin;
+use crate::cli::output::{self, note, out, outln};
 use crate::human;
-use crate::output::{self, note, out, outln};
 use remora_proto::v1::{
     CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, RotateCaRequest,
 };

@@ -13,15 +13,15 @@
 //! handshake uses it, without a restart and without touching open
 //! connections. Every connection is accepted at once and its handshake runs
 //! in a task of its own, bounded in time (`--handshake-timeout`) and in
-//! number, in all and per source ([`crate::conn_limit`]: a source at its
+//! number, in all and per source ([`crate::server::conn_limit`]: a source at its
 //! bound, or the busiest one when all slots are taken, gives up its oldest
 //! pending handshake), so connections that never finish a handshake cannot
 //! keep anyone else from connecting. Finished `tokio_rustls` streams feed
 //! tonic's `serve_with_incoming`, whose `Connected` impl for them puts the
 //! peer's certificates in each request (`Request::peer_certs`).
 
-use crate::ca::{self, CaState, ServerCert};
-use crate::conn_limit::ConnLimiter;
+use crate::identity::ca::{self, CaState, ServerCert};
+use crate::server::conn_limit::ConnLimiter;
 use arc_swap::ArcSwap;
 use parking_lot::{Mutex, MutexGuard};
 use remora_proto::util::now_unix;
@@ -36,7 +36,6 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Status};
 
 /// The names every server certificate carries, besides `--server-name`s.
 pub const DEFAULT_SERVER_NAMES: [&str; 3] = ["remora-control", "localhost", "127.0.0.1"];
@@ -244,33 +243,5 @@ async fn handshake(
             tracing::debug!(%peer, "TLS handshake timed out");
             None
         }
-    }
-}
-
-/// The serial (lowercase hex) of the client certificate of a request, if it
-/// presented one.
-pub fn peer_serial<T>(request: &Request<T>) -> Option<String> {
-    let certs = request.peer_certs()?;
-    ca::serial_hex(certs.first()?).ok()
-}
-
-/// The SPIFFE ID in the client certificate of a request: `None` when the
-/// client presented no certificate. The TLS layer already verified the chain
-/// against the trust bundle; a certificate without exactly one URI SAN is
-/// refused.
-pub fn peer_spiffe_id<T>(request: &Request<T>) -> Result<Option<String>, Status> {
-    let Some(certs) = request.peer_certs() else {
-        return Ok(None);
-    };
-    let Some(leaf) = certs.first() else {
-        return Ok(None);
-    };
-    let uris = ca::uri_sans(leaf)
-        .map_err(|e| Status::unauthenticated(format!("cannot read the client certificate: {e}")))?;
-    match uris.as_slice() {
-        [one] if one.starts_with("spiffe://") => Ok(Some(one.clone())),
-        _ => Err(Status::unauthenticated(format!(
-            "the client certificate must carry exactly one spiffe:// URI SAN (it has {uris:?})"
-        ))),
     }
 }

@@ -1,6 +1,6 @@
 //! The identity database, `<data-dir>/identity.redb` (mode 0600): bootstrap
 //! tokens, the generated CA's record (its private key included) and the
-//! ledger of the workload certificates issued ([`crate::issued`]). Every
+//! ledger of the workload certificates issued ([`crate::identity::issued`]). Every
 //! write is a durable redb transaction (an fsync before it returns), so a
 //! `kill -9` leaves either the old or the new record, never half of one.
 //!

@@ -1,7 +1,7 @@
 //! Bootstrap tokens: each proves one workload identity to `Identity.Certify`.
 //!
 //! A token is `<id>.<secret>`: the id is 8 random bytes and the secret 32, both
-//! lowercase hex. Only SHA-256(secret) is stored (in [`crate::identity_db`]),
+//! lowercase hex. Only SHA-256(secret) is stored (in [`crate::identity::db`]),
 //! with the identity, creation and expiry times and a revoked flag; the token
 //! itself is shown once, when it is created.
 //!
@@ -19,18 +19,15 @@
 //!
 //! Verification sits behind [`WorkloadAuthenticator`], so that another kind of
 //! credential sits beside it: Kubernetes ServiceAccount tokens
-//! ([`crate::kubernetes`]).
+//! ([`crate::identity::kubernetes`]).
 
-use crate::identity_db::{DbError, IdentityDb, TOKENS};
+use crate::identity::db::{DbError, IdentityDb, TOKENS};
 use crate::secret;
-use remora_proto::util::hex;
+use remora_proto::util::{hex, now_unix};
 use remora_proto::SpiffeId;
 use ring::digest::{digest, SHA256};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-
-/// Kept for the control plane's integration tests (`control-plane/tests`).
-pub use remora_proto::util::now_unix;
 
 const ID_BYTES: usize = 8;
 const SECRET_BYTES: usize = 32;

@@ -18,7 +18,7 @@
 //!
 //! Blocking (redb): callers run it on the blocking pool.
 
-use crate::identity_db::{DbError, IdentityDb, CERTS, META};
+use crate::identity::db::{DbError, IdentityDb, CERTS, META};
 use parking_lot::{Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -1,8 +1,8 @@
 //! The Admin RPCs about identity: bootstrap tokens and root rotation.
-//! [`crate::admin::AdminService`] delegates to these.
+//! [`crate::server::admin::AdminService`] delegates to these.
 
-use crate::rotation::{Rotation, RotationError};
-use crate::tokens::{TokenError, TokenRecord, TokenStore};
+use crate::identity::tokens::{TokenError, TokenRecord, TokenStore};
+use crate::server::rotation::{Rotation, RotationError};
 use remora_proto::v1::{
     CreateTokenRequest, CreateTokenResponse, ListTokensResponse, RevokeTokenResponse,
     RotateCaResponse, TokenInfo,

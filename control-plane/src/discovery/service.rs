@@ -12,14 +12,14 @@
 //! including when HTTP/2 keepalive finds the proxy gone — the proxy and its
 //! endpoint are removed.
 //!
-//! For root rotations ([`crate::issued`]): a proxy that deregistered before
+//! For root rotations ([`crate::identity::issued`]): a proxy that deregistered before
 //! its stream closed left for good, so the certificates it held are no
 //! longer in use; so are those of an instance that registers again with a
 //! certificate not renewed from its previous one (it restarted).
 
-use crate::issued::Ledger;
-use crate::push::{Discovery, EncodedSnapshot, Published};
-use crate::registry::{Registry, StreamId};
+use crate::discovery::push::{Discovery, EncodedSnapshot, Published};
+use crate::discovery::registry::{Registry, StreamId};
+use crate::identity::issued::Ledger;
 use remora_proto::util::now_unix_ms;
 use remora_proto::v1::discovery_request::Kind as RequestKind;
 use remora_proto::v1::{Ack, DiscoveryRequest, Register};
@@ -110,14 +110,14 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let Some(peer) = crate::tls::peer_spiffe_id(&request)? else {
+        let Some(peer) = crate::identity::peer::peer_spiffe_id(&request)? else {
             tracing::warn!(peer = ?request.remote_addr(), "discovery stream without a client certificate refused");
             return Err(Status::unauthenticated(
                 "a discovery stream needs a client certificate: get one from Identity.Certify \
                  and present it in the TLS handshake",
             ));
         };
-        let serial = crate::tls::peer_serial(&request).unwrap_or_default();
+        let serial = crate::identity::peer::peer_serial(&request).unwrap_or_default();
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         tokio::spawn(accept(
             self.registry.clone(),

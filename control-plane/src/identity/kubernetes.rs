@@ -27,7 +27,7 @@
 //! credential shaped like a JWT goes to the Kubernetes verifier, anything
 //! else to the [`TokenStore`].
 
-use crate::tokens::{AuthError, TokenStore, WorkloadAuthenticator, WorkloadIdentity};
+use crate::identity::tokens::{AuthError, TokenStore, WorkloadAuthenticator, WorkloadIdentity};
 use parking_lot::Mutex;
 use remora_proto::identity::check_name;
 use remora_proto::jwt::{self, Claims, Expected, KeySet};
@@ -345,7 +345,7 @@ impl WorkloadAuthenticator for CompositeAuthenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity_db::IdentityDb;
+    use crate::identity::db::IdentityDb;
     use crate::metrics::certs::{CertMetrics, REFUSAL_REASONS};
     use remora_proto::jwt::testing::{self, ec, hs256, jwks, now, raw, rsa, rsa_other, sign};
     use serde_json::json;

@@ -1,10 +1,10 @@
 //! The control plane's small HTTP server (default 127.0.0.1:15014):
 //! `/live`, `/ready` and `/metrics` (Prometheus text).
 
-use crate::ca::Authority;
-use crate::conn_limit::ConnLimiter;
+use crate::discovery::registry::Registry;
+use crate::identity::ca::Authority;
 use crate::metrics::certs::CertMetrics;
-use crate::registry::Registry;
+use crate::server::conn_limit::ConnLimiter;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -150,7 +150,7 @@ pub fn metrics(health: &Health) -> String {
     let mut out = registry.metrics.render();
     health.certs.render(&mut out);
     if !health.listeners.is_empty() {
-        crate::conn_limit::render_header(&mut out);
+        crate::server::conn_limit::render_header(&mut out);
         for listener in &health.listeners {
             listener.render(&mut out);
         }

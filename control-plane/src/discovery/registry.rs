@@ -12,10 +12,10 @@
 //! durably, and a restart starts after the last block reserved, so no two
 //! pushes ever carry the same version.
 
-use crate::identity_db::{DbError, IdentityDb, META};
+use crate::discovery::lease::GenerationLease;
+use crate::discovery::push::Published;
 use crate::metrics::registry::RegistryMetrics;
-use crate::push::Published;
-use crate::store::State;
+use crate::policy::store::State;
 use parking_lot::{Mutex, MutexGuard};
 use remora_proto::v1::{Ack, Endpoint, ProxyStatus, Register, Resource, Snapshot};
 use remora_proto::SpiffeId;
@@ -93,61 +93,8 @@ fn generation_of(version: &str) -> Option<u64> {
     version.rsplit_once('.')?.1.parse().ok()
 }
 
-/// Generations reserved at a time: a restart skips at most this many.
-const LEASE_BLOCK: u64 = 1000;
-const LEASE_KEY: &str = "snapshot_generation_reserved";
 /// Instance ids remembered with their last certificate.
 const MAX_REMEMBERED_INSTANCES: usize = 65_536;
-
-/// Snapshot generations reserved durably (in the identity database), so that
-/// a restarted control plane never publishes a version it published before.
-pub struct GenerationLease {
-    db: IdentityDb,
-    /// Generations up to this one may be used.
-    reserved: u64,
-    /// The generation the first snapshot of this process follows.
-    pub start: u64,
-}
-
-impl std::fmt::Debug for GenerationLease {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GenerationLease")
-            .field("reserved", &self.reserved)
-            .field("start", &self.start)
-            .finish_non_exhaustive()
-    }
-}
-
-impl GenerationLease {
-    /// Starts after every generation reserved before, and reserves a block.
-    /// Blocking (redb).
-    pub fn open(db: IdentityDb) -> Result<GenerationLease, DbError> {
-        let start = db
-            .get(META, LEASE_KEY)?
-            .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        let reserved = start.saturating_add(LEASE_BLOCK);
-        db.put(META, LEASE_KEY, reserved.to_string().as_bytes())?;
-        Ok(GenerationLease {
-            db,
-            reserved,
-            start,
-        })
-    }
-
-    /// Makes sure `generation` is reserved (a durable write once per block).
-    fn cover(&mut self, generation: u64) {
-        if generation <= self.reserved {
-            return;
-        }
-        let next = generation.saturating_add(LEASE_BLOCK);
-        match self.db.put(META, LEASE_KEY, next.to_string().as_bytes()) {
-            Ok(()) => self.reserved = next,
-            Err(e) => tracing::error!(error = %e, generation,
-                "cannot reserve snapshot generations: a restart may reuse versions"),
-        }
-    }
-}
 
 /// A connected proxy that has not shown it runs on a given signer.
 #[derive(Debug, Clone)]
@@ -615,5 +562,4 @@ pub fn resources_of(state: &State) -> Vec<Resource> {
 }
 
 #[cfg(test)]
-#[path = "registry_tests.rs"]
 mod tests;

@@ -13,7 +13,7 @@
 //! seconds. Something still needs it while any of these holds:
 //! - a connected proxy has not acked a snapshot from the rotation on while
 //!   running a certificate from the new root;
-//! - the ledger ([`crate::issued`]) holds a certificate from the old root
+//! - the ledger ([`crate::identity::issued`]) holds a certificate from the old root
 //!   that has not expired and was not replaced (renewed, or its workload
 //!   left): its proxy may be away (a network blip, a control-plane restart)
 //!   and must be able to come back and renew;
@@ -27,14 +27,14 @@
 //!
 //! The same task renews the server certificate when a third of it is left.
 
-use crate::ca::{self, generate_root, Authority, CaState};
-use crate::ca_store;
+use crate::discovery::registry::{Registry, Trust};
 use crate::human::{self, short};
-use crate::identity_db::IdentityDb;
-use crate::issued::Ledger;
-use crate::registry::{Registry, Trust};
-use crate::tls::ServerTls;
-use crate::tokens::TokenStore;
+use crate::identity::ca::{self, generate_root, Authority, CaState};
+use crate::identity::ca_store;
+use crate::identity::db::IdentityDb;
+use crate::identity::issued::Ledger;
+use crate::identity::tokens::TokenStore;
+use crate::server::tls::ServerTls;
 use remora_proto::util::now_unix;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

@@ -3,25 +3,28 @@
 //! Identity, Admin, health, reflection) and the HTTP listener (`/live`,
 //! `/ready`, `/metrics`), and runs until told to stop.
 
-use crate::admin::{AdminIdentity, AdminService};
-use crate::auth::{load_or_create_token, AdminAuth};
-use crate::ca::{Authority, LifetimePolicy, MIN_CERT_LIFETIME};
-use crate::ca_store::{self, OperatorCa};
-use crate::conn_limit::{ConnLimiter, Limits};
-use crate::discovery::DiscoveryService;
-use crate::http::{self, Health};
-use crate::identity::IdentityService;
-use crate::identity_db::IdentityDb;
-use crate::issued::Ledger;
-use crate::kubernetes::{CompositeAuthenticator, KubernetesAuthenticator, KubernetesConfig};
+use crate::discovery::lease::GenerationLease;
+use crate::discovery::push::DiscoveryServer;
+use crate::discovery::registry::Registry;
+use crate::discovery::service::DiscoveryService;
+use crate::identity::ca::{Authority, LifetimePolicy, MIN_CERT_LIFETIME};
+use crate::identity::ca_store::{self, OperatorCa};
+use crate::identity::certify::IdentityService;
+use crate::identity::db::IdentityDb;
+use crate::identity::issued::Ledger;
+use crate::identity::kubernetes::{
+    CompositeAuthenticator, KubernetesAuthenticator, KubernetesConfig,
+};
+use crate::identity::tokens::{TokenStore, WorkloadAuthenticator};
 use crate::metrics::certs::CertMetrics;
-use crate::push::DiscoveryServer;
-use crate::reflection;
-use crate::registry::{GenerationLease, Registry};
-use crate::rotation::{trust_of, Rotation};
-use crate::store::Store;
-use crate::tls::ServerTls;
-use crate::tokens::{TokenStore, WorkloadAuthenticator};
+use crate::policy::store::Store;
+use crate::server::admin::auth::{load_or_create_token, AdminAuth};
+use crate::server::admin::{AdminIdentity, AdminService};
+use crate::server::conn_limit::{ConnLimiter, Limits};
+use crate::server::http::{self, Health};
+use crate::server::reflection;
+use crate::server::rotation::{trust_of, Rotation};
+use crate::server::tls::ServerTls;
 use anyhow::Context as _;
 use remora_proto::util::now_unix;
 use remora_proto::v1::admin_server::AdminServer;
@@ -93,12 +96,12 @@ impl ServeConfig {
             operator_ca: None,
             cert_lifetime: DEFAULT_CERT_LIFETIME,
             max_cert_lifetime: DEFAULT_CERT_LIFETIME,
-            handshake_timeout: crate::tls::DEFAULT_HANDSHAKE_TIMEOUT,
-            max_handshakes: crate::tls::DEFAULT_MAX_HANDSHAKES,
-            max_handshakes_per_source: crate::tls::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            handshake_timeout: crate::server::tls::DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: crate::server::tls::DEFAULT_MAX_HANDSHAKES,
+            max_handshakes_per_source: crate::server::tls::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
             http_max_connections: http::DEFAULT_MAX_CONNECTIONS,
             http_header_read_timeout: http::DEFAULT_HEADER_READ_TIMEOUT,
-            max_apply_bytes: crate::admin::DEFAULT_MAX_APPLY_BYTES,
+            max_apply_bytes: crate::server::admin::DEFAULT_MAX_APPLY_BYTES,
             kubernetes: None,
         }
     }
@@ -204,7 +207,10 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Loads the CA (the operator's, or the generated one, created on first use).
-async fn load_ca(config: &ServeConfig, db: &IdentityDb) -> anyhow::Result<crate::ca::CaState> {
+async fn load_ca(
+    config: &ServeConfig,
+    db: &IdentityDb,
+) -> anyhow::Result<crate::identity::ca::CaState> {
     let operator = config.operator_ca.clone();
     let db = db.clone();
     let trust_domain = config.trust_domain.clone();
@@ -279,7 +285,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let (ledger, lease) = tokio::task::spawn_blocking(move || {
         let ledger = Ledger::open(ledger_db.clone(), now_unix())?;
         let lease = GenerationLease::open(ledger_db)?;
-        Ok::<_, crate::identity_db::DbError>((ledger, lease))
+        Ok::<_, crate::identity::db::DbError>((ledger, lease))
     })
     .await
     .context("identity database task failed")?
@@ -396,9 +402,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         // so that an oversized apply gets the service's answer naming the
         // limit rather than the codec's.
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            AdminServer::new(admin).max_decoding_message_size(crate::admin::max_decoding_bytes(
-                config.max_apply_bytes,
-            )),
+            AdminServer::new(admin).max_decoding_message_size(
+                crate::server::admin::max_decoding_bytes(config.max_apply_bytes),
+            ),
             AdminAuth::new(&token),
         ));
     let handshake_slots = ConnLimiter::new(
@@ -428,7 +434,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     });
     let rotation_task = tokio::spawn(rotation.clone().run(signal(shutdown_rx.clone())));
     // Ends with the others on shutdown; nothing waits for it.
-    tokio::spawn(crate::jwks::run(
+    tokio::spawn(crate::discovery::jwks::run(
         registry.clone(),
         signal(shutdown_rx.clone()),
     ));
@@ -466,29 +472,4 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         http,
         rotation_task,
     })
-}
-
-/// Runs the control plane until SIGTERM or SIGINT.
-pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    let running = start(config).await?;
-    crate::output::note(format_args!(
-        "remora-control listening on {} (TLS; trust bundle in {})",
-        running.grpc_addr,
-        running.ca_file.display()
-    ));
-    tracing::info!(grpc = %running.grpc_addr, http = %running.http_addr, "ready");
-    wait_for_signal().await?;
-    tracing::info!("shutting down");
-    running.shutdown().await
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }

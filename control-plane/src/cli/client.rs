@@ -3,11 +3,11 @@
 //! Errors come back as [`anyhow::Error`] with a message meant for a person;
 //! `main` prints them and exits 1.
 
-use crate::cli::{ApplyArgs, Command, DeleteArgs, GetArgs, GlobalArgs, Output};
-use crate::connect::Admin;
+use crate::cli::args::{ApplyArgs, Command, DeleteArgs, GetArgs, GlobalArgs, Output};
+use crate::cli::connect::Admin;
+use crate::cli::identity_commands;
+use crate::cli::output::{self, note, out, outln};
 use crate::human;
-use crate::identity_commands;
-use crate::output::{self, note, out, outln};
 use anyhow::{bail, Context as _};
 use remora_proto::v1::{
     ApplyRequest, ApplyResponse, DeleteRequest, DiffRequest, GetRequest, HistoryRequest,

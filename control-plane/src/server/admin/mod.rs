@@ -1,6 +1,6 @@
 //! The `remora.v1.Admin` gRPC service: apply, get, delete, history, diff,
 //! rollback and status, plus bootstrap tokens and root rotation (in
-//! [`crate::admin_identity`]). Authentication is the [`crate::auth::AdminAuth`]
+//! [`identity`]). Authentication is the [`auth::AdminAuth`]
 //! interceptor in front of it.
 //!
 //! Every change is validated whole, committed durably, and only then published
@@ -10,14 +10,16 @@
 //! [`remora_proto::policy::MAX_NESTING_DEPTH`], so no document can hold up
 //! discovery, certificates or the other Admin calls.
 
-use crate::admin_identity;
-use crate::ca::Authority;
-use crate::changes::{self, Plan};
+pub mod auth;
+pub mod identity;
+
+use crate::discovery::registry::{resources_of, Registry};
 use crate::human;
-use crate::registry::{resources_of, Registry};
-use crate::rotation::Rotation;
-use crate::store::{HistoryRecord, Store, StoreError};
-use crate::tokens::TokenStore;
+use crate::identity::ca::Authority;
+use crate::identity::tokens::TokenStore;
+use crate::policy::changes::{self, Plan};
+use crate::policy::store::{HistoryRecord, Store, StoreError};
+use crate::server::rotation::Rotation;
 use remora_proto::policy::{parse_documents, Document, Kind, ResourceKey};
 use remora_proto::v1::admin_server::Admin;
 use remora_proto::v1::{
@@ -226,7 +228,7 @@ impl Admin for AdminService {
                     req.version
                 };
                 let state = store.state_at(version).map_err(store_status)?;
-                let selected: crate::store::State = state
+                let selected: crate::policy::store::State = state
                     .iter()
                     .filter(|(key, _)| {
                         kind.is_none_or(|k| key.kind == k)
@@ -341,7 +343,7 @@ impl Admin for AdminService {
         &self,
         request: Request<CreateTokenRequest>,
     ) -> Result<Response<CreateTokenResponse>, Status> {
-        admin_identity::create_token(&self.identity.tokens, request.into_inner())
+        identity::create_token(&self.identity.tokens, request.into_inner())
             .await
             .map(Response::new)
     }
@@ -351,8 +353,7 @@ impl Admin for AdminService {
         request: Request<RevokeTokenRequest>,
     ) -> Result<Response<RevokeTokenResponse>, Status> {
         let revoked =
-            admin_identity::revoke_token(&self.identity.tokens, request.into_inner().token_id)
-                .await?;
+            identity::revoke_token(&self.identity.tokens, request.into_inner().token_id).await?;
         // Its certificates no longer hold a rotation.
         let rotation = self.identity.rotation.clone();
         tokio::spawn(async move { rotation.check().await });
@@ -363,7 +364,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        admin_identity::list_tokens(&self.identity.tokens)
+        identity::list_tokens(&self.identity.tokens)
             .await
             .map(Response::new)
     }
@@ -372,7 +373,7 @@ impl Admin for AdminService {
         &self,
         request: Request<RotateCaRequest>,
     ) -> Result<Response<RotateCaResponse>, Status> {
-        admin_identity::rotate_ca(&self.identity.rotation, request.into_inner().finish)
+        identity::rotate_ca(&self.identity.rotation, request.into_inner().finish)
             .await
             .map(Response::new)
     }

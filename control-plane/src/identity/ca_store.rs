@@ -8,9 +8,9 @@
 //!
 //! Also writes the trust bundle file (`--ca-file`) atomically.
 
-use crate::ca::{self, generate_root, CaState, Signer};
-use crate::identity_db::{IdentityDb, CA};
-use crate::pem::parse_certs;
+use crate::identity::ca::{self, generate_root, CaState, Signer};
+use crate::identity::db::{IdentityDb, CA};
+use crate::identity::pem::parse_certs;
 use anyhow::{anyhow, bail, Context as _};
 use rcgen::KeyPair;
 use remora_proto::util::now_unix;
@@ -126,15 +126,15 @@ pub fn save(db: &IdentityDb, state: &CaState) -> anyhow::Result<()> {
         roots: state
             .roots
             .iter()
-            .map(|r| crate::pem::cert_pem(r))
+            .map(|r| crate::identity::pem::cert_pem(r))
             .collect(),
-        signer_cert: crate::pem::cert_pem(&state.signer.cert),
+        signer_cert: crate::identity::pem::cert_pem(&state.signer.cert),
         signer_key: state.signer.key_pem(),
         retiring: state.retiring.clone(),
         retiring_cert: state
             .retiring_signer
             .as_ref()
-            .map(|s| crate::pem::cert_pem(&s.cert))
+            .map(|s| crate::identity::pem::cert_pem(&s.cert))
             .unwrap_or_default(),
         retiring_key: state
             .retiring_signer

@@ -1,0 +1,60 @@
+//! Snapshot generations that stay unique across restarts: the control plane
+//! reserves them in blocks, durably (in the identity database), and a
+//! restart starts after the last block reserved, so no two pushes ever carry
+//! the same version ([`crate::discovery::registry`]).
+
+use crate::identity::db::{DbError, IdentityDb, META};
+
+/// Generations reserved at a time: a restart skips at most this many.
+pub(crate) const LEASE_BLOCK: u64 = 1000;
+const LEASE_KEY: &str = "snapshot_generation_reserved";
+
+/// Snapshot generations reserved durably (in the identity database), so that
+/// a restarted control plane never publishes a version it published before.
+pub struct GenerationLease {
+    db: IdentityDb,
+    /// Generations up to this one may be used.
+    reserved: u64,
+    /// The generation the first snapshot of this process follows.
+    pub start: u64,
+}
+
+impl std::fmt::Debug for GenerationLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerationLease")
+            .field("reserved", &self.reserved)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GenerationLease {
+    /// Starts after every generation reserved before, and reserves a block.
+    /// Blocking (redb).
+    pub fn open(db: IdentityDb) -> Result<GenerationLease, DbError> {
+        let start = db
+            .get(META, LEASE_KEY)?
+            .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let reserved = start.saturating_add(LEASE_BLOCK);
+        db.put(META, LEASE_KEY, reserved.to_string().as_bytes())?;
+        Ok(GenerationLease {
+            db,
+            reserved,
+            start,
+        })
+    }
+
+    /// Makes sure `generation` is reserved (a durable write once per block).
+    pub(crate) fn cover(&mut self, generation: u64) {
+        if generation <= self.reserved {
+            return;
+        }
+        let next = generation.saturating_add(LEASE_BLOCK);
+        match self.db.put(META, LEASE_KEY, next.to_string().as_bytes()) {
+            Ok(()) => self.reserved = next,
+            Err(e) => tracing::error!(error = %e, generation,
+                "cannot reserve snapshot generations: a restart may reuse versions"),
+        }
+    }
+}
