@@ -1,7 +1,7 @@
 //! How the CLI reaches the control plane: always over TLS, verifying the
 //! server's certificate against the trust bundle (`--ca-file`, default
 //! `<data-dir>/trust-bundle.pem`) and the name `--server-name` (default
-//! `remora-control`), whatever the scheme of `--server`; and [`Admin`], the
+//! `remora-control`), whatever the scheme of `--server`; and `Admin`, the
 //! Admin client the commands use, with the admin token on every call.
 
 use crate::cli::args::{server_url, GlobalArgs, DEFAULT_SERVER_NAME};

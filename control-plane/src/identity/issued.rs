@@ -172,7 +172,7 @@ impl Ledger {
         chain
     }
 
-    /// [`Self::chain_in`] of the ledger.
+    /// `chain_in` of the ledger.
     pub fn chain(&self, serial: &str) -> Vec<String> {
         Self::chain_in(&self.lock(), serial)
     }
