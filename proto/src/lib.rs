@@ -2,6 +2,8 @@
 //! protox + tonic-prost-build, no system `protoc`) and the policy model that both
 //! the control plane and the proxies validate against.
 #![forbid(unsafe_code)]
+// No unwrap in the library's own code (tests may: clippy.toml).
+#![warn(clippy::unwrap_used)]
 
 pub mod identity;
 pub mod jwt;
