@@ -3,7 +3,6 @@
 //! `when` conditions an `AuthorizationPolicy` rule places on what a validated
 //! token says.
 
-use super::model::is_false;
 use serde::{Deserialize, Serialize};
 
 /// The end-user tokens (JWTs) a service's sidecar validates: one rule per
@@ -46,7 +45,7 @@ pub struct JwtRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub from_cookies: Vec<String>,
     /// Pass the token on to the application (default: it is not).
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forward_original_token: bool,
     /// Claims copied into request headers for the application.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

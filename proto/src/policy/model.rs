@@ -2,8 +2,6 @@
 //! [`ResourceKey`] and the spec of every kind.
 
 use super::authn::{Condition, RequestAuthenticationSpec};
-use super::parse::parse_spec;
-use super::validate::validate;
 use super::{duration, opt_duration};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -156,29 +154,6 @@ impl Document {
     pub fn to_yaml(&self) -> String {
         serde_yaml_ng::to_string(&self.to_value()).unwrap_or_default()
     }
-
-    /// Rebuilds a document from a kind, its metadata and its spec as JSON (the
-    /// form the store and the snapshot carry), validating it again.
-    pub fn from_parts(
-        kind: Kind,
-        namespace: &str,
-        name: &str,
-        spec_json: &str,
-    ) -> Result<Document, String> {
-        let spec: serde_json::Value =
-            serde_json::from_str(spec_json).map_err(|e| format!("spec: {e}"))?;
-        let metadata = Metadata {
-            name: name.to_string(),
-            namespace: namespace.to_string(),
-            labels: BTreeMap::new(),
-        };
-        let doc = Document {
-            spec: parse_spec(kind, spec)?,
-            metadata,
-        };
-        validate(&doc)?;
-        Ok(doc)
-    }
 }
 
 /// Identifies a document in the store.
@@ -271,7 +246,7 @@ pub struct RouteRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryPolicy>,
     /// Critical routes get a reserved share of the destination's capacity.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub critical: bool,
     /// Used when the primary backends have no healthy endpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -287,10 +262,6 @@ pub struct RouteRule {
 
 /// What a rule allows when it names no `upgrades`.
 pub const DEFAULT_UPGRADES: &[&str] = &["websocket"];
-
-pub(super) fn is_false(b: &bool) -> bool {
-    !*b
-}
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -359,7 +330,7 @@ pub struct RetryPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Backoff>,
     /// Retry non-idempotent methods after the request was sent, too.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_non_idempotent: bool,
 }
 
@@ -560,7 +531,7 @@ pub struct RateLimit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
     /// Separate buckets per source identity.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub per_identity: bool,
     /// Only requests to these paths (`/api/*` prefixes allowed) count against
     /// this limit: a per-route limit. Empty: every request.

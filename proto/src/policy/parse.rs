@@ -1,6 +1,8 @@
 //! Reading policy documents: multi-document YAML (or JSON) into a
 //! `serde_json::Value` with duplicate keys and deep nesting refused, then into
 //! the typed [`Spec`] of its kind, with errors that name the field.
+//! [`Document::from_parts`] reads one back from the parts the store and
+//! the snapshot carry.
 
 use super::flow_depth;
 use super::model::{Document, Kind, Metadata, Spec, API_VERSION};
@@ -8,6 +10,31 @@ use super::validate::validate;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
+
+impl Document {
+    /// Rebuilds a document from a kind, its metadata and its spec as JSON (the
+    /// form the store and the snapshot carry), validating it again.
+    pub fn from_parts(
+        kind: Kind,
+        namespace: &str,
+        name: &str,
+        spec_json: &str,
+    ) -> Result<Document, String> {
+        let spec: serde_json::Value =
+            serde_json::from_str(spec_json).map_err(|e| format!("spec: {e}"))?;
+        let metadata = Metadata {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            labels: BTreeMap::new(),
+        };
+        let doc = Document {
+            spec: parse_spec(kind, spec)?,
+            metadata,
+        };
+        validate(&doc)?;
+        Ok(doc)
+    }
+}
 
 /// Why a document was refused: where it is and which field is wrong.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
