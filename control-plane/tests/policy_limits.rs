@@ -12,8 +12,9 @@ use common::*;
 use remora_control::server::{start, Running};
 use remora_proto::v1::discovery_request::Kind;
 use remora_proto::v1::{ApplyRequest, DiscoveryRequest, Register, StatusRequest};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
