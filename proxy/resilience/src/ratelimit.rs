@@ -7,12 +7,12 @@
 //! its whole state is one `u64`, so [`TokenBucket`] is a single compare-and-swap and
 //! [`KeyedRateLimiter`] stores eight bytes per key.
 
+use parking_lot::Mutex;
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -174,9 +174,7 @@ impl<K: Hash + Eq> KeyedRateLimiter<K> {
     {
         let now = nanos_since(self.origin);
         let index = (self.hasher.hash_one(key) >> 32) as usize % self.shards.len();
-        let mut shard = self.shards[index]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut shard = self.shards[index].lock();
         if let Some(tat) = shard.get_mut(key) {
             *tat = self.gcra.take(*tat, now)?;
             return Ok(());
@@ -191,10 +189,7 @@ impl<K: Hash + Eq> KeyedRateLimiter<K> {
 
     /// How many keys are held.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
-            .sum()
+        self.shards.iter().map(|s| s.lock().len()).sum()
     }
 
     /// Whether no key is held.

@@ -10,15 +10,17 @@
 //! of the previous answer, so a probe or a scrape always gets through.
 
 use crate::data::state::State;
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::{Mutex, MutexGuard};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -74,8 +76,8 @@ impl Slots {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, SlotsInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, SlotsInner> {
+        self.inner.lock()
     }
 
     fn admit(self: &Arc<Self>) -> Option<Slot> {
@@ -201,7 +203,7 @@ pub async fn serve_admin(
     listener: TcpListener,
     shutdown: Arc<Notify>,
     reload: LogReload,
-    current_log: Arc<std::sync::Mutex<String>>,
+    current_log: Arc<ArcSwap<String>>,
 ) {
     serve_small(listener, ADMIN_MAX_CONNECTIONS, move |req| {
         let state = state.clone();
@@ -238,15 +240,15 @@ pub async fn serve_admin(
                     let body = serde_json::json!({
                         "version": mesh.version,
                         "policy_version": mesh.policy_version,
-                        "service": state.settings.service,
-                        "namespace": state.settings.namespace,
+                        "service": state.workload.service,
+                        "namespace": state.workload.namespace,
                         "resources": resources,
                         "endpoints": endpoints,
                     });
                     reply(StatusCode::OK, "application/json", format!("{body:#}\n"))
                 }
                 (&Method::GET, "/logging") => {
-                    let level = current_log.lock().map(|l| l.clone()).unwrap_or_default();
+                    let level = current_log.load_full();
                     reply(StatusCode::OK, "text/plain", format!("{level}\n"))
                 }
                 (&Method::POST | &Method::PUT, "/logging") => {
@@ -258,9 +260,7 @@ pub async fn serve_admin(
                         .to_string();
                     match reload(&level) {
                         Ok(()) => {
-                            if let Ok(mut l) = current_log.lock() {
-                                *l = level.clone();
-                            }
+                            current_log.store(Arc::new(level.clone()));
                             reply(StatusCode::OK, "text/plain", format!("{level}\n"))
                         }
                         Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),

@@ -14,11 +14,15 @@ use crate::control::config::Settings;
 use crate::control::control_plane::ControlPlane;
 use crate::control::discovery::{self, Discovery, Registration};
 use crate::control::runtime::{bind_std, DataPlane};
-use crate::data::state::State;
+use crate::data::app_health::{self, AppProbe};
+use crate::data::observe::Telemetry;
+use crate::data::state::{State, Workload};
 use crate::data::{inbound, outbound};
 use crate::transport::drain::Drainer;
 use crate::transport::serve;
+use crate::transport::tls::identity::Identity;
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -70,7 +74,7 @@ pub fn main(settings: Settings) -> anyhow::Result<()> {
 
 async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
     let reload = init_logging(&settings.log)?;
-    let current_log = Arc::new(std::sync::Mutex::new(settings.log.clone()));
+    let current_log = Arc::new(ArcSwap::from_pointee(settings.log.clone()));
     let outbound_l = bind_std(settings.outbound_addr, "outbound")?;
     let inbound_l = bind_std(settings.inbound_addr, "inbound")?;
     let admin_l = bind(settings.admin_addr, "admin").await?;
@@ -83,13 +87,25 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
         workers = settings.workers,
         "remora-proxy starting"
     );
-    let telemetry = start_telemetry(&settings);
-    let state = State::new(settings, telemetry);
-    let builder = Arc::new(serve::builder(&state.settings.limits));
+    let s = &settings;
+    let identity = Identity::new(&s.namespace, &s.service, &s.trust_domain);
+    let workload = Workload {
+        service: s.service.clone(),
+        namespace: s.namespace.clone(),
+        app_port: s.app_port,
+    };
+    let state = State::new(
+        workload,
+        s.limits.clone(),
+        identity.clone(),
+        start_telemetry(s),
+    );
+    let builder = Arc::new(serve::builder(&state.limits));
     let (drainer, drain) = Drainer::new();
     let shutdown = Arc::new(Notify::new());
     let (leave_tx, leave_rx) = watch::channel(false);
 
+    // The data plane, on its own runtime.
     let (st, b, d) = (state.clone(), builder.clone(), drain.clone());
     data.spawn(async move {
         match tokio::net::TcpListener::from_std(outbound_l) {
@@ -104,6 +120,9 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
             Err(e) => tracing::error!(error = %e, "inbound listener"),
         }
     });
+    drop(drain);
+
+    // The control side, here.
     tokio::spawn(admin::serve_health(state.clone(), health_l));
     tokio::spawn(admin::serve_admin(
         state.clone(),
@@ -113,22 +132,22 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
         current_log,
     ));
     let control_plane = ControlPlane {
-        address: state.settings.control_plane.clone(),
-        name: state.settings.control_plane_name.clone(),
-        ca_file: state.settings.ca_file.clone(),
-        identity: state.identity.clone(),
+        address: s.control_plane.clone(),
+        name: s.control_plane_name.clone(),
+        ca_file: s.ca_file.clone(),
+        identity,
     };
     let credentials = Credentials {
-        token_file: state.settings.token_file.clone(),
-        lifetime: state.settings.cert_lifetime,
+        token_file: s.token_file.clone(),
+        lifetime: s.cert_lifetime,
     };
     tokio::spawn(certify::run(control_plane.clone(), credentials));
     let me = Registration {
-        service: state.settings.service.clone(),
-        namespace: state.settings.namespace.clone(),
-        instance_id: state.settings.instance_id.clone(),
-        labels: state.settings.labels.clone(),
-        advertise: state.settings.advertise.clone(),
+        service: s.service.clone(),
+        namespace: s.namespace.clone(),
+        instance_id: s.instance_id.clone(),
+        labels: s.labels.clone(),
+        advertise: s.advertise.clone(),
     };
     let discovery = Discovery {
         control_plane,
@@ -136,10 +155,16 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
         data: state.clone(),
     };
     tokio::spawn(discovery::run(discovery, leave_rx));
-    if let Some(target) = app_probe_target(&state.settings) {
-        tokio::spawn(crate::data::app_health::run(state.clone(), target));
+    if let Some(target) = app_probe_target(s) {
+        let probe = AppProbe {
+            probe: s.app_probe.clone(),
+            interval: s.app_probe_interval,
+            timeout: s.limits.connect_timeout,
+            target,
+        };
+        let st = state.clone();
+        tokio::spawn(async move { app_health::run(&st.app_health, probe).await });
     }
-    drop(drain);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -148,7 +173,6 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => "SIGINT",
         _ = shutdown.notified() => "/shutdown",
     };
-    let s = &state.settings;
     tracing::info!(reason = why, delay = ?s.drain_delay, grace = ?s.drain_grace, "draining");
     state.set_draining();
     let _ = leave_tx.send(true);
@@ -166,8 +190,8 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_telemetry(s: &Settings) -> crate::data::observe::Telemetry {
-    use remora_telemetry::{AccessLog, Exporter, ExporterConfig, Metrics, RequestMetrics, Sampler};
+fn start_telemetry(s: &Settings) -> Telemetry {
+    use remora_telemetry::{AccessLog, Exporter, ExporterConfig, Metrics};
     let metrics = Metrics::install()
         .map_err(|e| tracing::warn!(error = %e, "metrics disabled"))
         .ok();
@@ -185,24 +209,19 @@ fn start_telemetry(s: &Settings) -> crate::data::observe::Telemetry {
     let access_log = AccessLog::start(s.access_log, remora_telemetry::access_log::DEFAULT_CAPACITY)
         .map_err(|e| tracing::warn!(error = %e, "access logs disabled"))
         .ok();
-    crate::data::observe::Telemetry {
+    Telemetry::new(
         metrics,
         exporter,
         access_log,
-        sampler: Sampler::new(s.trace_sampling),
-        unrouted: std::sync::Arc::new(RequestMetrics::new(
-            remora_telemetry::OUTBOUND,
-            "unknown",
-            "unknown",
-            "unknown",
-        )),
-    }
+        s.trace_sampling,
+        s.access_log,
+    )
 }
 
 /// Where the application is probed: `--app-port` on 127.0.0.1 (explicit
 /// mode), else the advertised address (transparent mode: the pod's IP and the
 /// application's port). None when this instance is not an endpoint.
-fn app_probe_target(s: &crate::control::config::Settings) -> Option<std::net::SocketAddr> {
+fn app_probe_target(s: &Settings) -> Option<std::net::SocketAddr> {
     let advertised = s.advertise.as_deref()?;
     match s.app_port {
         Some(port) => Some(std::net::SocketAddr::from((

@@ -10,9 +10,7 @@
 //! endpoint; the probe keeps trying (every second while down) and the
 //! endpoint comes back with the application.
 
-use crate::data::state::State;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -100,12 +98,26 @@ impl AppHealth {
     }
 }
 
-/// Probes the application at `target` until the process ends.
-pub async fn run(state: Arc<State>, target: SocketAddr) {
-    let probe = state.settings.app_probe.clone();
-    let interval = state.settings.app_probe_interval;
-    let timeout = state.settings.limits.connect_timeout;
-    let health = &state.app_health;
+/// How, how often and where the application is probed.
+#[derive(Debug, Clone)]
+pub struct AppProbe {
+    /// `--app-probe`.
+    pub probe: Probe,
+    /// `--app-probe-interval`, while the application serves.
+    pub interval: Duration,
+    /// Each probe's connect time.
+    pub timeout: Duration,
+    pub target: SocketAddr,
+}
+
+/// Probes the application until the process ends, keeping `health` up to date.
+pub async fn run(health: &AppHealth, app: AppProbe) {
+    let AppProbe {
+        probe,
+        interval,
+        timeout,
+        target,
+    } = app;
     let mut failures = 0u32;
     loop {
         let serving = health.is_serving();

@@ -46,7 +46,7 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
             pool: state.pools.get(dst, None),
             explicit: false,
         },
-        None => match (state.settings.app_port, &state.app_pool) {
+        None => match (state.workload.app_port, &state.app_pool) {
             (Some(port), Some(pool)) => App {
                 addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
                 pool: pool.clone(),
@@ -58,7 +58,7 @@ async fn connection(state: Arc<State>, builder: Arc<Builder>, mut stream: TcpStr
             }
         },
     };
-    let limits = &state.settings.limits;
+    let limits = &state.limits;
     let activity = Activity::new();
     // A peer proxy speaks TLS first; anything else is plaintext from outside the mesh.
     let (detected, prefix) = match detect::detect(&mut stream, limits.detect_timeout).await {
@@ -131,7 +131,7 @@ async fn mesh_connection(
     app: App,
     drain: Drain,
 ) {
-    let limits = &state.settings.limits;
+    let limits = &state.limits;
     let Some(configs) = state.identity.configs() else {
         tracing::warn!("TLS connection before this workload has a certificate; closing");
         return;
@@ -189,7 +189,7 @@ async fn serve_requests<I>(
         app,
         peer,
     });
-    let idle = state.settings.limits.idle_timeout;
+    let idle = state.limits.idle_timeout;
     let handler = move |req| handle(conn.clone(), req);
     serve_http(builder, io, speaks, activity, idle, drain, handler).await;
 }
@@ -207,10 +207,9 @@ struct Conn {
 /// Metrics for the requests of one inbound connection, labelled with its
 /// peer (bounded: identities of the mesh's services).
 fn connection_metrics(state: &State, peer: Option<&str>) -> Arc<RequestMetrics> {
-    let s = &state.settings;
     Arc::new(RequestMetrics::new(
         INBOUND,
-        &format!("{}.{}", s.service, s.namespace),
+        &state.workload.fqdn(),
         "inbound",
         peer.unwrap_or("unauthenticated"),
     ))
@@ -229,7 +228,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
     obs.upstream = Some(app.addr);
     obs.routed(&req, "inbound", metrics.clone());
     let grpc = obs.grpc;
-    let limits = &state.settings.limits;
+    let limits = &state.limits;
     let (h2_app, decision) = {
         let mesh = state.mesh.load();
         // The port's declared protocol decides what the application speaks.
@@ -243,7 +242,7 @@ async fn handle(conn: Arc<Conn>, mut req: Request<Incoming>) -> Response<ProxyBo
     let result = match decision {
         Ok(()) => {
             restore_orig_proto(&mut req);
-            let started = obs.times_upstream().then(std::time::Instant::now);
+            let started = obs.times_upstream().then(tokio::time::Instant::now);
             let (head, body) = req.into_parts();
             let body = ProxyBody::Upload(obs.upload(body));
             let r = forward(
@@ -337,9 +336,8 @@ async fn relay<I>(state: &State, io: I, activity: Arc<Activity>, app: &App, peer
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
-    let limits = &state.settings.limits;
-    let s = &state.settings;
-    let mut obs = TcpObserved::begin(INBOUND, &format!("{}.{}", s.service, s.namespace));
+    let limits = &state.limits;
+    let mut obs = TcpObserved::begin(INBOUND, &state.workload.fqdn());
     obs.upstream = Some(app.addr);
     obs.peer = peer;
     let idle = state
@@ -351,7 +349,7 @@ where
     match connect::tcp(app.addr, limits.connect_timeout).await {
         Ok(upstream) => {
             let r = crate::transport::tcp::relay_tracked(io, upstream, activity, idle).await;
-            crate::data::outbound::finish_tcp(state, obs, r);
+            obs.finish_relay(&state.telemetry, r);
         }
         Err(e) => {
             tracing::debug!(error = %e, "inbound tcp: application unreachable");

@@ -6,16 +6,19 @@
 
 use crate::transport::body::{End, OnEnd, ProxyBody, Tally, Upload};
 use crate::transport::error::Cause;
+use crate::transport::tcp::Relayed;
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
+use remora_proto::policy::TelemetryPolicySpec;
 use remora_telemetry::{
     AccessLogEntry, AccessLogHandle, ExporterHandle, Metrics, RequestMetrics, Sampler, SpanKind,
     SpanRecord, TraceContext,
 };
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// The proxy's telemetry sinks.
 pub struct Telemetry {
@@ -25,22 +28,49 @@ pub struct Telemetry {
     pub sampler: Sampler,
     /// For requests that fail before they are routed.
     pub unrouted: Arc<RequestMetrics>,
+    /// `--trace-sampling` and `--access-log`: what holds until a
+    /// TelemetryPolicy says otherwise.
+    defaults: (f64, bool),
 }
 
 impl Telemetry {
-    /// Sinks that record nothing (unit tests).
-    pub fn disabled() -> Telemetry {
+    /// The proxy's sinks; spans are sampled at `sampling` and access logs
+    /// written when `access_logs`, until a TelemetryPolicy says otherwise.
+    pub fn new(
+        metrics: Option<Metrics>,
+        exporter: Option<ExporterHandle>,
+        access_log: Option<AccessLogHandle>,
+        sampling: f64,
+        access_logs: bool,
+    ) -> Telemetry {
         Telemetry {
-            metrics: None,
-            exporter: None,
-            access_log: None,
-            sampler: Sampler::new(0.0),
+            metrics,
+            exporter,
+            access_log,
+            sampler: Sampler::new(sampling),
             unrouted: Arc::new(RequestMetrics::new(
                 remora_telemetry::OUTBOUND,
                 "unknown",
                 "unknown",
                 "unknown",
             )),
+            defaults: (sampling, access_logs),
+        }
+    }
+
+    /// Sinks that record nothing (unit tests).
+    pub fn disabled() -> Telemetry {
+        Telemetry::new(None, None, None, 0.0, false)
+    }
+
+    /// The TelemetryPolicy of this proxy's namespace, from a new snapshot
+    /// (none: the flags' settings again).
+    pub fn apply(&self, policy: Option<&TelemetryPolicySpec>) {
+        let (sampling, access_logs) = self.defaults;
+        self.sampler
+            .set_rate(policy.and_then(|t| t.sampling_rate).unwrap_or(sampling));
+        if let Some(log) = &self.access_log {
+            log.set_enabled(policy.and_then(|t| t.access_logs).unwrap_or(access_logs));
         }
     }
 
@@ -303,6 +333,15 @@ impl TcpObserved {
             upstream: None,
             peer: None,
         }
+    }
+
+    /// Records a relayed connection's end, with the bytes it really carried.
+    pub fn finish_relay(self, tel: &Telemetry, r: Relayed) {
+        if let Some(e) = &r.error {
+            tracing::debug!(error = %e, "tcp relay ended");
+        }
+        let error = r.error.map(|e| e.to_string());
+        self.finish(tel, r.to_client, r.from_client, error);
     }
 
     /// `sent` went to the client, `received` came from it.

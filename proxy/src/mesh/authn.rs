@@ -23,10 +23,11 @@
 
 use crate::transport::error::ProxyError;
 use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, COOKIE};
+use parking_lot::Mutex;
 use remora_proto::jwt::{self, Claims, Expected, KeySet};
 use remora_proto::policy::RequestAuthenticationSpec;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Who a verified token says the caller is.
 #[derive(Debug)]
@@ -381,15 +382,13 @@ impl Cache {
     }
 
     fn get(&self, token: &str, now: u64) -> Option<Arc<Principal>> {
-        let shard = self.shard(token).lock().ok()?;
+        let shard = self.shard(token).lock();
         let p = shard.get(token)?;
         (now < p.exp.saturating_add(jwt::LEEWAY_SECONDS)).then(|| p.clone())
     }
 
     fn put(&self, token: String, p: Arc<Principal>, now: u64) {
-        let Ok(mut shard) = self.shard(&token).lock() else {
-            return;
-        };
+        let mut shard = self.shard(&token).lock();
         if shard.len() >= PER_SHARD {
             shard.retain(|_, p| now < p.exp.saturating_add(jwt::LEEWAY_SECONDS));
             if shard.len() >= PER_SHARD {

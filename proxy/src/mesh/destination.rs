@@ -7,13 +7,14 @@
 //! to each new snapshot as long as the policy that shaped it is unchanged, so
 //! an endpoint joining elsewhere does not reset a breaker here.
 
+use parking_lot::Mutex;
 use remora_proto::policy::{DestinationPolicySpec, FaultInjection, LoadBalancer, RetryPolicy};
 use remora_resilience::{
     Backoff, Balancer, Breaker, BreakerConfig, Bulkhead, BulkheadConfig, Fault, FaultAbort,
     FaultDelay, RetryBudget, RetryOn,
 };
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A destination service's policy, compiled.
@@ -146,7 +147,7 @@ impl Registry {
         fqdn: &str,
         p: Option<&DestinationPolicySpec>,
     ) -> Result<Arc<Destination>, String> {
-        let mut map = self.destinations.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.destinations.lock();
         if let Some((old, d)) = map.get(fqdn) {
             if old.as_ref() == p {
                 return Ok(d.clone());
@@ -164,7 +165,7 @@ impl Registry {
         fqdn: &str,
         cfg: &BreakerConfig,
     ) -> Option<Breaker> {
-        let mut map = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.breakers.lock();
         let key = (addr, fqdn.to_string());
         if let Some((old, b)) = map.get(&key) {
             if old == cfg {
@@ -182,7 +183,7 @@ impl Registry {
         &self,
         spec: &remora_proto::policy::RateLimit,
     ) -> Option<Arc<crate::mesh::authz::RateLimiter>> {
-        let mut list = self.rate_limits.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list = self.rate_limits.lock();
         if let Some((_, l)) = list.iter().find(|(s, _)| s == spec) {
             return Some(l.clone());
         }
@@ -205,14 +206,8 @@ impl Registry {
 
     /// Forgets state that no snapshot uses (called after each compile).
     pub fn retain(&self, fqdns: &std::collections::HashSet<String>) {
-        self.destinations
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|k, _| fqdns.contains(k));
-        self.breakers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(_, k), _| fqdns.contains(k));
+        self.destinations.lock().retain(|k, _| fqdns.contains(k));
+        self.breakers.lock().retain(|(_, k), _| fqdns.contains(k));
     }
 }
 

@@ -1,7 +1,7 @@
 //! HTTPRoute rules compiled for matching: path (exact, prefix by path element),
 //! headers, method; then a weighted choice among backends.
 
-use crate::mesh::{EndpointSet, SetCache};
+use crate::mesh::endpoints::{EndpointSet, SetCache};
 use http::{HeaderName, HeaderValue, Method};
 use remora_proto::policy::{RouteRule, DEFAULT_UPGRADES};
 use std::sync::Arc;

@@ -110,7 +110,7 @@ mod tests {
     #[tokio::test]
     async fn a_silent_client_is_opaque_after_the_timeout() {
         let (_client, mut server) = tokio::io::duplex(64);
-        let start = std::time::Instant::now();
+        let start = tokio::time::Instant::now();
         let (d, b) = detect(&mut server, Duration::from_millis(100))
             .await
             .unwrap();

@@ -79,7 +79,7 @@ mod tests {
         tokio::spawn(async move {
             d.signaled().await;
         });
-        let start = std::time::Instant::now();
+        let start = tokio::time::Instant::now();
         assert_eq!(drainer.drain(Duration::from_secs(5)).await, 0);
         assert!(start.elapsed() < Duration::from_secs(1));
     }

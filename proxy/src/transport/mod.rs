@@ -8,6 +8,7 @@ pub mod expect;
 pub mod forward;
 pub mod intercept;
 pub mod io;
+pub mod limits;
 pub mod pool;
 pub mod replay;
 pub mod serve;

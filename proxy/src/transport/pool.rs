@@ -23,10 +23,11 @@ use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -75,7 +76,7 @@ impl Pools {
     /// The pool for `addr`; `peer` is the TLS server name carrying the
     /// identity a mesh endpoint must prove (None: plaintext, e.g. the app).
     pub fn get(&self, addr: SocketAddr, peer: Option<ServerName<'static>>) -> Arc<EndpointPool> {
-        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pools = self.pools.lock();
         let key = (addr, peer);
         if let Some(p) = pools.get(&key).and_then(Weak::upgrade) {
             return p;
@@ -210,7 +211,7 @@ impl EndpointPool {
     /// still finishing its last response (checked in at the response's end,
     /// before hyper marks it idle) stays for the next checkout.
     fn checkout_h1(&self) -> Option<http1::SendRequest<ProxyBody>> {
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.h1_idle.lock();
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
@@ -228,7 +229,7 @@ impl EndpointPool {
 impl Home for EndpointPool {
     /// An HTTP/1 connection whose response was read whole: idle again.
     fn check_in(&self, sender: http1::SendRequest<ProxyBody>) {
-        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.h1_idle.lock();
         if idle.len() < self.settings.max_idle_per_endpoint {
             idle.push(IdleH1 {
                 sender,
@@ -248,7 +249,7 @@ impl EndpointPool {
         let head_limit = self
             .settings
             .max_header_bytes
-            .max(crate::control::config::MIN_HEADER_BYTES);
+            .max(crate::transport::limits::MIN_HEADER_BYTES);
         // The response head's limit is checked on the parsed head, so it does
         // not depend on how the bytes happened to arrive; the read buffer has
         // room beyond it so a head just over the limit is parsed and refused.
@@ -320,7 +321,7 @@ impl EndpointPool {
         builder
             .timer(TokioTimer::new())
             .max_header_list_size(self.settings.max_header_bytes as u32)
-            .initial_stream_window_size(crate::control::config::H2_STREAM_WINDOW)
+            .initial_stream_window_size(crate::transport::limits::H2_STREAM_WINDOW)
             .initial_connection_window_size(self.settings.h2_connection_window);
         if self.is_mesh() {
             // A peer sidecar accepts pings at any rate; they find a dead peer

@@ -11,8 +11,9 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use parking_lot::{Mutex, MutexGuard};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// Bodies kept for replay by default (64 KiB).
@@ -71,8 +72,8 @@ impl<B: Body<Data = Bytes> + Unpin> Replay<B> {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Shared<B>> {
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Shared<B>> {
+        self.shared.lock()
     }
 
     /// Whether another attempt can carry the whole body again: nothing was

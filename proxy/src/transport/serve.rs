@@ -4,10 +4,10 @@
 //! HTTP/2 server directly; only an unknown one goes through the auto builder,
 //! which reads the preface itself and keeps a rewind layer under every read.
 
-use crate::control::config::Limits;
 use crate::transport::body::ProxyBody;
 use crate::transport::drain::Drain;
 use crate::transport::io::{Activity, Tracked};
+use crate::transport::limits::Limits;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
@@ -68,7 +68,7 @@ macro_rules! http2_settings {
             .max_header_list_size($limits.max_header_bytes as u32)
             .keep_alive_interval($limits.h2_keepalive_interval)
             .keep_alive_timeout($limits.h2_keepalive_timeout)
-            .initial_stream_window_size(crate::control::config::H2_STREAM_WINDOW)
+            .initial_stream_window_size(crate::transport::limits::H2_STREAM_WINDOW)
             .initial_connection_window_size($limits.h2_connection_window())
     };
 }

@@ -2,19 +2,34 @@
 //! bulkhead), then the attempts in `retry.rs`. Errors become the proxy's own
 //! answers from one place, `ProxyError::to_response`.
 
-use super::{connect_tunnel, retry, Target};
-use crate::data::observe::Observed;
+use super::connect::connect_mtls;
+use super::retry;
+use super::tcp::pick_any;
+use crate::data::observe::{Observed, TcpObserved};
 use crate::data::state::State;
+use crate::mesh::Mesh;
 use crate::transport::body::ProxyBody;
 use crate::transport::error::{Cause, ProxyError};
+use crate::transport::tcp;
+use crate::transport::tls::Carry;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use remora_resilience::{parse_grpc_timeout, Deadline, FaultAction, GRPC_TIMEOUT};
 use remora_telemetry::{SpanKind, OUTBOUND};
 use std::sync::Arc;
 
+/// Where the requests of one connection go.
+#[derive(Clone)]
+pub(super) enum Target {
+    /// Explicit mode: each request names its service in Host/`:authority`.
+    ByHost,
+    /// Transparent mode: the connection was for this service ("name.namespace").
+    Service(Arc<str>),
+}
+
 /// One request: route and forward it, or make the proxy's own answer.
-pub(crate) async fn handle(
+pub(super) async fn handle(
     state: Arc<State>,
     target: Target,
     mut req: Request<Incoming>,
@@ -130,7 +145,7 @@ async fn route_and_forward(
     })
 }
 
-pub(crate) fn authority<B>(req: &Request<B>) -> Option<&str> {
+fn authority<B>(req: &Request<B>) -> Option<&str> {
     req.uri()
         .authority()
         .map(|a| a.as_str())
@@ -164,4 +179,43 @@ fn fault_response(status: u16, grpc: bool) -> Response<ProxyBody> {
     resp.headers_mut()
         .insert("x-remora-fault", HeaderValue::from_static("abort"));
     resp
+}
+
+/// `CONNECT host:port` in explicit mode: an opaque TCP tunnel to the service.
+async fn connect_tunnel(
+    state: &Arc<State>,
+    mesh: &Mesh,
+    mut req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, ProxyError> {
+    let authority = authority(&req)
+        .ok_or_else(|| ProxyError::new(Cause::BadRequest, "CONNECT without a target"))?
+        .to_string();
+    let svc = mesh.by_host(&authority).ok_or_else(|| {
+        ProxyError::new(
+            Cause::NoEndpoints,
+            format!("no service for host {authority}"),
+        )
+    })?;
+    let endpoint = pick_any(svc)?;
+    let limits = &state.limits;
+    let connect = connect_mtls(state, &svc.dest, false);
+    let upstream = endpoint.pool.open(Carry::Tcp, &connect).await?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let idle = limits.tcp_idle_timeout;
+    let mut obs = TcpObserved::begin(OUTBOUND, &svc.fqdn);
+    obs.upstream = Some(endpoint.addr);
+    obs.peer = Some(svc.identity.clone());
+    let state = state.clone();
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                let r = tcp::relay(TokioIo::new(up), upstream, idle).await;
+                obs.finish_relay(&state.telemetry, r);
+            }
+            Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = StatusCode::OK;
+    Ok(resp)
 }

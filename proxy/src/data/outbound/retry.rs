@@ -6,24 +6,24 @@
 //! Breakers and the balancer's latency record the response head: a gRPC error
 //! that only arrives in trailers is not counted against the endpoint.
 
-use super::connect_mtls;
+use super::balance::{choose, state_name};
+use super::classify::{classify, reason, upstream_ok};
+use super::connect::connect_mtls;
 use crate::data::observe::Observed;
 use crate::data::state::State;
 use crate::mesh::route::Rule;
 use crate::mesh::{Endpoint, Service};
 use crate::transport::body::{ProxyBody, Upload};
-use crate::transport::error::{Cause, ProxyError, RetryClass, Side};
+use crate::transport::error::{Cause, ProxyError};
 use crate::transport::forward::{forward, is_upgrade};
 use crate::transport::replay::{Replay, DEFAULT_CAP};
 use http::request::Parts;
 use http::{Request, Response};
 use http_body::Body as _;
 use hyper::body::Incoming;
-use remora_resilience::{
-    grpc_status_of, is_idempotent, Admission, BreakerState, Deadline, Outcome, GRPC_TIMEOUT,
-};
+use remora_resilience::{is_idempotent, BreakerState, Deadline, Outcome, GRPC_TIMEOUT};
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// The request body: streamed once, replayable for retries, or none at all
 /// (then the head is copied for each attempt when a retry may need it).
@@ -48,7 +48,7 @@ pub(super) async fn attempts(
     obs: &mut Observed,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let dest = &svc.dest;
-    let limits = &state.settings.limits;
+    let limits = &state.limits;
     // Upgrades (WebSocket) carry a connection, not a request: never retried.
     let retry = rule
         .and_then(|r| r.retry.as_ref())
@@ -201,116 +201,6 @@ pub(super) async fn attempts(
     }
 }
 
-/// Whether an attempt went well for its endpoint: `None` when the failure
-/// was not the upstream's (the client's, or the proxy's own answer). With
-/// only the default ejection (no circuitBreaker policy), only gateway errors
-/// count: a 500 is the application's answer, a 502/503/504 or a failed
-/// exchange says the endpoint is unwell.
-fn upstream_ok(
-    result: &Result<Response<ProxyBody>, ProxyError>,
-    gateway_only: bool,
-) -> Option<bool> {
-    match result {
-        Err(e) if e.cause.side() != Side::Upstream => None,
-        Err(_) => Some(false),
-        Ok(r) => {
-            let status = r.status();
-            let failed = if gateway_only {
-                matches!(status.as_u16(), 502..=504)
-            } else {
-                status.is_server_error()
-            };
-            Some(!(failed || grpc_status_of(r.headers()) == Some(14)))
-        }
-    }
-}
-
-/// An endpoint of the chosen backend whose circuit is not open (another
-/// than `avoid`, the one that just failed, where there is one), with its
-/// breaker's admission; else one of the route's fallback; else
-/// `no-endpoints` or `circuit-open`. Endpoints ejected only by the default
-/// outlier detection are never all out: with none left, any is used.
-fn choose(
-    svc: &Service,
-    rule: Option<&Rule>,
-    avoid: Option<&Arc<Endpoint>>,
-) -> Result<(Arc<Endpoint>, Option<Admission>), ProxyError> {
-    let dest = &svc.dest;
-    let backends = rule.map_or(&svc.all, |r| &r.backends);
-    let set = backends.pick().ok_or_else(|| {
-        ProxyError::new(Cause::NoEndpoints, format!("no backends for {}", svc.fqdn))
-    })?;
-    let mut candidate = None;
-    for _ in 0..3 {
-        let Some(e) = dest.balancer.pick(&set.endpoints) else {
-            break;
-        };
-        let again = avoid.is_some_and(|a| Arc::ptr_eq(a, e)) && set.endpoints.len() > 1;
-        if let Some(admission) = admit(e) {
-            if !again {
-                return Ok((e.clone(), admission));
-            }
-            candidate.get_or_insert((e.clone(), admission));
-        }
-    }
-    if let Some(c) = candidate {
-        return Ok(c);
-    }
-    if let Some(fallback) = rule.and_then(|r| r.fallback.as_ref()) {
-        if let Some(e) = dest.balancer.pick(&fallback.endpoints) {
-            if let Some(admission) = admit(e) {
-                return Ok((e.clone(), admission));
-            }
-        }
-    }
-    if set.is_empty() {
-        return Err(ProxyError::new(
-            Cause::NoEndpoints,
-            format!("no endpoints for {}", set.name),
-        ));
-    }
-    if dest.ejection_only {
-        // Panic mode: every endpoint is ejected by outlier detection alone,
-        // so none is; the balancer chooses among all of them.
-        let all: Vec<Ignoring<'_>> = set.endpoints.iter().map(Ignoring).collect();
-        if let Some(e) = dest.balancer.pick(&all) {
-            return Ok((e.0.clone(), None));
-        }
-    }
-    Err(circuit_open(svc))
-}
-
-/// The breaker's admission for a request to `e`: `Some(None)` for an
-/// endpoint with no breaker, `None` when a half-open breaker has no probe
-/// slot left (then another endpoint is chosen).
-#[allow(clippy::option_option)]
-fn admit(e: &Arc<Endpoint>) -> Option<Option<Admission>> {
-    match &e.breaker {
-        None => Some(None),
-        Some(b) => b.admit().map(Some),
-    }
-}
-
-/// An endpoint seen as available whatever its breaker says (panic mode).
-struct Ignoring<'a>(&'a Arc<Endpoint>);
-
-impl remora_resilience::Balanced for Ignoring<'_> {
-    fn load(&self) -> &remora_resilience::Load {
-        &self.0.pool.load
-    }
-
-    fn available(&self) -> bool {
-        true
-    }
-}
-
-fn circuit_open(svc: &Service) -> ProxyError {
-    ProxyError::new(
-        Cause::CircuitOpen,
-        format!("every endpoint of {} has its circuit open", svc.fqdn),
-    )
-}
-
 fn internal() -> ProxyError {
     ProxyError::new(Cause::UpstreamFailure, "internal: request already sent")
 }
@@ -323,43 +213,4 @@ fn clone_head(p: &Parts) -> Parts {
     *req.version_mut() = p.version;
     *req.headers_mut() = p.headers.clone();
     req.into_parts().0
-}
-
-/// What went wrong, if anything, in the terms retry conditions use.
-fn classify(result: &Result<Response<ProxyBody>, ProxyError>) -> Option<Outcome> {
-    match result {
-        Ok(resp) => {
-            if let Some(code) = grpc_status_of(resp.headers()).filter(|c| *c != 0) {
-                return Some(Outcome::Grpc(code));
-            }
-            let status = resp.status().as_u16();
-            (status >= 400).then_some(Outcome::Status(status))
-        }
-        Err(e) => match e.retry {
-            RetryClass::ConnectFailure => Some(Outcome::ConnectFailure),
-            RetryClass::RefusedStream => Some(Outcome::RefusedStream),
-            RetryClass::Reset => Some(Outcome::Reset),
-            RetryClass::Timeout => Some(Outcome::Timeout),
-            RetryClass::Never => None,
-        },
-    }
-}
-
-fn reason(o: Outcome) -> &'static str {
-    match o {
-        Outcome::ConnectFailure => "connect-failure",
-        Outcome::RefusedStream => "refused-stream",
-        Outcome::Reset => "reset",
-        Outcome::Timeout => "timeout",
-        Outcome::Status(_) => "status",
-        Outcome::Grpc(_) => "grpc-status",
-    }
-}
-
-fn state_name(s: BreakerState) -> &'static str {
-    match s {
-        BreakerState::Closed => "closed",
-        BreakerState::Open => "open",
-        BreakerState::HalfOpen => "half-open",
-    }
 }
