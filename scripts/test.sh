@@ -55,6 +55,10 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+log "structure: imports run one way, files under 600 lines (issue 16)"
+# Prints each crate's module layers; fails on an import circle or a long file.
+cargo test -p remora-tests --test structure -- --nocapture
+
 log "cargo build (binaries the mesh tests start)"
 cargo build --workspace --bins
 

@@ -5,7 +5,7 @@
 //! `remora_tests::structure` for how the module graph is built.
 //!
 //! ```text
-//! cargo test -p remora-tests --test structure -- --ignored --nocapture
+//! cargo test -p remora-tests --test structure -- --nocapture
 //! ```
 //!
 //! prints each crate's layers (layer 0 names no other module; a `{…}` is a
@@ -33,7 +33,6 @@ fn workspace() -> PathBuf {
 }
 
 #[test]
-#[ignore = "enabled when issue 16's restructuring lands"]
 fn modules_import_one_way_and_files_stay_short() {
     let report = check(&workspace(), &CRATES);
     println!("{}", report.text);
