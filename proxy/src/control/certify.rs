@@ -79,7 +79,7 @@ async fn certify_status(
     token: &str,
     lifetime_seconds: u64,
 ) -> Result<(WorkloadCert, String), Result<tonic::Status, String>> {
-    let (key, csr_pem) = make_csr(&identity.spiffe_id).map_err(Err)?;
+    let (key, csr_pem) = make_csr(identity.spiffe_id.as_str()).map_err(Err)?;
     let resp = IdentityClient::new(channel)
         .certify(CertifyRequest {
             token: token.to_string(),
@@ -101,7 +101,10 @@ fn checked(
     let leaf = chain
         .first()
         .ok_or("the control plane sent no certificate")?;
-    if !tls::spiffe_ids(leaf).contains(&identity.spiffe_id) {
+    if !tls::spiffe_ids(leaf)
+        .iter()
+        .any(|id| identity.spiffe_id == *id)
+    {
         return Err(format!(
             "the certificate is not for {} (got {:?})",
             identity.spiffe_id,

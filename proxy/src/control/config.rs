@@ -9,6 +9,7 @@ use crate::data::app_health::Probe;
 use crate::transport::limits::{Limits, MIN_HEADER_BYTES};
 use anyhow::{bail, Context};
 use clap::Args;
+use remora_proto::SpiffeId;
 use serde::Deserialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -52,10 +53,13 @@ pub struct RunArgs {
     /// instance is not registered as an endpoint.
     #[arg(long, env = "REMORA_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Bootstrap token file for the identity service.
+    /// Bootstrap token file: proves this workload's identity to the control
+    /// plane (read again for each certificate request). Needed: without it
+    /// the proxy runs but gets no certificate, and is never ready.
     #[arg(long, env = "REMORA_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// Trust bundle (PEM) that verifies the control plane.
+    /// Trust bundle (PEM) that verifies the control plane. Needed: without
+    /// it the proxy runs but reaches no control plane, and is never ready.
     #[arg(long, env = "REMORA_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// The name the control plane's certificate carries (default remora-control).
@@ -193,7 +197,9 @@ pub struct Settings {
     pub token_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub control_plane_name: String,
-    pub trust_domain: String,
+    /// This workload's identity, from `--trust-domain`, `--namespace` and
+    /// `--service`.
+    pub spiffe_id: SpiffeId,
     /// What to ask the control plane for; None: its own default.
     pub cert_lifetime: Option<Duration>,
     pub outbound_addr: SocketAddr,
@@ -261,6 +267,13 @@ impl Settings {
             bail!("--service is required (or REMORA_SERVICE)");
         };
         let namespace = pick!(namespace).unwrap_or_else(|| "default".into());
+        let trust_domain = pick!(trust_domain).unwrap_or_else(|| "cluster.local".into());
+        let spiffe_id = SpiffeId::new(&trust_domain, &namespace, &service).map_err(|e| {
+            anyhow::anyhow!(
+                "--trust-domain, --namespace and --service make this workload's SPIFFE ID: {e}"
+            )
+        })?;
+
         let labels_raw = if a.labels.is_empty() {
             f.labels
         } else {
@@ -289,7 +302,7 @@ impl Settings {
             ca_file: pick!(ca_file),
             control_plane_name: pick!(control_plane_name)
                 .unwrap_or_else(|| "remora-control".into()),
-            trust_domain: pick!(trust_domain).unwrap_or_else(|| "cluster.local".into()),
+            spiffe_id,
             cert_lifetime: pick!(cert_lifetime),
             outbound_addr: SocketAddr::new(
                 pick!(outbound_bind).unwrap_or(local),
@@ -319,6 +332,26 @@ impl Settings {
             workers: crate::control::runtime::workers(pick!(workers).unwrap_or(1)),
         })
     }
+
+    /// What keeps this proxy from ever being ready, said once at start (it
+    /// still runs, and answers `/live`): no `--ca-file` to verify the
+    /// control plane with, no `--token-file` to get a certificate with.
+    pub fn identity_problems(&self) -> Vec<&'static str> {
+        let mut problems = Vec::new();
+        if self.ca_file.is_none() {
+            problems.push(
+                "no --ca-file (REMORA_CA_FILE): the control plane cannot be verified, so \
+                 this proxy gets no certificate and no configuration and is never ready",
+            );
+        }
+        if self.token_file.is_none() {
+            problems.push(
+                "no --token-file (REMORA_TOKEN_FILE): this workload cannot prove its \
+                 identity, so it gets no certificate and is never ready",
+            );
+        }
+        problems
+    }
 }
 
 fn serde_yaml_from_str(text: &str) -> anyhow::Result<RunArgs> {
@@ -331,69 +364,114 @@ fn serde_yaml_from_str(text: &str) -> anyhow::Result<RunArgs> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn flags_beat_file_and_file_beats_defaults() {
+    /// The least a proxy runs with: its service and the control plane's
+    /// trust bundle.
+    fn minimal(service: &str) -> RunArgs {
+        RunArgs {
+            service: Some(service.into()),
+            ca_file: Some("/var/run/remora/ca.pem".into()),
+            ..Default::default()
+        }
+    }
+
+    fn config_file(yaml: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("remora-cfg-{}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("proxy.yaml");
-        std::fs::write(
-            &path,
+        std::fs::write(&path, yaml).unwrap();
+        path
+    }
+
+    #[test]
+    fn flags_beat_file_and_file_beats_defaults() {
+        let path = config_file(
             "service: from-file\nnamespace: shop\nidle-timeout: 7s\nmax-header-bytes: 9000\n",
-        )
-        .unwrap();
+        );
         let args = RunArgs {
             config: Some(path),
-            service: Some("from-flag".into()),
             max_header_bytes: Some(10000),
-            ..Default::default()
+            ..minimal("from-flag")
         };
         let s = Settings::resolve(args).unwrap();
         assert_eq!(s.service, "from-flag");
         assert_eq!(s.namespace, "shop");
+        assert_eq!(s.spiffe_id, "spiffe://cluster.local/ns/shop/sa/from-flag");
         assert_eq!(s.limits.idle_timeout, Duration::from_secs(7));
         assert_eq!(s.limits.max_header_bytes, 10000);
         assert_eq!(s.limits.detect_timeout, Duration::from_secs(1));
         assert_eq!(s.outbound_addr.port(), 15001);
         assert_eq!(s.workers, 1, "one data-plane thread unless asked");
+        assert_eq!(s.token_file, None);
     }
 
     #[test]
     fn workers_zero_means_every_core_and_a_file_can_set_them() {
         let args = RunArgs {
-            service: Some("a".into()),
             workers: Some(0),
-            ..Default::default()
+            ..minimal("a")
         };
         let s = Settings::resolve(args).unwrap();
         assert_eq!(
             s.workers,
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
-        let dir = std::env::temp_dir().join(format!("remora-cfg-{}", fastrand::u64(..)));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("proxy.yaml");
-        std::fs::write(&path, "service: a\nworkers: 3\n").unwrap();
+        let path = config_file("service: a\nworkers: 3\nca-file: /etc/remora/ca.pem\n");
         let s = Settings::resolve(RunArgs {
             config: Some(path),
             ..Default::default()
         })
         .unwrap();
         assert_eq!(s.workers, 3);
+        assert_eq!(s.ca_file, Some(PathBuf::from("/etc/remora/ca.pem")));
     }
 
     #[test]
     fn refuses_too_small_header_limit_and_bad_labels() {
         let args = RunArgs {
-            service: Some("a".into()),
             max_header_bytes: Some(100),
-            ..Default::default()
+            ..minimal("a")
         };
-        assert!(Settings::resolve(args).is_err());
+        let e = Settings::resolve(args).unwrap_err().to_string();
+        assert!(e.contains("--max-header-bytes"), "{e}");
         let args = RunArgs {
-            service: Some("a".into()),
             labels: vec!["novalue".into()],
-            ..Default::default()
+            ..minimal("a")
         };
-        assert!(Settings::resolve(args).is_err());
+        let e = Settings::resolve(args).unwrap_err().to_string();
+        assert!(e.contains("--label"), "{e}");
+    }
+
+    #[test]
+    fn a_proxy_without_its_identity_flags_says_why_it_will_not_be_ready() {
+        let s = Settings::resolve(minimal("a")).unwrap();
+        let problems = s.identity_problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("no --token-file"), "{problems:?}");
+        let s = Settings::resolve(RunArgs {
+            ca_file: None,
+            token_file: Some("/var/run/remora/token".into()),
+            ..minimal("a")
+        })
+        .unwrap();
+        let problems = s.identity_problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("no --ca-file"), "{problems:?}");
+    }
+
+    #[test]
+    fn names_no_spiffe_id_can_hold_are_refused() {
+        for (td, ns, svc) in [
+            ("Cluster", "shop", "a"),
+            ("td", "shop", "a/b"),
+            ("td", "..", "a"),
+        ] {
+            let args = RunArgs {
+                trust_domain: Some(td.into()),
+                namespace: Some(ns.into()),
+                ..minimal(svc)
+            };
+            let e = Settings::resolve(args).unwrap_err().to_string();
+            assert!(e.contains("SPIFFE ID"), "{td} {ns} {svc}: {e}");
+        }
     }
 }

@@ -101,6 +101,7 @@ impl ControlPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use remora_proto::SpiffeId;
 
     #[test]
     fn urls_become_https() {
@@ -114,11 +115,12 @@ mod tests {
         let cp = ControlPlane {
             address: "http://cp.remora:15012/x".into(),
             name: "remora-control".into(),
-            ca_file: None,
-            identity: Identity::new("shop", "backend", "cluster.local"),
+            ca_file: Some("/nowhere/ca.pem".into()),
+            identity: Identity::new(SpiffeId::new("cluster.local", "shop", "backend").unwrap()),
         };
         assert_eq!(cp.url(), "https://cp.remora:15012/x");
         assert_eq!(cp.authority(), "cp.remora:15012");
-        assert!(cp.roots_pem().unwrap_err().contains("--ca-file"));
+        let e = cp.roots_pem().unwrap_err();
+        assert!(e.starts_with("reading the CA file /nowhere/ca.pem"), "{e}");
     }
 }

@@ -88,7 +88,10 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
         "remora-proxy starting"
     );
     let s = &settings;
-    let identity = Identity::new(&s.namespace, &s.service, &s.trust_domain);
+    for problem in s.identity_problems() {
+        tracing::error!("{problem}");
+    }
+    let identity = Identity::new(s.spiffe_id.clone());
     let workload = Workload {
         service: s.service.clone(),
         namespace: s.namespace.clone(),

@@ -357,11 +357,9 @@ fn unverified_issuer(token: &str) -> Option<String> {
     serde_json::from_slice::<Iss>(&raw).ok()?.iss
 }
 
+/// Now, as Unix seconds (a JWT's `exp` and `nbf` are).
 fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    u64::try_from(remora_proto::util::now_unix()).unwrap_or(0)
 }
 
 const SHARDS: usize = 8;

@@ -1,12 +1,30 @@
-//! The data path's one error type. Each error knows its cause (which row of the
-//! status table in design.md it maps to) and whether a retry may help; this is
-//! the one place that turns an error into the answer the proxy makes itself.
+//! The data path's one error type and the one table of the answers the proxy
+//! makes itself. Each error knows its cause (its row of the table below:
+//! `x-remora-error`, HTTP status, gRPC status), which side caused it (the
+//! client, the upstream or the proxy: only the upstream's failures count
+//! against an endpoint), whether a retry may help, and the I/O, TLS or HTTP
+//! error it wraps ([`std::error::Error::source`]).
+//!
+//! | cause | HTTP | gRPC | side |
+//! | --- | --- | --- | --- |
+//! | `no-endpoints`, `circuit-open`, `overloaded` | 503 | 14 | proxy |
+//! | `upstream-failure`, `upstream-reset` | 502 | 14 | upstream |
+//! | `timeout` | 504 | 4 | upstream |
+//! | `denied` | 403 | 7 | proxy |
+//! | `unauthenticated` | 401 | 16 | client |
+//! | `rate-limited` | 429 | 8 | proxy |
+//! | `bad-request` | 400 | 13 | client |
+//! | `uri-too-long` | 414 | 13 | client |
+//! | `client-reset` | 499 (recorded, never sent) | 1 | client |
+//!
+//! A route's injected abort is answered here too ([`fault_response`]), with
+//! the status it configures.
 
 use crate::transport::body::{ProxyBody, UploadFailure};
 use http::{HeaderValue, Response, StatusCode};
 use std::fmt;
 
-/// What went wrong, as the status table in design.md names it.
+/// What went wrong: a row of the table above.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cause {
     NoEndpoints,
@@ -28,8 +46,8 @@ pub enum Cause {
     UpstreamReset,
 }
 
-/// Who a failure belongs to. Only the upstream's count against it (breakers,
-/// ejection, the balancer, retries).
+/// Who a failure belongs to (Pingora's `ErrorSource`). Only the upstream's
+/// count against it (breakers, ejection, the balancer, retries).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     Client,
@@ -309,21 +327,10 @@ impl std::error::Error for ProxyError {
 /// Builds the proxy's own answer for `cause`.
 pub fn local_response(cause: Cause, grpc: bool, detail: &str) -> Response<ProxyBody> {
     let mut resp = if grpc {
-        // Trailers-only: HTTP 200 with grpc-status in the headers, no body.
-        let mut r = Response::new(ProxyBody::empty());
-        let h = r.headers_mut();
-        h.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        h.insert(
-            "grpc-status",
-            HeaderValue::from(u16::from(cause.grpc_code())),
-        );
-        if let Ok(v) = HeaderValue::from_str(&grpc_message(cause, detail)) {
-            h.insert("grpc-message", v);
-        }
-        r
+        trailers_only(
+            u16::from(cause.grpc_code()),
+            Some(&grpc_message(cause, detail)),
+        )
     } else {
         let body = format!("{}: {detail}\n", cause.as_str());
         let mut r = Response::new(ProxyBody::full(body));
@@ -344,6 +351,52 @@ pub fn local_response(cause: Cause, grpc: bool, detail: &str) -> Response<ProxyB
     resp
 }
 
+/// The answer of a route's injected abort (fault injection, the user's
+/// chaos experiment): the configured HTTP `status`, or for a gRPC request
+/// its gRPC equivalent ([`grpc_code_for_http`]), marked
+/// `x-remora-fault: abort`. The proxy did not fail, so no `x-remora-error`.
+pub fn fault_response(status: u16, grpc: bool) -> Response<ProxyBody> {
+    let mut resp = if grpc {
+        trailers_only(grpc_code_for_http(status), None)
+    } else {
+        let mut r = Response::new(ProxyBody::full(format!("fault injected: {status}\n")));
+        *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        r
+    };
+    resp.headers_mut()
+        .insert("x-remora-fault", HeaderValue::from_static("abort"));
+    resp
+}
+
+/// The gRPC status for an HTTP status, as the gRPC spec maps them
+/// ("HTTP to gRPC Status Code Mapping").
+pub fn grpc_code_for_http(status: u16) -> u16 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
+    }
+}
+
+/// A trailers-only gRPC answer: HTTP 200 with `grpc-status` (and
+/// `grpc-message`) in the headers, and no body.
+fn trailers_only(code: u16, message: Option<&str>) -> Response<ProxyBody> {
+    let mut r = Response::new(ProxyBody::empty());
+    let h = r.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    if let Some(v) = message.and_then(|m| HeaderValue::from_str(m).ok()) {
+        h.insert("grpc-message", v);
+    }
+    r
+}
+
 /// grpc-message is percent-encoded (gRPC over HTTP/2 spec).
 fn grpc_message(cause: Cause, detail: &str) -> String {
     let mut out = String::with_capacity(detail.len() + 24);
@@ -362,22 +415,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_cause_maps_to_the_design_table() {
+    fn every_cause_maps_to_its_row_of_the_table() {
+        use Side::{Client, Proxy, Upstream};
         let table = [
-            (Cause::NoEndpoints, 503, 14, "no-endpoints"),
-            (Cause::CircuitOpen, 503, 14, "circuit-open"),
-            (Cause::Overloaded, 503, 14, "overloaded"),
-            (Cause::UpstreamFailure, 502, 14, "upstream-failure"),
-            (Cause::Timeout, 504, 4, "timeout"),
-            (Cause::Denied, 403, 7, "denied"),
-            (Cause::Unauthenticated, 401, 16, "unauthenticated"),
-            (Cause::RateLimited, 429, 8, "rate-limited"),
-            (Cause::BadRequest, 400, 13, "bad-request"),
-            (Cause::UriTooLong, 414, 13, "uri-too-long"),
-            (Cause::ClientReset, 499, 1, "client-reset"),
-            (Cause::UpstreamReset, 502, 14, "upstream-reset"),
+            (Cause::NoEndpoints, 503, 14, "no-endpoints", Proxy),
+            (Cause::CircuitOpen, 503, 14, "circuit-open", Proxy),
+            (Cause::Overloaded, 503, 14, "overloaded", Proxy),
+            (
+                Cause::UpstreamFailure,
+                502,
+                14,
+                "upstream-failure",
+                Upstream,
+            ),
+            (Cause::Timeout, 504, 4, "timeout", Upstream),
+            (Cause::Denied, 403, 7, "denied", Proxy),
+            (Cause::Unauthenticated, 401, 16, "unauthenticated", Client),
+            (Cause::RateLimited, 429, 8, "rate-limited", Proxy),
+            (Cause::BadRequest, 400, 13, "bad-request", Client),
+            (Cause::UriTooLong, 414, 13, "uri-too-long", Client),
+            (Cause::ClientReset, 499, 1, "client-reset", Client),
+            (Cause::UpstreamReset, 502, 14, "upstream-reset", Upstream),
         ];
-        for (cause, http, grpc, name) in table {
+        for (cause, http, grpc, name, side) in table {
+            assert_eq!(cause.side(), side, "{name}");
+            assert_eq!(ProxyError::new(cause, "x").side(), side, "{name}");
             let r = local_response(cause, false, "x");
             assert_eq!(r.status().as_u16(), http);
             assert_eq!(r.headers()["x-remora-error"], name);
@@ -387,5 +449,39 @@ mod tests {
             let msg = g.headers()["grpc-message"].to_str().unwrap();
             assert!(msg.contains("%C3%BC") && msg.contains("%25"), "{msg}");
         }
+    }
+
+    #[test]
+    fn an_injected_abort_has_its_configured_status_and_no_error_header() {
+        let r = fault_response(418, false);
+        assert_eq!(r.status().as_u16(), 418);
+        assert_eq!(r.headers()["x-remora-fault"], "abort");
+        assert!(!r.headers().contains_key("x-remora-error"));
+        for (http, grpc) in [
+            (400, "13"),
+            (401, "16"),
+            (403, "7"),
+            (404, "12"),
+            (429, "14"),
+            (503, "14"),
+            (418, "2"),
+        ] {
+            let g = fault_response(http, true);
+            assert_eq!(g.status(), StatusCode::OK);
+            assert_eq!(g.headers()["content-type"], "application/grpc");
+            assert_eq!(g.headers()["grpc-status"], grpc, "{http}");
+            assert_eq!(g.headers()["x-remora-fault"], "abort");
+        }
+    }
+
+    #[test]
+    fn a_wrapped_error_is_kept_as_the_source() {
+        use std::error::Error as _;
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = ProxyError::connect("connect 10.0.0.1:80: refused").with_source(io);
+        let source = e.source().expect("a source");
+        assert_eq!(source.to_string(), "refused");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
+        assert!(ProxyError::new(Cause::Denied, "no").source().is_none());
     }
 }

@@ -194,7 +194,7 @@ impl EndpointPool {
                     sender
                         .send_request(req)
                         .await
-                        .map_err(|e| ProxyError::upstream(format!("{}: {e}", self.addr)))?
+                        .map_err(|e| exchange_error(self.addr, e))?
                 }
                 _ => return Err(exchange_error(self.addr, e.into_error())),
             },
@@ -258,7 +258,9 @@ impl EndpointPool {
             .max_buf_size(head_limit + 16 * 1024)
             .handshake(TokioIo::new(io))
             .await
-            .map_err(|e| ProxyError::connect(format!("{}: handshake: {e}", self.addr)))?;
+            .map_err(|e| {
+                ProxyError::connect(format!("{}: handshake: {e}", self.addr)).with_source(e)
+            })?;
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = conn.with_upgrades().await {
@@ -331,10 +333,9 @@ impl EndpointPool {
                 .keep_alive_interval(interval)
                 .keep_alive_timeout(timeout);
         }
-        let (sender, conn) = builder
-            .handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| ProxyError::connect(format!("{}: h2 handshake: {e}", self.addr)))?;
+        let (sender, conn) = builder.handshake(TokioIo::new(io)).await.map_err(|e| {
+            ProxyError::connect(format!("{}: h2 handshake: {e}", self.addr)).with_source(e)
+        })?;
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = conn.await {
@@ -354,8 +355,8 @@ fn exchange_error(addr: SocketAddr, e: hyper::Error) -> ProxyError {
         .and_then(h2::Error::reason)
         == Some(h2::Reason::REFUSED_STREAM);
     if refused {
-        ProxyError::refused(format!("{addr}: stream refused"))
+        ProxyError::refused(format!("{addr}: stream refused")).with_source(e)
     } else {
-        ProxyError::upstream(format!("{addr}: {e}"))
+        ProxyError::upstream(format!("{addr}: {e}")).with_source(e)
     }
 }

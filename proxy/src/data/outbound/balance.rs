@@ -104,3 +104,181 @@ pub(super) fn state_name(s: BreakerState) -> &'static str {
         BreakerState::HalfOpen => "half-open",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::destination::Registry;
+    use crate::mesh::Mesh;
+    use crate::transport::pool::{PoolSettings, Pools};
+    use remora_proto::v1;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn resource(kind: &str, name: &str, spec: serde_json::Value) -> v1::Resource {
+        v1::Resource {
+            kind: kind.into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            spec_json: spec.to_string(),
+        }
+    }
+
+    fn endpoint(service: &str, address: &str, version: &str) -> v1::Endpoint {
+        v1::Endpoint {
+            service: service.into(),
+            namespace: "shop".into(),
+            instance_id: address.into(),
+            address: address.into(),
+            labels: [("version".to_string(), version.to_string())].into(),
+            identity: format!("spiffe://cluster.local/ns/shop/sa/{service}"),
+        }
+    }
+
+    /// backend (v1 at .1, v2 at .2; route `v2` to v2 alone, route `all`
+    /// with the fallback `spare` at .9), `empty` without endpoints, and
+    /// `extra` resources.
+    fn mesh(extra: Vec<v1::Resource>) -> Mesh {
+        let mut resources = vec![resource(
+            "HTTPRoute",
+            "backend",
+            json!({"service": "backend", "rules": [
+                {"name": "v2", "matches": [{"path": {"prefix": "/v2"}}],
+                 "backends": [{"service": "backend", "subset": {"version": "v2"}}]},
+                {"name": "all", "backends": [{"service": "backend"}],
+                 "fallback": {"service": "spare"}},
+            ]}),
+        )];
+        resources.extend(extra);
+        let snapshot = v1::Snapshot {
+            resources,
+            endpoints: vec![
+                endpoint("backend", "10.0.0.1:80", "v1"),
+                endpoint("backend", "10.0.0.2:80", "v2"),
+                endpoint("spare", "10.0.0.9:80", "v1"),
+            ],
+            ..v1::Snapshot::default()
+        };
+        let pools = Pools::new(PoolSettings {
+            max_idle_per_endpoint: 4,
+            max_header_bytes: 65_536,
+            connect_timeout: Duration::from_secs(1),
+            h2_connection_window: 1 << 20,
+            h2_keepalive: (Duration::from_secs(20), Duration::from_secs(10)),
+        });
+        Mesh::compile(snapshot, ("shop", "frontend"), &pools, &Registry::default()).unwrap()
+    }
+
+    /// A DestinationPolicy for backend: round robin, one failure opens a
+    /// circuit for a minute.
+    fn strict_breaker() -> v1::Resource {
+        resource(
+            "DestinationPolicy",
+            "backend",
+            json!({"service": "backend", "loadBalancer": "round-robin",
+                   "circuitBreaker": {"consecutiveFailures": 1, "openFor": "60s"}}),
+        )
+    }
+
+    fn fail(e: &Endpoint, times: usize) {
+        for _ in 0..times {
+            e.breaker.as_ref().unwrap().admit().unwrap().record(false);
+        }
+    }
+
+    fn addr(chosen: &Result<(Arc<Endpoint>, Option<Admission>), ProxyError>) -> String {
+        chosen.as_ref().unwrap().0.addr.to_string()
+    }
+
+    fn rule<'a>(svc: &'a Service, name: &str) -> &'a Rule {
+        svc.rules.iter().find(|r| &*r.name == name).unwrap()
+    }
+
+    #[test]
+    fn the_routes_backend_decides_the_endpoints() {
+        let mesh = mesh(vec![]);
+        let svc = mesh.by_host("backend.shop").unwrap();
+        for _ in 0..20 {
+            assert_eq!(
+                addr(&choose(svc, Some(rule(svc, "v2")), None)),
+                "10.0.0.2:80"
+            );
+        }
+        let mut seen: Vec<String> = (0..50).map(|_| addr(&choose(svc, None, None))).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, ["10.0.0.1:80", "10.0.0.2:80"]);
+    }
+
+    #[test]
+    fn a_retry_goes_to_another_endpoint_where_there_is_one() {
+        let mesh = mesh(vec![strict_breaker()]);
+        let svc = mesh.by_host("backend.shop").unwrap();
+        let first = choose(svc, None, None).unwrap().0;
+        for _ in 0..10 {
+            let next = choose(svc, None, Some(&first)).unwrap().0;
+            assert!(!Arc::ptr_eq(&next, &first));
+        }
+        // The only endpoint of its backend is tried again.
+        let only = choose(svc, Some(rule(svc, "v2")), None).unwrap().0;
+        let again = choose(svc, Some(rule(svc, "v2")), Some(&only)).unwrap().0;
+        assert!(Arc::ptr_eq(&again, &only));
+    }
+
+    #[test]
+    fn an_open_circuit_keeps_requests_away_then_the_fallback_takes_them() {
+        let mesh = mesh(vec![strict_breaker()]);
+        let svc = mesh.by_host("backend.shop").unwrap();
+        let all = rule(svc, "all");
+        let ends = &svc.all.pick().unwrap().endpoints;
+        fail(&ends[0], 1);
+        for _ in 0..10 {
+            assert_eq!(addr(&choose(svc, Some(all), None)), "10.0.0.2:80");
+        }
+        assert_eq!(
+            state_name(ends[0].breaker.as_ref().unwrap().state()),
+            "open"
+        );
+        fail(&ends[1], 1);
+        assert_eq!(addr(&choose(svc, Some(all), None)), "10.0.0.9:80");
+        // Without a fallback: circuit-open.
+        let e = choose(svc, None, None).unwrap_err();
+        assert_eq!(e.cause, Cause::CircuitOpen);
+        assert!(e.to_string().contains("backend.shop"), "{e}");
+    }
+
+    #[test]
+    fn endpoints_ejected_by_the_default_outlier_detection_are_never_all_out() {
+        let mesh = mesh(vec![]);
+        let svc = mesh.by_host("backend.shop").unwrap();
+        assert!(svc.dest.ejection_only);
+        for e in &svc.all.pick().unwrap().endpoints {
+            // Five gateway errors in a row eject an endpoint.
+            fail(e, 5);
+            assert_eq!(state_name(e.breaker.as_ref().unwrap().state()), "open");
+        }
+        // Panic mode: the balancer chooses among all of them, unadmitted.
+        let (e, admission) = choose(svc, None, None).unwrap();
+        assert!(admission.is_none());
+        assert!(svc
+            .all
+            .pick()
+            .unwrap()
+            .endpoints
+            .iter()
+            .any(|x| Arc::ptr_eq(x, &e)));
+    }
+
+    #[test]
+    fn a_service_without_endpoints_has_none_to_choose() {
+        let mesh = mesh(vec![resource(
+            "Service",
+            "empty",
+            json!({"ports": [{"port": 80, "protocol": "http"}]}),
+        )]);
+        let svc = mesh.by_host("empty.shop").unwrap();
+        let e = choose(svc, None, None).unwrap_err();
+        assert_eq!(e.cause, Cause::NoEndpoints);
+        assert_eq!(e.to_string(), "no-endpoints: no endpoints for empty.shop");
+    }
+}

@@ -9,10 +9,10 @@ use crate::data::observe::{Observed, TcpObserved};
 use crate::data::state::State;
 use crate::mesh::Mesh;
 use crate::transport::body::ProxyBody;
-use crate::transport::error::{Cause, ProxyError};
+use crate::transport::error::{fault_response, Cause, ProxyError};
 use crate::transport::tcp;
 use crate::transport::tls::Carry;
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use remora_resilience::{parse_grpc_timeout, Deadline, FaultAction, GRPC_TIMEOUT};
@@ -150,35 +150,6 @@ fn authority<B>(req: &Request<B>) -> Option<&str> {
         .authority()
         .map(|a| a.as_str())
         .or_else(|| req.headers().get(header::HOST)?.to_str().ok())
-}
-
-/// An injected abort: the configured HTTP status, or its gRPC equivalent.
-fn fault_response(status: u16, grpc: bool) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::full(format!("fault injected: {status}\n")));
-    if grpc {
-        // The HTTP-to-gRPC status mapping of the gRPC spec.
-        let code: u16 = match status {
-            400 => 13,
-            401 => 16,
-            403 => 7,
-            404 => 12,
-            429 | 502..=504 => 14,
-            _ => 2,
-        };
-        resp = Response::new(ProxyBody::empty());
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        resp.headers_mut()
-            .insert("grpc-status", HeaderValue::from(code));
-    } else {
-        *resp.status_mut() =
-            StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-    }
-    resp.headers_mut()
-        .insert("x-remora-fault", HeaderValue::from_static("abort"));
-    resp
 }
 
 /// `CONNECT host:port` in explicit mode: an opaque TCP tunnel to the service.

@@ -16,6 +16,7 @@
 
 use crate::transport::tls::{self, TlsConfigs};
 use arc_swap::{ArcSwap, ArcSwapOption};
+use remora_proto::SpiffeId;
 use rustls::sign::CertifiedKey;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -76,8 +77,7 @@ impl std::fmt::Debug for WorkloadCert {
 
 /// This workload's identity and the TLS configurations built from it.
 pub struct Identity {
-    pub spiffe_id: String,
-    pub trust_domain: String,
+    pub spiffe_id: SpiffeId,
     cert: ArcSwapOption<WorkloadCert>,
     /// The latest trust bundle (PEM), from Certify or a snapshot.
     bundle: ArcSwap<String>,
@@ -95,10 +95,10 @@ pub struct Identity {
 }
 
 impl Identity {
-    pub fn new(namespace: &str, service: &str, trust_domain: &str) -> Arc<Identity> {
+    /// An empty slot for the workload `spiffe_id`.
+    pub fn new(spiffe_id: SpiffeId) -> Arc<Identity> {
         Arc::new(Identity {
-            spiffe_id: format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service}"),
-            trust_domain: trust_domain.to_string(),
+            spiffe_id,
             cert: ArcSwapOption::empty(),
             bundle: ArcSwap::from_pointee(String::new()),
             configs: ArcSwapOption::empty(),
@@ -188,9 +188,7 @@ impl Identity {
 
     /// Whether the workload holds a certificate that has not expired.
     pub fn has_cert(&self) -> bool {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now = remora_proto::util::now_unix();
         self.cert
             .load()
             .as_ref()
@@ -250,7 +248,8 @@ impl Identity {
         let roots = Arc::new(tls::roots_from_pem(&bundle_pem)?);
         chains_to(&cert, roots.clone())
             .map_err(|e| format!("the new certificate does not chain to its trust bundle: {e}"))?;
-        let configs = TlsConfigs::build(cert.certified.clone(), roots, &self.trust_domain)?;
+        let configs =
+            TlsConfigs::build(cert.certified.clone(), roots, self.spiffe_id.trust_domain())?;
         self.bundle.store(Arc::new(bundle_pem));
         self.configs.store(Some(Arc::new(configs)));
         self.cert.store(Some(cert));
@@ -265,7 +264,11 @@ impl Identity {
             return Ok(());
         };
         let roots = Arc::new(tls::roots_from_pem(&self.bundle.load())?);
-        let configs = TlsConfigs::build(cert.certified.clone(), roots.clone(), &self.trust_domain)?;
+        let configs = TlsConfigs::build(
+            cert.certified.clone(),
+            roots.clone(),
+            self.spiffe_id.trust_domain(),
+        )?;
         self.configs.store(Some(Arc::new(configs)));
         self.check_trust(&cert, roots);
         Ok(())
@@ -281,15 +284,8 @@ fn chains_to(cert: &WorkloadCert, roots: Arc<rustls::RootCertStore>) -> Result<(
             .map_err(|e| e.to_string())?;
     let (leaf, intermediates) = cert.certified.cert.split_first().ok_or("no certificate")?;
     // Within the certificate's validity: only the chain is checked here.
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let at = now.min(
-        u64::try_from(cert.not_after_unix)
-            .unwrap_or(0)
-            .saturating_sub(1),
-    );
+    let at = remora_proto::util::now_unix().min(cert.not_after_unix.saturating_sub(1));
+    let at = u64::try_from(at).unwrap_or(0);
     verifier
         .verify_client_cert(
             leaf,

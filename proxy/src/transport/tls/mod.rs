@@ -14,6 +14,7 @@
 pub mod identity;
 
 use crate::transport::error::ProxyError;
+use remora_proto::SpiffeId;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -174,36 +175,13 @@ impl rustls::client::ResolvesClientCert for OneCert {
     }
 }
 
-/// The TLS server name that carries an expected SPIFFE identity:
-/// `spiffe://td/ns/N/sa/S` → `S.N.td`.
+/// The TLS server name that carries the SPIFFE identity a peer must prove:
+/// `spiffe://td/ns/N/sa/S` → `S.N.td` ([`SpiffeId::tls_server_name`]).
+/// None for an identity that is no SPIFFE ID, or whose name could not be
+/// read back.
 pub fn server_name_for(identity: &str) -> Option<ServerName<'static>> {
-    let (td, ns, sa) = parse_spiffe(identity)?;
-    ServerName::try_from(format!("{sa}.{ns}.{td}")).ok()
-}
-
-/// `spiffe://td/ns/N/sa/S` → (td, N, S).
-pub fn parse_spiffe(id: &str) -> Option<(&str, &str, &str)> {
-    let rest = id.strip_prefix("spiffe://")?;
-    let (td, path) = rest.split_once('/')?;
-    let mut parts = path.split('/');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
-        (Some("ns"), Some(ns), Some("sa"), Some(sa), None)
-            if !td.is_empty()
-                && !ns.is_empty()
-                && !sa.is_empty()
-                && !ns.contains('.')
-                && !sa.contains('.') =>
-        {
-            Some((td, ns, sa))
-        }
-        _ => None,
-    }
+    let name = SpiffeId::parse(identity).ok()?.tls_server_name()?;
+    ServerName::try_from(name).ok()
 }
 
 /// The URI SANs of a DER certificate that are SPIFFE IDs.
@@ -266,15 +244,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             return Err(identity_mismatch());
         };
         // `<sa>.<ns>.<trust-domain>` → the identity the destination must have.
-        let mut it = name.as_ref().splitn(3, '.');
-        let (Some(sa), Some(ns), Some(td)) = (it.next(), it.next(), it.next()) else {
+        let Ok(expected) = SpiffeId::from_tls_server_name(name.as_ref()) else {
             return Err(identity_mismatch());
         };
-        if td != self.trust_domain {
+        if expected.trust_domain() != self.trust_domain {
             return Err(identity_mismatch());
         }
-        let expected = format!("spiffe://{td}/ns/{ns}/sa/{sa}");
-        if spiffe_ids(end_entity).contains(&expected) {
+        if spiffe_ids(end_entity).iter().any(|id| expected == *id) {
             Ok(ServerCertVerified::assertion())
         } else {
             tracing::warn!(%expected, presented = ?spiffe_ids(end_entity),
@@ -345,14 +321,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spiffe_ids_round_trip_through_server_names() {
+    fn spiffe_ids_become_server_names() {
         let id = "spiffe://cluster.local/ns/shop/sa/backend";
-        assert_eq!(parse_spiffe(id), Some(("cluster.local", "shop", "backend")));
         let name = server_name_for(id).unwrap();
         assert_eq!(name.to_str(), "backend.shop.cluster.local");
-        assert_eq!(parse_spiffe("spiffe://td/ns/a/sa/b/extra"), None);
-        assert_eq!(parse_spiffe("https://td/ns/a/sa/b"), None);
-        assert_eq!(parse_spiffe("spiffe://td/ns/a.b/sa/c"), None);
+        for not_one in [
+            "spiffe://td/ns/a/sa/b/extra",
+            "https://td/ns/a/sa/b",
+            "spiffe://td/ns/a.b/sa/c",
+            "",
+        ] {
+            assert!(server_name_for(not_one).is_none(), "{not_one}");
+        }
     }
 
     #[test]
