@@ -1,4 +1,7 @@
-//! The control side.
+//! The control side: the process and its two runtimes (`run`, `runtime`),
+//! the settings, the control-plane clients (discovery, certificates and
+//! their refusal probe), the admin and health endpoints, and `init`.
+
 pub mod admin;
 pub mod certify;
 pub mod config;

@@ -124,7 +124,7 @@ fn refusal(e: &std::io::Error) -> Option<Verdict> {
 }
 
 /// While discovery keeps failing, asks the control plane (at most every
-/// [`PROBE_INTERVAL`]) whether it still accepts the certificate; when it
+/// `PROBE_INTERVAL`) whether it still accepts the certificate; when it
 /// does not, the workload is out of the mesh until it bootstraps again.
 pub async fn watch(control_plane: ControlPlane) {
     let identity = control_plane.identity.clone();

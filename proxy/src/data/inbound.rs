@@ -1,12 +1,19 @@
 //! The inbound side: traffic for the local application.
 //!
 //! In order: accept → find the application's address (the original
-//! destination when iptables redirected it, else 127.0.0.1:app-port) → the
-//! protocol (the local Service's declared one for that port, else detected with
-//! a bounded timeout; declared `tcp` skips detection so server-speaks-first
-//! protocols are not held up) → HTTP to the application over a pooled
-//! connection, or an opaque TCP relay. (mTLS termination and authorization
-//! plug in between accept and protocol.)
+//! destination when iptables redirected it, else 127.0.0.1:app-port) →
+//! detect TLS or plaintext (bounded by `--detect-timeout`). A peer sidecar
+//! speaks mTLS: its certificate is verified against the trust bundle and its
+//! SPIFFE identity read, and ALPN says what the connection carries (HTTP/2,
+//! HTTP/1.1, or opaque TCP). Plaintext from outside the mesh is refused when
+//! an AuthorizationPolicy says `mtls: strict`; else its protocol is the local
+//! Service's declared one for that port, or detected (declared `tcp` skips
+//! detection so server-speaks-first protocols are not held up). → Each HTTP
+//! request is admitted (a well-formed head, an end user's token that
+//! verifies, a caller the authorization policy allows, room in the rate
+//! limit, an allowed upgrade) and goes to the application over a pooled
+//! connection; an opaque TCP connection is relayed if the policy lets its
+//! caller in.
 
 use crate::data::observe::{Observed, TcpObserved};
 use crate::data::state::State;

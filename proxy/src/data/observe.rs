@@ -1,8 +1,10 @@
 //! What the proxy records about each request and TCP connection: the trace
 //! context it continues and passes on, its span, its metrics and its access-log
 //! line. The request path calls [`Observed::begin`] first and
-//! [`Observed::finish`] with the answer; everything in between fills in what
-//! it learns (route, destination, endpoint, attempts, error cause).
+//! [`Observed::respond`] with the answer, which records it at once, or when
+//! its streamed body ends (a `body::OnEnd` hook on the answer's body);
+//! everything in between fills in what it learns (route, destination,
+//! endpoint, attempts, error cause).
 
 use crate::transport::body::{End, OnEnd, ProxyBody, Tally, Upload};
 use crate::transport::error::Cause;

@@ -33,7 +33,7 @@ const TE_BIT: u16 = 1 << 1;
 const UPGRADE_BIT: u16 = 1 << 3;
 const UNREACHED_BIT: u16 = 1 << 8;
 
-/// Which of [`HOP_BY_HOP`] a message carries, found in one pass over its
+/// Which of `HOP_BY_HOP` a message carries, found in one pass over its
 /// header names without hashing any of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HopByHop(u16);

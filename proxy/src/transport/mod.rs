@@ -1,4 +1,8 @@
-//! The transport.
+//! The transport layer: connections, bytes and HTTP messages, and the
+//! errors and answers of the data path. Names no module of the layers
+//! above; what they need done at a body's end or when a connection is
+//! opened they pass in (`body::OnEnd`, `body::Home`, `connect::Connect`).
+
 pub mod body;
 pub mod connect;
 pub mod detect;

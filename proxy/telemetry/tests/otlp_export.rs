@@ -3,7 +3,8 @@
 //! drops are counted, and export resumes by itself.
 
 use std::net::{SocketAddr, TcpListener};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use remora_telemetry::context::hex;
 use remora_telemetry::span::attr;

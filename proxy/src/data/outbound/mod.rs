@@ -11,7 +11,7 @@
 //! 4. balance: an endpoint of the chosen backend whose circuit is not open
 //!    (P2C over peak-EWMA by default), or the route's fallback;
 //! 5. connect: a pooled connection to the peer's inbound side; a new one is
-//!    mTLS ([`connect_mtls`]): this workload's certificate, and the peer's
+//!    mTLS (`connect::connect_mtls`): this workload's certificate, and the peer's
 //!    checked for the identity its endpoint must have.
 //!
 //! `listener.rs` holds the accept loop and interception (1), `tcp.rs` opaque
