@@ -24,7 +24,7 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 /// The lifetime to ask for (0: the control plane's default): only what
 /// `--cert-lifetime` set.
@@ -190,7 +190,7 @@ pub async fn run(control_plane: ControlPlane, credentials: Credentials) {
         };
         match attempt.await {
             Ok((cert, bundle)) => {
-                let not_after = cert.not_after_unix;
+                let (not_after, expires) = (cert.not_after_unix, cert.not_after());
                 let renew_at = cert.renew_at();
                 if let Err(e) = identity.install(cert, bundle) {
                     tracing::error!(error = %e, "cannot use the new certificate");
@@ -198,9 +198,7 @@ pub async fn run(control_plane: ControlPlane, credentials: Credentials) {
                     continue;
                 }
                 backoff.reset();
-                remora_telemetry::metrics::set_cert_expiry(
-                    UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64),
-                );
+                remora_telemetry::metrics::set_cert_expiry(expires);
                 tracing::info!(identity = %identity.spiffe_id, not_after, "certificate installed");
                 let wait = renew_at
                     .duration_since(SystemTime::now())

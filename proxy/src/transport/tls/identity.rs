@@ -56,10 +56,15 @@ impl WorkloadCert {
         &self.key_pem
     }
 
+    /// When it expires.
+    pub fn not_after(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(u64::try_from(self.not_after_unix).unwrap_or(0))
+    }
+
     /// When to renew: about 70% into the lifetime (from when it was received).
     pub fn renew_at(&self) -> SystemTime {
-        let not_after = UNIX_EPOCH + Duration::from_secs(self.not_after_unix.max(0) as u64);
-        let lifetime = not_after
+        let lifetime = self
+            .not_after()
             .duration_since(self.received)
             .unwrap_or(Duration::ZERO);
         self.received + lifetime.mul_f64(0.7)
