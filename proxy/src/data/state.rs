@@ -59,13 +59,7 @@ impl State {
         telemetry: Telemetry,
     ) -> Arc<State> {
         let local_metrics = remora_telemetry::ServiceMetrics::new(&workload.fqdn());
-        let pools = Pools::new(PoolSettings {
-            max_idle_per_endpoint: limits.pool_max_idle,
-            max_header_bytes: limits.max_header_bytes,
-            connect_timeout: limits.connect_timeout,
-            h2_connection_window: limits.h2_connection_window(),
-            h2_keepalive: (limits.h2_keepalive_interval, limits.h2_keepalive_timeout),
-        });
+        let pools = Pools::new(PoolSettings::from(&limits));
         let app_pool = workload
             .app_port
             .map(|p| pools.get(SocketAddr::from((Ipv4Addr::LOCALHOST, p)), None));

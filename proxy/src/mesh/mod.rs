@@ -10,6 +10,8 @@ pub mod destination;
 pub mod endpoints;
 pub mod route;
 pub mod service;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use compiled::Mesh;
 pub use endpoints::{Endpoint, EndpointSet};

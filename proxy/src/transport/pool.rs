@@ -18,6 +18,7 @@
 use crate::transport::body::{Checkin, Home, ProxyBody};
 use crate::transport::connect::{Conn, Connect};
 use crate::transport::error::ProxyError;
+use crate::transport::limits::Limits;
 use crate::transport::tls::Carry;
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
@@ -47,6 +48,18 @@ pub struct PoolSettings {
     /// unanswered. The local application is never pinged (gRPC servers count
     /// pings without data as abuse and answer GOAWAY `too_many_pings`).
     pub h2_keepalive: (Duration, Duration),
+}
+
+impl From<&Limits> for PoolSettings {
+    fn from(limits: &Limits) -> PoolSettings {
+        PoolSettings {
+            max_idle_per_endpoint: limits.pool_max_idle,
+            max_header_bytes: limits.max_header_bytes,
+            connect_timeout: limits.connect_timeout,
+            h2_connection_window: limits.h2_connection_window(),
+            h2_keepalive: (limits.h2_keepalive_interval, limits.h2_keepalive_timeout),
+        }
+    }
 }
 
 /// Which HTTP version to speak upstream.

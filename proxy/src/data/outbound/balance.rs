@@ -109,31 +109,10 @@ pub(super) fn state_name(s: BreakerState) -> &'static str {
 mod tests {
     use super::*;
     use crate::mesh::destination::Registry;
+    use crate::mesh::testing::{endpoint, pools, resource};
     use crate::mesh::Mesh;
-    use crate::transport::pool::{PoolSettings, Pools};
     use remora_proto::v1;
     use serde_json::json;
-    use std::time::Duration;
-
-    fn resource(kind: &str, name: &str, spec: serde_json::Value) -> v1::Resource {
-        v1::Resource {
-            kind: kind.into(),
-            namespace: "shop".into(),
-            name: name.into(),
-            spec_json: spec.to_string(),
-        }
-    }
-
-    fn endpoint(service: &str, address: &str, version: &str) -> v1::Endpoint {
-        v1::Endpoint {
-            service: service.into(),
-            namespace: "shop".into(),
-            instance_id: address.into(),
-            address: address.into(),
-            labels: [("version".to_string(), version.to_string())].into(),
-            identity: format!("spiffe://cluster.local/ns/shop/sa/{service}"),
-        }
-    }
 
     /// backend (v1 at .1, v2 at .2; route `v2` to v2 alone, route `all`
     /// with the fallback `spare` at .9), `empty` without endpoints, and
@@ -159,14 +138,13 @@ mod tests {
             ],
             ..v1::Snapshot::default()
         };
-        let pools = Pools::new(PoolSettings {
-            max_idle_per_endpoint: 4,
-            max_header_bytes: 65_536,
-            connect_timeout: Duration::from_secs(1),
-            h2_connection_window: 1 << 20,
-            h2_keepalive: (Duration::from_secs(20), Duration::from_secs(10)),
-        });
-        Mesh::compile(snapshot, ("shop", "frontend"), &pools, &Registry::default()).unwrap()
+        Mesh::compile(
+            snapshot,
+            ("shop", "frontend"),
+            &pools(),
+            &Registry::default(),
+        )
+        .unwrap()
     }
 
     /// A DestinationPolicy for backend: round robin, one failure opens a

@@ -1,38 +1,7 @@
 //! The steps of `Mesh::compile`, one by one, and the tables they make.
 
 use super::*;
-use crate::transport::pool::PoolSettings;
-use std::time::Duration;
-
-fn pools() -> Arc<Pools> {
-    Pools::new(PoolSettings {
-        max_idle_per_endpoint: 4,
-        max_header_bytes: 65_536,
-        connect_timeout: Duration::from_secs(1),
-        h2_connection_window: 1 << 20,
-        h2_keepalive: (Duration::from_secs(20), Duration::from_secs(10)),
-    })
-}
-
-fn resource(kind: &str, ns: &str, name: &str, spec: serde_json::Value) -> v1::Resource {
-    v1::Resource {
-        kind: kind.into(),
-        namespace: ns.into(),
-        name: name.into(),
-        spec_json: spec.to_string(),
-    }
-}
-
-fn endpoint(service: &str, address: &str, version: &str) -> v1::Endpoint {
-    v1::Endpoint {
-        service: service.into(),
-        namespace: "shop".into(),
-        instance_id: format!("{service}-{address}"),
-        address: address.into(),
-        labels: [("version".to_string(), version.to_string())].into(),
-        identity: format!("spiffe://cluster.local/ns/shop/sa/{service}"),
-    }
-}
+use crate::mesh::testing::{endpoint, pools, resource};
 
 fn key(ns: &str, name: &str) -> Key {
     (ns.into(), name.into())
@@ -41,7 +10,6 @@ fn key(ns: &str, name: &str) -> Key {
 fn service(name: &str, ports: serde_json::Value) -> v1::Resource {
     resource(
         "Service",
-        "shop",
         name,
         serde_json::json!({ "ports": ports, "addresses": ["10.96.0.7"] }),
     )
@@ -62,7 +30,6 @@ fn shop() -> Snapshot {
             ),
             resource(
                 "HTTPRoute",
-                "shop",
                 "backend",
                 serde_json::json!({"service": "backend", "rules": [
                     {"name": "v2", "matches": [{"path": {"prefix": "/v2"}}],
@@ -72,16 +39,17 @@ fn shop() -> Snapshot {
             ),
             resource(
                 "TelemetryPolicy",
-                "shop",
                 "default",
                 serde_json::json!({"samplingRate": 0.5}),
             ),
-            resource(
-                "TelemetryPolicy",
-                "other",
-                "default",
-                serde_json::json!({"samplingRate": 1.0}),
-            ),
+            v1::Resource {
+                namespace: "other".into(),
+                ..resource(
+                    "TelemetryPolicy",
+                    "default",
+                    serde_json::json!({"samplingRate": 1.0}),
+                )
+            },
         ],
         endpoints: vec![
             endpoint("backend", "10.0.0.2:8080", "v2"),
@@ -106,17 +74,13 @@ fn compile(snapshot: Snapshot) -> Result<Mesh, String> {
 fn documents_of_an_unknown_kind_or_an_invalid_spec_fail_the_snapshot() {
     let mut s = shop();
     s.resources
-        .push(resource("Gateway", "shop", "g", serde_json::json!({})));
+        .push(resource("Gateway", "g", serde_json::json!({})));
     let err = compile(s).unwrap_err();
     assert_eq!(err, "Gateway/shop/g: unknown kind");
 
     let mut s = shop();
-    s.resources.push(resource(
-        "Service",
-        "shop",
-        "bad",
-        serde_json::json!({"ports": 7}),
-    ));
+    s.resources
+        .push(resource("Service", "bad", serde_json::json!({"ports": 7})));
     let err = compile(s).unwrap_err();
     assert!(err.starts_with("Service/shop/bad: "), "{err}");
 
@@ -194,13 +158,11 @@ fn own_policies_are_those_of_this_workloads_namespace_and_service() {
     let mut s = shop();
     s.resources.push(resource(
         "AuthorizationPolicy",
-        "shop",
         "frontend",
         serde_json::json!({"service": "frontend", "mtls": "strict"}),
     ));
     s.resources.push(resource(
         "AuthorizationPolicy",
-        "shop",
         "backend",
         serde_json::json!({"service": "backend"}),
     ));
