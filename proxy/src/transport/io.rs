@@ -1,6 +1,7 @@
-//! I/O wrappers used on every proxied connection: [`Tracked`] records when bytes
-//! last moved (for the idle timeout) and [`Prefixed`] replays bytes already
-//! read by protocol detection.
+//! I/O wrappers used on every proxied connection: [`Watched`] reports the
+//! bytes each read and write moves ([`Tracked`]: that bytes moved lately,
+//! for the idle timeout; [`Counts`]: how many), and [`Prefixed`] replays
+//! bytes already read by protocol detection.
 
 use bytes::{Buf, Bytes};
 use pin_project_lite::pin_project;
@@ -87,22 +88,70 @@ pub fn keepalive(stream: &tokio::net::TcpStream) {
     }
 }
 
+/// What an I/O wrapper ([`Watched`]) is told: how many bytes each read
+/// and each write moved.
+pub trait OnBytes {
+    fn read(&mut self, n: usize);
+    fn written(&mut self, n: usize);
+}
+
 pin_project! {
-    /// An I/O object that records its activity.
-    pub struct Tracked<T> {
+    /// An I/O object whose reads and writes are reported to `watch`.
+    pub struct Watched<T, W> {
         #[pin]
         inner: T,
-        activity: Arc<Activity>,
+        watch: W,
     }
 }
 
-impl<T> Tracked<T> {
-    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        Tracked { inner, activity }
+/// An I/O object that records its activity (for the idle timeout).
+pub type Tracked<T> = Watched<T, Arc<Activity>>;
+
+impl OnBytes for Arc<Activity> {
+    #[inline]
+    fn read(&mut self, n: usize) {
+        if n > 0 {
+            self.touch();
+        }
+    }
+
+    #[inline]
+    fn written(&mut self, n: usize) {
+        if n > 0 {
+            self.touch();
+        }
     }
 }
 
-impl<T: AsyncRead> AsyncRead for Tracked<T> {
+/// The bytes read from and written to an I/O object.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub read: u64,
+    pub written: u64,
+}
+
+impl OnBytes for Counts {
+    fn read(&mut self, n: usize) {
+        self.read += n as u64;
+    }
+
+    fn written(&mut self, n: usize) {
+        self.written += n as u64;
+    }
+}
+
+impl<T, W> Watched<T, W> {
+    pub fn new(inner: T, watch: W) -> Self {
+        Watched { inner, watch }
+    }
+
+    /// What was reported so far.
+    pub fn watch(&self) -> &W {
+        &self.watch
+    }
+}
+
+impl<T: AsyncRead, W: OnBytes> AsyncRead for Watched<T, W> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -111,14 +160,12 @@ impl<T: AsyncRead> AsyncRead for Tracked<T> {
         let this = self.project();
         let before = buf.filled().len();
         let r = this.inner.poll_read(cx, buf);
-        if buf.filled().len() != before {
-            this.activity.touch();
-        }
+        this.watch.read(buf.filled().len() - before);
         r
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
+impl<T: AsyncWrite, W: OnBytes> AsyncWrite for Watched<T, W> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -126,8 +173,8 @@ impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
+        if let Poll::Ready(Ok(n)) = r {
+            this.watch.written(n);
         }
         r
     }
@@ -147,8 +194,8 @@ impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let r = this.inner.poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
+        if let Poll::Ready(Ok(n)) = r {
+            this.watch.written(n);
         }
         r
     }

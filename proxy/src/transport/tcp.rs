@@ -2,14 +2,11 @@
 //! connection has been idle for the idle timeout, or the proxy drains and the
 //! grace period ends (the process exits).
 
-use crate::transport::io::{Activity, Tracked};
-use pin_project_lite::pin_project;
+use crate::transport::io::{Activity, Counts, Tracked, Watched};
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// How a relayed connection went: the bytes that really moved each way,
 /// however it ended, and why it ended if not cleanly.
@@ -44,11 +41,9 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let mut a = Tracked::new(a, activity.clone());
-    let mut b = Counted {
-        inner: b,
-        read: 0,
-        written: 0,
-    };
+    // The upstream side's bytes are counted, so a connection that ends in
+    // an error still reports what it carried.
+    let mut b = Watched::new(b, Counts::default());
     let error = tokio::select! {
         r = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 16 * 1024, 16 * 1024) => r.err(),
         _ = activity.idle(idle_timeout) => Some(io::Error::new(
@@ -56,58 +51,11 @@ where
             format!("idle for {idle_timeout:?}"),
         )),
     };
+    let carried = *b.watch();
     Relayed {
-        from_client: b.written,
-        to_client: b.read,
+        from_client: carried.written,
+        to_client: carried.read,
         error,
-    }
-}
-
-pin_project! {
-    /// Counts the bytes read from and written to the upstream side, so a
-    /// connection that ends in an error still reports what it carried.
-    struct Counted<T> {
-        #[pin]
-        inner: T,
-        read: u64,
-        written: u64,
-    }
-}
-
-impl<T: AsyncRead> AsyncRead for Counted<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let r = this.inner.poll_read(cx, buf);
-        *this.read += (buf.filled().len() - before) as u64;
-        r
-    }
-}
-
-impl<T: AsyncWrite> AsyncWrite for Counted<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let r = this.inner.poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            *this.written += n as u64;
-        }
-        r
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
     }
 }
 
