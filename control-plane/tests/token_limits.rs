@@ -162,11 +162,14 @@ async fn an_expired_token_certifies_nothing_new_but_its_workload_renews_until_re
     let data = tempfile::tempdir().unwrap();
     let running = start_in(data.path()).await;
     let uri = spiffe("shop", "backend");
-    let token = create(&running, data.path(), &["--ttl", "1s"]).await;
+    // Expiry is kept in whole seconds from the creation's second: a 1 s TTL
+    // created late in a second could end before the first Certify. 2 s
+    // leaves at least one whole second for it.
+    let token = create(&running, data.path(), &["--ttl", "2s"]).await;
     let holder = certify_with(&running, &token, &uri, 0)
         .await
         .expect("a certificate within the TTL");
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
 
     let late = certify_with(&running, &token, &uri, 0).await.unwrap_err();
     assert_eq!(late.code(), Code::Unauthenticated);
