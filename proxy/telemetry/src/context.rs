@@ -285,15 +285,8 @@ fn hex_into(out: &mut [u8], bytes: &[u8]) {
     }
 }
 
-/// Lowercase hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(HEX_DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(HEX_DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
-}
+/// Lowercase hex of `bytes` (the workspace's one helper).
+pub use remora_proto::util::hex;
 
 /// The one value of a header that must appear at most once.
 fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<Result<&'a str, ()>> {
