@@ -381,6 +381,16 @@ async fn with_identity(
     (opts, Some(dir))
 }
 
+/// `opts` with a token file and a trust bundle that are never used (both
+/// flags are required): for a proxy whose control plane never answers.
+pub fn unused_identity(mut opts: ProxyOpts, dir: &Path) -> ProxyOpts {
+    let (token, ca) = (dir.join("token"), dir.join("ca.pem"));
+    std::fs::write(&token, "unused\n").expect("writing a token file");
+    std::fs::write(&ca, "unused\n").expect("writing a trust bundle");
+    opts.ca_file = Some(ca);
+    opts.token_file(&token)
+}
+
 /// What a `remora-proxy run` is started with, besides its ports.
 #[derive(Debug, Clone)]
 pub struct ProxyOpts {

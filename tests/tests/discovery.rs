@@ -249,7 +249,9 @@ async fn a_proxy_that_never_reached_its_control_plane_is_not_ready() {
     let app = App::start("backend", "v1", Mode::Http).await;
     // Nothing listens there.
     let nowhere = format!("http://127.0.0.1:{}", free_port());
-    let mut proxy = Proxy::spawn(&nowhere, ProxyOpts::new("backend", "shop", app.port()));
+    let files = tempfile::tempdir().unwrap();
+    let opts = unused_identity(ProxyOpts::new("backend", "shop", app.port()), files.path());
+    let mut proxy = Proxy::spawn(&nowhere, opts);
     let start = Instant::now();
     let mut answers = Vec::new();
     while start.elapsed() < Duration::from_secs(3) {

@@ -543,15 +543,23 @@ async fn a_proxy_without_a_valid_token_gets_no_certificate_and_stays_unready() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
 
     let opts = || ProxyOpts::new("backend", "shop", app.port());
+    // No token file at all: refused at start, saying which flag.
     let mut no_token = opts();
     no_token.ca_file = Some(cp.data_dir().join("trust-bundle.pem"));
+    let mut refused = Proxy::spawn(&cp.url(), no_token);
+    assert!(
+        refused.process().wait_exit(Duration::from_secs(10)).await,
+        "a proxy without --token-file kept running"
+    );
+    let status = refused.process().exit_status();
+    assert!(status.is_some_and(|s| !s.success()), "{status:?}");
+    assert!(
+        refused.logs().contains("--token-file is required"),
+        "{}",
+        refused.logs()
+    );
     let garbage = write("garbage", "not-a-token\n");
     let cases: Vec<(&str, Proxy, &str)> = vec![
-        (
-            "no token file",
-            Proxy::spawn(&cp.url(), no_token),
-            "no --token-file",
-        ),
         (
             "a missing token file",
             Proxy::start_unready(&cp, opts().token_file(&dir.path().join("absent"))).await,
@@ -668,10 +676,13 @@ async fn a_proxy_without_a_valid_token_gets_no_certificate_and_stays_unready() {
     // so it was the token that kept it out.
     let fresh = pki::create_token(&cp, "backend", "shop").await;
     std::fs::write(&garbage, &fresh).unwrap();
-    cases[2].1.wait_ready().await;
+    let (_, malformed, _) = cases
+        .iter_mut()
+        .find(|(what, _, _)| *what == "a malformed token")
+        .expect("the malformed-token case");
+    malformed.wait_ready().await;
     assert!(
-        cases[2]
-            .1
+        malformed
             .metric("remora_cert_expiry_timestamp_seconds")
             .await
             > Some(now_unix() as f64)

@@ -58,7 +58,9 @@ async fn wait_ready_gives_up_on_a_proxy_that_never_gets_ready() {
     let app = App::start("backend", "v1", Mode::Http).await;
     // No control plane there: no certificate, no snapshot, never ready.
     let nowhere = format!("http://127.0.0.1:{}", free_port());
-    let proxy = Proxy::spawn(&nowhere, ProxyOpts::new("backend", "shop", app.port()));
+    let files = tempfile::tempdir().unwrap();
+    let opts = unused_identity(ProxyOpts::new("backend", "shop", app.port()), files.path());
+    let proxy = Proxy::spawn(&nowhere, opts);
     let (status, stderr, took) = wait_ready(proxy.health(), "1500ms").await;
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("not ready"), "{stderr}");

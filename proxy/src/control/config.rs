@@ -53,13 +53,12 @@ pub struct RunArgs {
     /// instance is not registered as an endpoint.
     #[arg(long, env = "REMORA_ADVERTISE")]
     pub advertise: Option<String>,
-    /// Bootstrap token file: proves this workload's identity to the control
-    /// plane (read again for each certificate request). Needed: without it
-    /// the proxy runs but gets no certificate, and is never ready.
+    /// Token file (required): proves this workload's identity to the
+    /// control plane, a bootstrap token or a Kubernetes ServiceAccount token
+    /// (read again for each certificate request).
     #[arg(long, env = "REMORA_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
-    /// Trust bundle (PEM) that verifies the control plane. Needed: without
-    /// it the proxy runs but reaches no control plane, and is never ready.
+    /// Trust bundle (PEM, required) that verifies the control plane.
     #[arg(long, env = "REMORA_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// The name the control plane's certificate carries (default remora-control).
@@ -194,8 +193,10 @@ pub struct Settings {
     pub instance_id: String,
     pub app_port: Option<u16>,
     pub advertise: Option<String>,
-    pub token_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
+    /// The workload's credential (a bootstrap or ServiceAccount token).
+    pub token_file: PathBuf,
+    /// The trust bundle that verifies the control plane.
+    pub ca_file: PathBuf,
     pub control_plane_name: String,
     /// This workload's identity, from `--trust-domain`, `--namespace` and
     /// `--service`.
@@ -286,6 +287,21 @@ impl Settings {
             };
             labels.push((k.trim().to_string(), v.trim().to_string()));
         }
+        // Without either the proxy could never be ready: refuse to start
+        // rather than run unready, saying what is missing.
+        let Some(ca_file) = pick!(ca_file) else {
+            bail!(
+                "--ca-file is required (or REMORA_CA_FILE): the trust bundle that verifies \
+                 the control plane (its data dir's trust-bundle.pem)"
+            );
+        };
+        let Some(token_file) = pick!(token_file) else {
+            bail!(
+                "--token-file is required (or REMORA_TOKEN_FILE): the token that proves this \
+                 workload's identity (`remora-control token create`, or a Kubernetes \
+                 ServiceAccount token)"
+            );
+        };
         let instance_id =
             pick!(instance_id).unwrap_or_else(|| format!("{service}-{:08x}", fastrand::u32(..)));
         let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -298,8 +314,8 @@ impl Settings {
             instance_id,
             app_port: pick!(app_port),
             advertise: pick!(advertise),
-            token_file: pick!(token_file),
-            ca_file: pick!(ca_file),
+            token_file,
+            ca_file,
             control_plane_name: pick!(control_plane_name)
                 .unwrap_or_else(|| "remora-control".into()),
             spiffe_id,
@@ -332,26 +348,6 @@ impl Settings {
             workers: crate::control::runtime::workers(pick!(workers).unwrap_or(1)),
         })
     }
-
-    /// What keeps this proxy from ever being ready, said once at start (it
-    /// still runs, and answers `/live`): no `--ca-file` to verify the
-    /// control plane with, no `--token-file` to get a certificate with.
-    pub fn identity_problems(&self) -> Vec<&'static str> {
-        let mut problems = Vec::new();
-        if self.ca_file.is_none() {
-            problems.push(
-                "no --ca-file (REMORA_CA_FILE): the control plane cannot be verified, so \
-                 this proxy gets no certificate and no configuration and is never ready",
-            );
-        }
-        if self.token_file.is_none() {
-            problems.push(
-                "no --token-file (REMORA_TOKEN_FILE): this workload cannot prove its \
-                 identity, so it gets no certificate and is never ready",
-            );
-        }
-        problems
-    }
 }
 
 fn serde_yaml_from_str(text: &str) -> anyhow::Result<RunArgs> {
@@ -370,6 +366,7 @@ mod tests {
         RunArgs {
             service: Some(service.into()),
             ca_file: Some("/var/run/remora/ca.pem".into()),
+            token_file: Some("/var/run/remora/token".into()),
             ..Default::default()
         }
     }
@@ -401,7 +398,7 @@ mod tests {
         assert_eq!(s.limits.detect_timeout, Duration::from_secs(1));
         assert_eq!(s.outbound_addr.port(), 15001);
         assert_eq!(s.workers, 1, "one data-plane thread unless asked");
-        assert_eq!(s.token_file, None);
+        assert_eq!(s.token_file, PathBuf::from("/var/run/remora/token"));
     }
 
     #[test]
@@ -415,14 +412,17 @@ mod tests {
             s.workers,
             std::thread::available_parallelism().map_or(1, |n| n.get())
         );
-        let path = config_file("service: a\nworkers: 3\nca-file: /etc/remora/ca.pem\n");
+        let path = config_file(
+            "service: a\nworkers: 3\nca-file: /etc/remora/ca.pem\ntoken-file: /etc/remora/token\n",
+        );
         let s = Settings::resolve(RunArgs {
             config: Some(path),
             ..Default::default()
         })
         .unwrap();
         assert_eq!(s.workers, 3);
-        assert_eq!(s.ca_file, Some(PathBuf::from("/etc/remora/ca.pem")));
+        assert_eq!(s.ca_file, PathBuf::from("/etc/remora/ca.pem"));
+        assert_eq!(s.token_file, PathBuf::from("/etc/remora/token"));
     }
 
     #[test]
@@ -442,20 +442,22 @@ mod tests {
     }
 
     #[test]
-    fn a_proxy_without_its_identity_flags_says_why_it_will_not_be_ready() {
-        let s = Settings::resolve(minimal("a")).unwrap();
-        let problems = s.identity_problems();
-        assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].starts_with("no --token-file"), "{problems:?}");
-        let s = Settings::resolve(RunArgs {
-            ca_file: None,
-            token_file: Some("/var/run/remora/token".into()),
+    fn a_proxy_without_its_identity_flags_is_refused_saying_which() {
+        let e = Settings::resolve(RunArgs {
+            token_file: None,
             ..minimal("a")
         })
-        .unwrap();
-        let problems = s.identity_problems();
-        assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].starts_with("no --ca-file"), "{problems:?}");
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("--token-file is required"), "{e}");
+        let e = Settings::resolve(RunArgs {
+            ca_file: None,
+            ..minimal("a")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("--ca-file is required"), "{e}");
+        assert!(Settings::resolve(minimal("a")).is_ok());
     }
 
     #[test]

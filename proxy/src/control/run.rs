@@ -88,9 +88,6 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
         "remora-proxy starting"
     );
     let s = &settings;
-    for problem in s.identity_problems() {
-        tracing::error!("{problem}");
-    }
     let identity = Identity::new(s.spiffe_id.clone());
     let workload = Workload {
         service: s.service.clone(),
@@ -137,11 +134,11 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
     let control_plane = ControlPlane {
         address: s.control_plane.clone(),
         name: s.control_plane_name.clone(),
-        ca_file: s.ca_file.clone(),
+        ca_file: Some(s.ca_file.clone()),
         identity,
     };
     let credentials = Credentials {
-        token_file: s.token_file.clone(),
+        token_file: Some(s.token_file.clone()),
         lifetime: s.cert_lifetime,
     };
     tokio::spawn(certify::run(control_plane.clone(), credentials));
