@@ -28,7 +28,10 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 /// keys change); istiod's fixed 20 min would leave a rotated key unknown.
 const MIN_LIFETIME: Duration = Duration::from_secs(1);
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// After a failed fetch: 1 s, 2 s, 4 s... up to a minute (the ceilings of
+/// the workspace's one backoff; no jitter, the provider is one server).
+const BACKOFF: remora_resilience::Backoff =
+    remora_resilience::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
 
 /// The state of one URI.
 #[derive(Debug, Default)]
@@ -85,9 +88,7 @@ pub async fn run(registry: Arc<Registry>, shutdown: impl Future<Output = ()>) {
                 }
                 Err(e) => {
                     entry.failures = entry.failures.saturating_add(1);
-                    let backoff =
-                        Duration::from_secs(1u64 << entry.failures.min(6).saturating_sub(1))
-                            .min(MAX_BACKOFF);
+                    let backoff = BACKOFF.ceiling(entry.failures - 1);
                     tracing::warn!(
                         uri,
                         error = %e,
