@@ -876,7 +876,11 @@ fn line() -> impl Strategy<Value = Line> {
         1 => Just(Line::Expect),
         1 => prop::sample::select(vec!["h2c", "websocket", "smuggle/1"])
             .prop_map(|u| Line::Upgrade(u.to_owned())),
-        1 => prop::sample::select(vec![100usize, 8_000, 70_000]).prop_map(Line::Long),
+        // The proxies refuse a head once hyper's buffer holds 64 KiB without
+        // its end; a head a little over that may still be read whole in one
+        // go (the buffer's last read can take it to twice the limit), so the
+        // long one is well past both: refused whatever the timing.
+        1 => prop::sample::select(vec![100usize, 8_000, 200_000]).prop_map(Line::Long),
         3 => (
             prop_oneof![3 => "[A-Za-z0-9-]{1,12}".prop_map(String::into_bytes),
                         1 => bytes_with(b" :\0\x7f\x80\xff\"(),/;=@[]{}")],
