@@ -39,6 +39,9 @@ pub struct Principal {
     exp: u64,
     /// The rule that verified it.
     rule: usize,
+    /// Its claims as the rule's request headers, made once when the token
+    /// is verified (a cached token costs one clone of each per request).
+    headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Principal {
@@ -52,6 +55,7 @@ impl Principal {
             },
             exp: u64::MAX,
             rule: 0,
+            headers: Vec::new(),
         }
     }
 
@@ -103,8 +107,10 @@ pub struct Authn {
 }
 
 /// A token found in a request: where, and for which rule.
-struct Found {
-    token: String,
+struct Found<'a> {
+    /// Borrowed from the request's headers: nothing is copied unless the
+    /// token is verified (and cached) for the first time.
+    token: &'a str,
     rule: usize,
     source: usize,
 }
@@ -195,40 +201,36 @@ impl Authn {
         for name in &self.outputs {
             headers.remove(name);
         }
-        let Some(found) = self.find(headers) else {
-            return Ok(None);
+        let (principal, found_rule, found_source) = {
+            let Some(found) = self.find(headers) else {
+                return Ok(None);
+            };
+            let now = now_unix();
+            let principal = match self.cache.get(found.token, now) {
+                Some(p) => {
+                    metrics.jwt_cached();
+                    p
+                }
+                None => {
+                    let p = self.verify(&found, now).map_err(|(reason, why)| {
+                        metrics.jwt_refused(reason);
+                        ProxyError::unauthenticated(&self.realm, why)
+                    })?;
+                    metrics.jwt_verified();
+                    let p = Arc::new(p);
+                    self.cache.put(found.token.to_string(), p.clone(), now);
+                    p
+                }
+            };
+            (principal, found.rule, found.source)
         };
-        let now = now_unix();
-        let principal = match self.cache.get(&found.token, now) {
-            Some(p) => {
-                metrics.jwt_cached();
-                p
-            }
-            None => {
-                let p = self.verify(&found, now).map_err(|(reason, why)| {
-                    metrics.jwt_refused(reason);
-                    ProxyError::unauthenticated(&self.realm, why)
-                })?;
-                metrics.jwt_verified();
-                let p = Arc::new(p);
-                self.cache.put(found.token.clone(), p.clone(), now);
-                p
-            }
-        };
-        let rule = &self.rules[principal.rule];
-        for (header, claim) in &rule.claims_to_headers {
-            let values = principal.claim_values(claim);
-            if values.is_empty() {
-                continue;
-            }
-            if let Ok(v) = HeaderValue::from_str(&values.join(",")) {
-                headers.insert(header.clone(), v);
-            }
+        for (name, value) in &principal.headers {
+            headers.insert(name.clone(), value.clone());
         }
-        if !rule.forward {
+        if !self.rules[principal.rule].forward {
             // The source the token was read from, under the rule that found
             // it (the verifying rule has the same issuer).
-            if let Some(source) = self.rules[found.rule].sources.get(found.source) {
+            if let Some(source) = self.rules[found_rule].sources.get(found_source) {
                 strip(headers, source);
             }
         }
@@ -236,7 +238,7 @@ impl Authn {
     }
 
     /// The first token found, in rule order, then source order.
-    fn find(&self, headers: &HeaderMap) -> Option<Found> {
+    fn find<'a>(&self, headers: &'a HeaderMap) -> Option<Found<'a>> {
         for (rule, r) in self.rules.iter().enumerate() {
             for (source, s) in r.sources.iter().enumerate() {
                 if let Some(token) = read(headers, s) {
@@ -259,7 +261,7 @@ impl Authn {
         if found.token.len() > jwt::MAX_TOKEN_BYTES {
             return Err(refused(jwt::JwtError::TooLarge));
         }
-        let issuer = unverified_issuer(&found.token);
+        let issuer = unverified_issuer(found.token);
         let index = self
             .rules
             .iter()
@@ -270,23 +272,34 @@ impl Authn {
             .keys
             .as_ref()
             .map_err(|why| ("jwks_unavailable", why.clone()))?;
-        let claims = jwt::verify(&found.token, keys, &rule.expected, now).map_err(refused)?;
+        let claims = jwt::verify(found.token, keys, &rule.expected, now).map_err(refused)?;
         let sub = claims.get("sub").and_then(|s| s.as_str()).unwrap_or("");
         let exp = claims
             .get("exp")
             .and_then(|e| e.as_f64())
             .map(|e| e as u64)
             .unwrap_or(0);
-        Ok(Principal {
+        let mut principal = Principal {
             principal: format!("{}/{sub}", rule.expected.issuer),
             claims,
             exp,
             rule: index,
-        })
+            headers: Vec::new(),
+        };
+        for (header, claim) in &rule.claims_to_headers {
+            let values = principal.claim_values(claim);
+            if values.is_empty() {
+                continue;
+            }
+            if let Ok(v) = HeaderValue::from_str(&values.join(",")) {
+                principal.headers.push((header.clone(), v));
+            }
+        }
+        Ok(principal)
     }
 }
 
-fn read(headers: &HeaderMap, source: &Source) -> Option<String> {
+fn read<'a>(headers: &'a HeaderMap, source: &Source) -> Option<&'a str> {
     match source {
         Source::Header { name, prefix } => {
             let v = headers.get(name)?.to_str().ok()?.trim();
@@ -299,7 +312,7 @@ fn read(headers: &HeaderMap, source: &Source) -> Option<String> {
             } else {
                 return None;
             };
-            (!token.is_empty()).then(|| token.to_string())
+            (!token.is_empty()).then_some(token)
         }
         Source::Cookie(name) => headers
             .get_all(COOKIE)
@@ -308,7 +321,7 @@ fn read(headers: &HeaderMap, source: &Source) -> Option<String> {
             .flat_map(|v| v.split(';'))
             .find_map(|pair| {
                 let (k, v) = pair.trim().split_once('=')?;
-                (k == name && !v.is_empty()).then(|| v.to_string())
+                (k == name && !v.is_empty()).then_some(v)
             }),
     }
 }
