@@ -6,6 +6,9 @@
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
+# protoc: the etcd client (`serve --store etcd`) compiles etcd's protos.
+RUN apt-get update && apt-get install -y --no-install-recommends protobuf-compiler \
+    && rm -rf /var/lib/apt/lists/*
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \

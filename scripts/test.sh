@@ -13,7 +13,8 @@ need_pkgs=()
 for pair in iptables:iptables ip:iproute2 tcpdump:tcpdump redis-server:redis-server \
             redis-cli:redis-tools redis-benchmark:redis-tools promtool:prometheus \
             setpriv:util-linux curl:curl h2load:nghttp2-client nghttpd:nghttp2-server \
-            pgbench:postgresql psql:postgresql-client python3:python3; do
+            pgbench:postgresql psql:postgresql-client python3:python3 \
+            protoc:protobuf-compiler etcd:etcd-server etcdctl:etcd-client; do
   cmd=${pair%%:*}; pkg=${pair##*:}
   command -v "$cmd" >/dev/null 2>&1 || need_pkgs+=("$pkg")
 done

@@ -275,7 +275,7 @@ async fn history_diff_delete_and_rollback() {
             .code(),
         Code::InvalidArgument
     );
-    let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+    let status = admin.status(StatusRequest::default()).await.unwrap().into_inner();
     assert_eq!(status.policy_version, 5);
     assert!(status.snapshot_version.starts_with("5."));
     running.shutdown().await.unwrap();
@@ -338,7 +338,7 @@ async fn admin_calls_need_the_right_token() {
     let dir = tempfile::tempdir().unwrap();
     let running = start_in(dir.path()).await;
     let mut wrong = admin(&running, "not-the-token").await;
-    let err = wrong.status(StatusRequest {}).await.unwrap_err();
+    let err = wrong.status(StatusRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     let err = wrong
         .apply(apply_req(vec![file("svc.yaml", SERVICE)]))

@@ -132,7 +132,7 @@ async fn a_registered_proxy_gets_its_endpoint_and_acks_show_in_status() {
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
-        let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+        let status = admin.status(StatusRequest::default()).await.unwrap().into_inner();
         assert_eq!(status.proxies.len(), 1);
         let p = &status.proxies[0];
         assert_eq!(

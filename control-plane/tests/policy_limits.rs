@@ -61,7 +61,7 @@ async fn deep_nesting_is_refused_at_once_while_the_control_plane_keeps_answering
     let mut admin_client = admin(&running, &running.token).await;
     for _ in 0..5 {
         let t = Instant::now();
-        admin_client.status(StatusRequest {}).await.unwrap();
+        admin_client.status(StatusRequest::default()).await.unwrap();
         assert!(
             t.elapsed() < Duration::from_secs(1),
             "status took {:?}",

@@ -217,7 +217,7 @@ async fn still_rotating_after(running: &Running, d: Duration, why: &str) {
 async fn status(running: &Running) -> remora_proto::v1::StatusResponse {
     admin(running, &running.token)
         .await
-        .status(StatusRequest {})
+        .status(StatusRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -257,7 +257,7 @@ async fn the_old_root_is_retired_only_once_every_certificate_from_it_was_renewed
     let new_root = roots[1].clone();
     assert_eq!(fingerprint(&new_root), new_id);
     assert_eq!(std::fs::read_to_string(&running.ca_file).unwrap(), bundle);
-    let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+    let status = admin.status(StatusRequest::default()).await.unwrap().into_inner();
     assert_eq!(
         (
             status.signer_id.as_str(),
@@ -310,7 +310,7 @@ async fn the_old_root_is_retired_only_once_every_certificate_from_it_was_renewed
         "b runs an old certificate",
     )
     .await;
-    let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+    let status = admin.status(StatusRequest::default()).await.unwrap().into_inner();
     let signers: Vec<&str> = status
         .proxies
         .iter()
@@ -334,7 +334,7 @@ async fn the_old_root_is_retired_only_once_every_certificate_from_it_was_renewed
     assert_eq!(server_signer(&running, &bundle), new_id);
     let done = a.until(|s| certs(&s.trust_bundle_pem).len() == 1).await;
     assert_eq!(done.signer_id, new_id);
-    let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+    let status = admin.status(StatusRequest::default()).await.unwrap().into_inner();
     assert_eq!(status.retiring_signer_id, "");
     assert!(status.rotation_waiting_for.is_empty());
 

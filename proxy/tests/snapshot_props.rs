@@ -391,6 +391,7 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
                 trust_domain,
                 signer_id: String::new(),
                 jwks: Default::default(),
+                ..Snapshot::default()
             },
         )
 }

@@ -79,7 +79,7 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
             print_results(&response)
         }
         Command::Status => {
-            let response = admin.client.status(StatusRequest {}).await;
+            let response = admin.client.status(StatusRequest::default()).await;
             let status = response.map_err(|s| admin.error("status", s))?.into_inner();
             out(output::status(&status))?;
             Ok(())

@@ -481,6 +481,7 @@ impl Registry {
                 cert_not_after_unix: p.cert_not_after_unix,
                 endpoint_registered: p.is_endpoint(),
                 cert_signer_id: p.cert_signer_id.clone(),
+                replica: String::new(),
             })
             .collect();
         out.sort_by(|a, b| {
@@ -538,6 +539,7 @@ impl Registry {
             trust_domain: self.trust_domain.clone(),
             signer_id: inner.trust.signer_id.clone(),
             jwks: inner.jwks.clone(),
+            ..Snapshot::default()
         };
         self.snapshots
             .send_replace(Arc::new(Published::new(snapshot)));

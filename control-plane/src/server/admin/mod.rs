@@ -336,6 +336,8 @@ impl Admin for AdminService {
             signer_id: ca.signer.id.clone(),
             rotation_waiting_for: holdouts.iter().map(ToString::to_string).collect(),
             rotation_deadline_unix: deadline,
+            store: "embedded".into(),
+            ..StatusResponse::default()
         }))
     }
 
