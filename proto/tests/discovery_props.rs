@@ -84,6 +84,7 @@ fn snapshot() -> impl Strategy<Value = Snapshot> {
                     signer_id: signer,
                     // JWK sets by URI: a string map, as labels are.
                     jwks,
+                    ..Snapshot::default()
                 }
             },
         )
