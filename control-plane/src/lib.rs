@@ -18,6 +18,8 @@
 //!   signing), the ledger of certificates issued.
 //! - [`policy`]: the versioned, append-only policy store (redb) and what an
 //!   apply, delete or rollback does to it.
+//! - [`etcd`]: the store replicas share (`serve --store etcd`): etcd's
+//!   client, the key-encryption key that seals the CA's key in it.
 //! - [`metrics`]: each part's metrics, on recorders of their own.
 //! - Shared by the server and the CLI: [`data_dir`] (the admin token and
 //!   trust bundle files), [`human`] (sizes, times, YAML for people),
@@ -30,6 +32,7 @@
 pub mod cli;
 pub mod data_dir;
 pub mod discovery;
+pub mod etcd;
 pub mod human;
 pub mod identity;
 pub mod metrics;

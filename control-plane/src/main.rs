@@ -29,6 +29,7 @@ async fn main() -> ExitCode {
             local::serve(cli.global, args).await
         }
         Command::Inject(args) => local::inject(&args),
+        Command::Install(args) => remora_control::cli::install::install(&args),
         command => {
             init_logging("warn");
             client::run(&cli.global, command).await

@@ -127,6 +127,9 @@ pub enum Command {
     /// Print a Kubernetes manifest with the mesh added (init container,
     /// native-sidecar proxy, volumes); works offline
     Inject(InjectArgs),
+    /// Print the control plane's Kubernetes manifests (Deployment, Service,
+    /// what they need); works offline
+    Install(crate::cli::install::InstallArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -349,6 +352,8 @@ pub struct ServeArgs {
         value_parser = NonEmptyStringValueParser::new()
     )]
     pub kubernetes_audience: Option<String>,
+    #[command(flatten)]
+    pub store: crate::cli::store_args::StoreArgs,
 }
 
 impl ServeArgs {

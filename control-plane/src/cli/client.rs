@@ -27,6 +27,7 @@ pub async fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(_) => bail!("serve is not a client command"),
         Command::Inject(_) => bail!("inject is not a client command"),
+        Command::Install(_) => bail!("install is not a client command"),
         Command::Apply(args) => apply(&mut admin, &args, files).await,
         Command::Get(args) => get(&mut admin, args).await,
         Command::Delete(args) => delete(&mut admin, args).await,

@@ -13,6 +13,7 @@ use std::io::Read as _;
 /// The server's settings from the command line.
 pub fn serve_config(global: GlobalArgs, args: ServeArgs) -> ServeConfig {
     let kubernetes = args.kubernetes();
+    let store = args.store.config();
     let operator_ca = match (args.ca_cert, args.ca_key) {
         (Some(cert), Some(key)) => Some(OperatorCa {
             cert,
@@ -38,6 +39,7 @@ pub fn serve_config(global: GlobalArgs, args: ServeArgs) -> ServeConfig {
         http_header_read_timeout: args.http_header_read_timeout,
         max_apply_bytes: usize::try_from(args.max_apply_bytes).unwrap_or(usize::MAX),
         kubernetes,
+        store,
     }
 }
 

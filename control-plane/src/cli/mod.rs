@@ -17,5 +17,7 @@ pub mod client;
 pub mod connect;
 pub mod identity_commands;
 pub mod inject;
+pub mod install;
 pub mod local;
 pub mod output;
+pub mod store_args;

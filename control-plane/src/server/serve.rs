@@ -78,6 +78,8 @@ pub struct ServeConfig {
     /// Kubernetes ServiceAccount tokens accepted beside bootstrap tokens
     /// (`--kubernetes-issuer`, `--kubernetes-jwks`); None: bootstrap tokens only.
     pub kubernetes: Option<KubernetesConfig>,
+    /// Where the state lives: the data directory, or etcd (shared by replicas).
+    pub store: crate::etcd::StoreConfig,
 }
 
 /// The default workload certificate lifetime (and longest).
@@ -103,6 +105,7 @@ impl ServeConfig {
             http_header_read_timeout: http::DEFAULT_HEADER_READ_TIMEOUT,
             max_apply_bytes: crate::server::admin::DEFAULT_MAX_APPLY_BYTES,
             kubernetes: None,
+            store: crate::etcd::StoreConfig::Embedded,
         }
     }
 
