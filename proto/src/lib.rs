@@ -5,6 +5,7 @@
 // No unwrap in the library's own code (tests may: clippy.toml).
 #![warn(clippy::unwrap_used)]
 
+pub mod delta;
 pub mod identity;
 pub mod jwt;
 pub mod policy;
