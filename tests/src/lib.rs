@@ -22,6 +22,7 @@
 )]
 
 pub mod clients;
+pub mod etcd;
 pub mod faults;
 pub mod inproc;
 pub mod mesh;
