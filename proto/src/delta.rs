@@ -294,6 +294,103 @@ fn changes<T: Keyed + Clone + PartialEq, K>(
     (upserts, removed)
 }
 
+/// The resources of `new` that `old` lacks or holds differently, and the
+/// keys of those `old` has and `new` lacks (a delta's `resources` and
+/// `removed_resources`).
+pub fn diff_resources(old: &[Resource], new: &[Resource]) -> (Vec<Resource>, Vec<ResourceKey>) {
+    changes(old, new, resource_key)
+}
+
+/// One delta with the effect of `deltas` applied in order, each based on
+/// the one before: based on the first's base, carrying the last's version.
+/// An error if they do not chain (or there are none).
+pub fn compose(deltas: &[&Snapshot]) -> Result<Snapshot, String> {
+    let (Some(first), Some(last)) = (deltas.first(), deltas.last()) else {
+        return Err("no delta to compose".into());
+    };
+    for pair in deltas.windows(2) {
+        if pair[1].base_version != pair[0].version {
+            return Err(format!(
+                "delta {} is based on {}, not on {}",
+                pair[1].version, pair[1].base_version, pair[0].version
+            ));
+        }
+    }
+    let mut resources = Changes::default();
+    let mut endpoints = Changes::default();
+    let mut out = Snapshot {
+        version: last.version.clone(),
+        policy_version: last.policy_version,
+        trust_domain: last.trust_domain.clone(),
+        base_version: first.base_version.clone(),
+        ..Snapshot::default()
+    };
+    for d in deltas {
+        if !is_delta(d) {
+            return Err(format!("snapshot {} is complete, not a delta", d.version));
+        }
+        resources.add(&d.resources, &d.removed_resources);
+        endpoints.add(&d.endpoints, &d.removed_endpoints);
+        if d.trust_changed {
+            out.trust_changed = true;
+            out.trust_bundle_pem.clone_from(&d.trust_bundle_pem);
+            out.signer_id.clone_from(&d.signer_id);
+        }
+        if d.jwks_changed {
+            out.jwks_changed = true;
+            out.jwks.clone_from(&d.jwks);
+        }
+    }
+    (out.resources, out.removed_resources) = resources.into_parts();
+    (out.endpoints, out.removed_endpoints) = endpoints.into_parts();
+    Ok(out)
+}
+
+/// A canonical key that owns its strings.
+type OwnedKey = (usize, String, String, String);
+
+fn owned(k: Key<'_>) -> OwnedKey {
+    (k.0, k.1.to_owned(), k.2.to_owned(), k.3.to_owned())
+}
+
+/// Upserts and removals gathered over several deltas: the latest word on a
+/// key wins.
+struct Changes<T, R> {
+    upserts: std::collections::BTreeMap<OwnedKey, T>,
+    removed: std::collections::BTreeMap<OwnedKey, R>,
+}
+
+impl<T, R> Default for Changes<T, R> {
+    fn default() -> Self {
+        Changes {
+            upserts: Default::default(),
+            removed: Default::default(),
+        }
+    }
+}
+
+impl<T: Keyed + Clone, R: Keyed + Clone> Changes<T, R> {
+    fn add(&mut self, upserts: &[T], removed: &[R]) {
+        for r in removed {
+            let k = owned(r.key());
+            self.upserts.remove(&k);
+            self.removed.insert(k, r.clone());
+        }
+        for u in upserts {
+            let k = owned(u.key());
+            self.removed.remove(&k);
+            self.upserts.insert(k, u.clone());
+        }
+    }
+
+    fn into_parts(self) -> (Vec<T>, Vec<R>) {
+        (
+            self.upserts.into_values().collect(),
+            self.removed.into_values().collect(),
+        )
+    }
+}
+
 /// References to `items` in canonical order.
 fn sorted_refs<T: Keyed>(items: &[T]) -> Vec<&T> {
     let mut refs: Vec<&T> = items.iter().collect();

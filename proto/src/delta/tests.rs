@@ -316,3 +316,51 @@ proptest! {
         prop_assert_eq!(&shuffled, &new);
     }
 }
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn a_composed_delta_has_the_effect_of_its_parts(
+        a in snapshot("1.1"), b in snapshot("1.2"), c in snapshot("1.3"), d in snapshot("1.4"),
+    ) {
+        let (ab, bc, cd) = (diff(&a, &b), diff(&b, &c), diff(&c, &d));
+        let composed = compose(&[&ab, &bc, &cd]).unwrap();
+        prop_assert_eq!(&composed.base_version, "1.1");
+        prop_assert_eq!(&composed.version, "1.4");
+        let mut applied = a.clone();
+        apply(&mut applied, composed).unwrap();
+        prop_assert_eq!(&applied, &d);
+        prop_assert_eq!(compose(&[&ab]).unwrap(), ab.clone());
+    }
+}
+
+#[test]
+fn deltas_that_do_not_chain_are_not_composed() {
+    let a = complete("1.1");
+    let mut b = a.clone();
+    b.version = "1.2".into();
+    let mut c = b.clone();
+    c.version = "1.3".into();
+    assert!(compose(&[]).is_err());
+    assert!(compose(&[&diff(&a, &b), &diff(&a, &c)])
+        .unwrap_err()
+        .contains("1.1"));
+    assert!(compose(&[&b]).unwrap_err().contains("complete"));
+}
+
+#[test]
+fn an_endpoint_added_then_removed_is_removed() {
+    let a = complete("1.1");
+    let mut b = a.clone();
+    b.version = "1.2".into();
+    b.endpoints = vec![endpoint("a", "s", "1", "x:1")];
+    let mut c = a.clone();
+    c.version = "1.3".into();
+    let composed = compose(&[&diff(&a, &b), &diff(&b, &c)]).unwrap();
+    assert!(composed.endpoints.is_empty());
+    assert_eq!(composed.removed_endpoints.len(), 1);
+    let (upserts, removed) = diff_resources(&[resource("Service", "a", "x", "{}")], &[]);
+    assert!(upserts.is_empty());
+    assert_eq!(removed[0].name, "x");
+}
