@@ -7,7 +7,8 @@
 //! authenticates it, so a single-use token keeps working), at once when the
 //! control plane starts signing with a new root or refuses the certificate
 //! (see `refusals`), and retried with jitter while the control plane is away,
-//! keeping the valid certificate meanwhile.
+//! keeping the valid certificate meanwhile. A replica that cannot be reached
+//! hands the request to the next one at once (see `replicas`).
 //!
 //! The lifetime asked for is `--cert-lifetime` when it was given; a proxy
 //! left without it asks for none, so the control plane's `--cert-lifetime`
@@ -15,6 +16,7 @@
 
 use crate::control::control_plane::ControlPlane;
 use crate::control::refusals;
+use crate::control::replicas::Replica;
 use crate::transport::tls;
 use crate::transport::tls::identity::{Identity, WorkloadCert};
 use remora_proto::v1::identity_client::IdentityClient;
@@ -142,6 +144,84 @@ fn transport_failure(status: &tonic::Status) -> bool {
     )
 }
 
+/// Why an attempt on one replica failed.
+enum Failure {
+    /// It could not be reached, or the connection broke: the next replica
+    /// may do.
+    Unreachable(String),
+    /// It answered (a refusal), or the answer was unusable: that stands.
+    Answer(String),
+}
+
+/// One attempt: on the rotation's replica, then at once on each next one
+/// while they are unreachable.
+async fn across_replicas(
+    control_plane: &ControlPlane,
+    token: &str,
+    lifetime: u64,
+) -> Result<(WorkloadCert, String), String> {
+    let replicas = &control_plane.replicas;
+    let mut tried = 0;
+    loop {
+        let pick = replicas.pick().await?;
+        match on_replica(control_plane, &pick.replica, token, lifetime).await {
+            Ok(done) => return Ok(done),
+            Err(Failure::Answer(e)) => return Err(e),
+            Err(Failure::Unreachable(e)) => {
+                replicas.failed(&pick);
+                tried += 1;
+                if tried >= pick.count {
+                    return Err(e);
+                }
+                tracing::warn!(replica = %pick.replica, error = %e,
+                    "control-plane replica unreachable; asking the next one");
+            }
+        }
+    }
+}
+
+/// One attempt on `replica`. A renewal presents the certificate we hold,
+/// which is what authenticates it (a single-use token has been used
+/// already). If the control plane cannot take it (it no longer trusts its
+/// root, say), the token alone is tried: a new certificate.
+async fn on_replica(
+    control_plane: &ControlPlane,
+    replica: &Replica,
+    token: &str,
+    lifetime: u64,
+) -> Result<(WorkloadCert, String), Failure> {
+    let identity = &control_plane.identity;
+    if identity.has_cert() && !identity.is_refused() {
+        let channel = control_plane
+            .channel(replica, true)
+            .await
+            .map_err(Failure::Unreachable)?;
+        match certify_status(channel, identity, token, lifetime).await {
+            Ok(done) => return Ok(done),
+            // The control plane's answer stands (a revoked token).
+            Err(Ok(status)) if !transport_failure(&status) => {
+                return Err(Failure::Answer(refused(&status)))
+            }
+            Err(e) => {
+                let e = e.map_or_else(|message| message, |status| refused(&status));
+                tracing::debug!(error = %e, %replica,
+                    "renewal with the current certificate failed; trying the token alone");
+            }
+        }
+    }
+    let channel = control_plane
+        .channel(replica, false)
+        .await
+        .map_err(Failure::Unreachable)?;
+    certify_status(channel, identity, token, lifetime)
+        .await
+        .map_err(|e| match e {
+            Ok(status) if transport_failure(&status) => Failure::Unreachable(refused(&status)),
+            Ok(status) => Failure::Answer(refused(&status)),
+            Err(message) => Failure::Answer(message),
+        })
+}
+
 /// What proves this workload's identity to the control plane.
 #[derive(Debug, Clone)]
 pub struct Credentials {
@@ -165,28 +245,7 @@ pub async fn run(control_plane: ControlPlane, credentials: Credentials) {
                     .map_err(|e| format!("reading the token file {}: {e}", path.display()))?,
                 None => return Err("no --token-file: cannot prove this workload's identity".into()),
             };
-            let token = token.trim();
-            // A renewal presents the certificate we hold, which is what
-            // authenticates it (a single-use token has been used already).
-            // If the control plane cannot take it (it no longer trusts its
-            // root, say), the token alone is tried: a new certificate.
-            if identity.has_cert() && !identity.is_refused() {
-                let renewal = async {
-                    let channel = control_plane.channel(true).await.map_err(Err)?;
-                    certify_status(channel, &identity, token, lifetime).await
-                };
-                match renewal.await {
-                    Ok(done) => return Ok(done),
-                    // The control plane's answer stands (a revoked token).
-                    Err(Ok(status)) if !transport_failure(&status) => return Err(refused(&status)),
-                    Err(e) => {
-                        let e = e.map_or_else(|message| message, |status| refused(&status));
-                        tracing::debug!(error = %e, "renewal with the current certificate failed; trying the token alone");
-                    }
-                }
-            }
-            let channel = control_plane.channel(false).await?;
-            certify(channel, &identity, token, lifetime).await
+            across_replicas(&control_plane, token.trim(), lifetime).await
         };
         match attempt.await {
             Ok((cert, bundle)) => {

@@ -24,7 +24,10 @@ pub struct RunArgs {
     #[arg(long, env = "REMORA_CONFIG")]
     #[serde(skip)]
     pub config: Option<PathBuf>,
-    /// The control plane's gRPC address (default http://127.0.0.1:15012).
+    /// The control plane's gRPC addresses: a comma-separated list of its
+    /// replicas (host:port, http://… or https://…; always TLS), any of them
+    /// a DNS name that may resolve to several. The proxy starts on a random
+    /// one and fails over to the next (default http://127.0.0.1:15012).
     #[arg(long, env = "REMORA_CONTROL_PLANE")]
     pub control_plane: Option<String>,
     /// This workload's service name.
@@ -186,7 +189,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 /// The resolved settings the proxy runs with.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub control_plane: String,
+    /// The control plane's replicas, `host:port` each (`--control-plane`).
+    pub control_plane: Vec<String>,
     pub service: String,
     pub namespace: String,
     pub labels: Vec<(String, String)>,
@@ -304,10 +308,13 @@ impl Settings {
         };
         let instance_id =
             pick!(instance_id).unwrap_or_else(|| format!("{service}-{:08x}", fastrand::u32(..)));
+        let control_plane = pick!(control_plane).unwrap_or_else(|| "http://127.0.0.1:15012".into());
+        let control_plane = crate::control::replicas::parse_list(&control_plane)
+            .map_err(|e| anyhow::anyhow!("--control-plane {e}"))?;
         let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
         Ok(Settings {
-            control_plane: pick!(control_plane).unwrap_or_else(|| "http://127.0.0.1:15012".into()),
+            control_plane,
             service,
             namespace,
             labels,
@@ -399,6 +406,34 @@ mod tests {
         assert_eq!(s.outbound_addr.port(), 15001);
         assert_eq!(s.workers, 1, "one data-plane thread unless asked");
         assert_eq!(s.token_file, PathBuf::from("/var/run/remora/token"));
+    }
+
+    #[test]
+    fn the_control_plane_is_a_list_of_replicas() {
+        let s = Settings::resolve(minimal("a")).unwrap();
+        assert_eq!(s.control_plane, ["127.0.0.1:15012"]);
+        let args = RunArgs {
+            control_plane: Some("https://cp-0.remora:15012, cp-1.remora:15012,10.0.0.7".into()),
+            ..minimal("a")
+        };
+        let s = Settings::resolve(args).unwrap();
+        assert_eq!(
+            s.control_plane,
+            ["cp-0.remora:15012", "cp-1.remora:15012", "10.0.0.7:15012"]
+        );
+        let path = config_file("service: a\ncontrol-plane: a:1,b:2\n");
+        let s = Settings::resolve(RunArgs {
+            config: Some(path),
+            ..minimal("a")
+        })
+        .unwrap();
+        assert_eq!(s.control_plane, ["a:1", "b:2"]);
+        let args = RunArgs {
+            control_plane: Some("a:1,b:port".into()),
+            ..minimal("a")
+        };
+        let e = Settings::resolve(args).unwrap_err().to_string();
+        assert!(e.starts_with("--control-plane \"b:port\": the port"), "{e}");
     }
 
     #[test]

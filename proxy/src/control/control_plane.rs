@@ -1,9 +1,11 @@
 //! Connections to the control plane: always TLS, verifying the server against
 //! `--ca-file` plus the latest trust bundle (so a root rotation does not strand
-//! the proxy) under the name `--control-plane-name`. Discovery and renewals
-//! also present the workload certificate, which the control plane checks
-//! against the identity the proxy registers.
+//! the proxy) under the name `--control-plane-name`, whichever replica is
+//! dialled (see `replicas`: every address of `--control-plane` is one).
+//! Discovery and renewals also present the workload certificate, which the
+//! control plane checks against the identity the proxy registers.
 
+use crate::control::replicas::{Replica, Replicas};
 use crate::transport::tls::identity::Identity;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,8 +15,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 /// The control plane, as its clients (discovery, certificates) reach it.
 #[derive(Clone)]
 pub struct ControlPlane {
-    /// `--control-plane`: `host:port`, `http://…` or `https://…`.
-    pub address: String,
+    /// `--control-plane`: its replicas, and the rotation discovery and
+    /// certificates share.
+    pub replicas: Arc<Replicas>,
     /// `--control-plane-name`: the name its certificate must carry.
     pub name: String,
     /// `--ca-file`: the trust bundle that verifies it.
@@ -23,29 +26,15 @@ pub struct ControlPlane {
     pub identity: Arc<Identity>,
 }
 
-/// `host:port`, `http://…` or `https://…` → `https://…`.
-pub fn https_url(url: &str) -> String {
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .unwrap_or(url);
-    format!("https://{rest}")
+/// A replica's URL: `https://ip:port`.
+pub fn url(replica: &Replica) -> String {
+    format!("https://{}", replica.addr)
 }
 
 impl ControlPlane {
-    /// Its URL, always `https://`.
-    pub fn url(&self) -> String {
-        https_url(&self.address)
-    }
-
-    /// Its `host:port`.
+    /// The replica in use (the last one chosen): `host:port`.
     pub fn authority(&self) -> String {
-        let url = self.url();
-        url.trim_start_matches("https://")
-            .split('/')
-            .next()
-            .unwrap_or_default()
-            .to_string()
+        self.replicas.current()
     }
 
     /// The roots that verify it (PEM): `--ca-file`, then the mesh's latest
@@ -64,8 +53,9 @@ impl ControlPlane {
         Ok(ca)
     }
 
-    /// A gRPC channel, presenting the workload certificate when `client_cert`.
-    pub async fn channel(&self, client_cert: bool) -> Result<Channel, String> {
+    /// A gRPC channel to `replica`, presenting the workload certificate when
+    /// `client_cert`.
+    pub async fn channel(&self, replica: &Replica, client_cert: bool) -> Result<Channel, String> {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(self.roots_pem()?))
             .domain_name(self.name.clone());
@@ -76,7 +66,7 @@ impl ControlPlane {
                 cert.key_pem(),
             ));
         }
-        let endpoint = Endpoint::from_shared(self.url())
+        let endpoint = Endpoint::from_shared(url(replica))
             .map_err(|e| format!("invalid control-plane URL: {e}"))?
             .tls_config(tls)
             .map_err(|e| format!("control-plane TLS: {e}"))?
@@ -103,24 +93,33 @@ mod tests {
     use super::*;
     use remora_proto::SpiffeId;
 
-    #[test]
-    fn urls_become_https() {
-        assert_eq!(https_url("127.0.0.1:15012"), "https://127.0.0.1:15012");
-        assert_eq!(https_url("http://cp:1"), "https://cp:1");
-        assert_eq!(https_url("https://cp:1"), "https://cp:1");
-    }
-
-    #[test]
-    fn the_authority_is_host_and_port() {
-        let cp = ControlPlane {
-            address: "http://cp.remora:15012/x".into(),
+    fn control_plane(list: &str) -> ControlPlane {
+        let entries = crate::control::replicas::parse_list(list).unwrap();
+        ControlPlane {
+            replicas: Arc::new(Replicas::starting_at(entries, 0)),
             name: "remora-control".into(),
             ca_file: Some("/nowhere/ca.pem".into()),
             identity: Identity::new(SpiffeId::new("cluster.local", "shop", "backend").unwrap()),
-        };
-        assert_eq!(cp.url(), "https://cp.remora:15012/x");
-        assert_eq!(cp.authority(), "cp.remora:15012");
+        }
+    }
+
+    #[tokio::test]
+    async fn replicas_are_dialled_by_address_over_tls() {
+        let cp = control_plane("http://127.0.0.1:15012/x,[::1]:7");
+        assert_eq!(
+            cp.authority(),
+            "127.0.0.1:15012",
+            "the first, until one is chosen"
+        );
+        let pick = cp.replicas.pick().await.unwrap();
+        assert_eq!(url(&pick.replica), "https://127.0.0.1:15012");
+        cp.replicas.failed(&pick);
+        let pick = cp.replicas.pick().await.unwrap();
+        assert_eq!(url(&pick.replica), "https://[::1]:7");
+        assert_eq!(cp.authority(), "[::1]:7", "the one chosen last");
         let e = cp.roots_pem().unwrap_err();
         assert!(e.starts_with("reading the CA file /nowhere/ca.pem"), "{e}");
+        let e = cp.channel(&pick.replica, false).await.unwrap_err();
+        assert!(e.starts_with("reading the CA file"), "{e}");
     }
 }

@@ -13,6 +13,7 @@ use crate::control::certify::{self, Credentials};
 use crate::control::config::Settings;
 use crate::control::control_plane::ControlPlane;
 use crate::control::discovery::{self, Discovery, Registration};
+use crate::control::replicas::Replicas;
 use crate::control::runtime::{bind_std, DataPlane};
 use crate::data::app_health::{self, AppProbe};
 use crate::data::observe::Telemetry;
@@ -131,8 +132,10 @@ async fn run(settings: Settings, data: &DataPlane) -> anyhow::Result<()> {
         reload,
         current_log,
     ));
+    let replicas = Replicas::new(s.control_plane.clone());
+    tracing::info!(control_plane = %s.control_plane.join(","), "control-plane replicas");
     let control_plane = ControlPlane {
-        address: s.control_plane.clone(),
+        replicas: Arc::new(replicas),
         name: s.control_plane_name.clone(),
         ca_file: Some(s.ca_file.clone()),
         identity,
