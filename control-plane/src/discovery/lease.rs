@@ -31,13 +31,10 @@ impl std::fmt::Debug for GenerationLease {
 impl GenerationLease {
     /// Starts after every generation reserved before, and reserves a block.
     /// Blocking (redb).
+    /// Replicas sharing the store reserve disjoint blocks (the reservation is
+    /// a compare-and-swap), so versions are unique across the mesh.
     pub fn open(db: IdentityDb) -> Result<GenerationLease, DbError> {
-        let start = db
-            .get(META, LEASE_KEY)?
-            .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok())
-            .unwrap_or(0);
-        let reserved = start.saturating_add(LEASE_BLOCK);
-        db.put(META, LEASE_KEY, reserved.to_string().as_bytes())?;
+        let (start, reserved) = reserve(&db, 0)?;
         Ok(GenerationLease {
             db,
             reserved,
@@ -50,11 +47,37 @@ impl GenerationLease {
         if generation <= self.reserved {
             return;
         }
-        let next = generation.saturating_add(LEASE_BLOCK);
-        match self.db.put(META, LEASE_KEY, next.to_string().as_bytes()) {
-            Ok(()) => self.reserved = next,
-            Err(e) => tracing::error!(error = %e, generation,
-                "cannot reserve snapshot generations: a restart may reuse versions"),
+        if !self.db.is_shared() {
+            let next = generation.saturating_add(LEASE_BLOCK);
+            match self.db.put(META, LEASE_KEY, next.to_string().as_bytes()) {
+                Ok(()) => self.reserved = next,
+                Err(e) => tracing::error!(error = %e, generation,
+                    "cannot reserve snapshot generations: a restart may reuse versions"),
+            }
+            return;
+        }
+        // Shared: the next free block, which another replica may have moved;
+        // meanwhile (etcd unreachable) the generation runs on, unreserved.
+        match reserve(&self.db, generation) {
+            Ok((_, reserved)) => self.reserved = reserved.max(generation),
+            Err(e) => tracing::warn!(error = %e, generation,
+                "cannot reserve snapshot generations in the store"),
         }
     }
+}
+
+/// Reserves the block after both the stored reservation and `at_least`;
+/// returns (the reservation found, the new one).
+fn reserve(db: &IdentityDb, at_least: u64) -> Result<(u64, u64), DbError> {
+    let mut found = 0;
+    let mut reserved = 0;
+    db.update(META, LEASE_KEY, |current| {
+        found = current
+            .and_then(|b| std::str::from_utf8(b).ok()?.parse::<u64>().ok())
+            .unwrap_or(0)
+            .max(at_least);
+        reserved = found.saturating_add(LEASE_BLOCK);
+        Ok(Some(reserved.to_string().into_bytes()))
+    })?;
+    Ok((found, reserved))
 }

@@ -1,7 +1,14 @@
 //! The etcd store (`serve --store etcd`): what replicas share.
 //!
-//! - [`EtcdConfig`]: how to reach etcd and the key-encryption key.
+//! - [`client`]: the connection (timeouts, retries, the key prefix, the
+//!   bridge for the synchronous stores).
+//! - [`kek`]: the key-encryption key that seals secrets before they go to
+//!   etcd.
 
+pub mod client;
+pub mod kek;
+
+pub use client::{Etcd, EtcdError};
 use std::path::PathBuf;
 
 /// Where the control plane's state lives.

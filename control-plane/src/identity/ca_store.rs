@@ -72,8 +72,31 @@ pub fn load_or_generate(db: &IdentityDb, trust_domain: &str) -> anyhow::Result<C
         retiring_signer: None,
         operator: false,
     };
-    save(db, &state)?;
-    Ok(state)
+    // Stored only if no other replica stored a CA meanwhile; the stored one
+    // is the mesh's.
+    let record = encode(&state)?;
+    db.update(CA, CA_KEY, |current| {
+        Ok(current.is_none().then(|| record.clone()))
+    })?;
+    let stored = db
+        .get(CA, CA_KEY)?
+        .context("the CA record vanished right after it was stored")?;
+    decode(&stored).context("the CA record in the identity database is unusable")
+}
+
+/// Reads the stored CA (None: none stored yet).
+pub fn load(db: &IdentityDb) -> anyhow::Result<Option<CaState>> {
+    match db.get(CA, CA_KEY)? {
+        Some(bytes) => Ok(Some(
+            decode(&bytes).context("the CA record in the identity database is unusable")?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The etcd key the CA record lives under (None: embedded store).
+pub fn etcd_key(db: &IdentityDb) -> Option<String> {
+    db.etcd_key(CA, CA_KEY)
 }
 
 fn decode(bytes: &[u8]) -> anyhow::Result<CaState> {
@@ -119,6 +142,11 @@ fn decode(bytes: &[u8]) -> anyhow::Result<CaState> {
 
 /// Stores a generated CA's state durably.
 pub fn save(db: &IdentityDb, state: &CaState) -> anyhow::Result<()> {
+    db.put(CA, CA_KEY, &encode(state)?)?;
+    Ok(())
+}
+
+fn encode(state: &CaState) -> anyhow::Result<Vec<u8>> {
     if state.operator {
         bail!("an operator-provided CA is not stored");
     }
@@ -142,8 +170,7 @@ pub fn save(db: &IdentityDb, state: &CaState) -> anyhow::Result<()> {
             .map(|s| s.key_pem())
             .unwrap_or_default(),
     };
-    db.put(CA, CA_KEY, &serde_json::to_vec(&record)?)?;
-    Ok(())
+    Ok(serde_json::to_vec(&record)?)
 }
 
 fn read(path: &Path, what: &str) -> anyhow::Result<String> {

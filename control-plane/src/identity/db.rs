@@ -4,9 +4,17 @@
 //! write is a durable redb transaction (an fsync before it returns), so a
 //! `kill -9` leaves either the old or the new record, never half of one.
 //!
+//! With `--store etcd` the same tables live in etcd, shared by every
+//! replica ([`IdentityDb::etcd`]): the CA's record sealed with the
+//! key-encryption key, updates by compare-and-swap.
+//!
 //! The database is synchronous; callers run it on the blocking pool.
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use crate::etcd::{Etcd, EtcdError};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+use parking_lot::Mutex;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -24,12 +32,27 @@ pub(crate) const CERTS: TableDefinition<&str, &[u8]> = TableDefinition::new("cer
 /// Small values: the ledger's start, the snapshot generation lease.
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// Values remembered from etcd for when it cannot be reached (token records
+/// and the CA: what renewing an existing identity reads).
+const MAX_REMEMBERED: usize = 200_000;
+/// Compare-and-swap attempts of one [`IdentityDb::update`] against etcd.
+const CAS_ATTEMPTS: usize = 32;
+
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
     #[error("identity database: {0}")]
     Db(#[from] redb::Error),
     #[error("identity database: {0}")]
     Io(#[from] std::io::Error),
+    #[error("identity database: {0}")]
+    Store(#[from] EtcdError),
+}
+
+impl DbError {
+    /// The shared store (etcd) cannot be reached.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, DbError::Store(e) if e.is_unavailable())
+    }
 }
 
 fn db_err(e: impl Into<redb::Error>) -> DbError {
@@ -39,12 +62,194 @@ fn db_err(e: impl Into<redb::Error>) -> DbError {
 /// A handle on the identity database. Cheap to clone.
 #[derive(Clone)]
 pub struct IdentityDb {
-    db: Arc<Database>,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    /// `<data-dir>/identity.redb`.
+    Local(Arc<Database>),
+    /// etcd, under `<prefix>/identity/<table>/<key>`; the CA table sealed
+    /// with the key-encryption key.
+    Etcd(Arc<EtcdTables>),
+}
+
+struct EtcdTables {
+    etcd: Arc<Etcd>,
+    /// The last value read of each token and CA key, served while etcd is
+    /// unavailable.
+    remembered: Mutex<HashMap<String, Option<Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for IdentityDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("IdentityDb")
+        f.write_str(match self.backend {
+            Backend::Local(_) => "IdentityDb(redb)",
+            Backend::Etcd(_) => "IdentityDb(etcd)",
+        })
+    }
+}
+
+fn sealed(table: TableDefinition<&str, &[u8]>) -> bool {
+    table.name() == CA.name()
+}
+
+fn remembered(table: TableDefinition<&str, &[u8]>) -> bool {
+    table.name() == CA.name() || table.name() == TOKENS.name()
+}
+
+impl EtcdTables {
+    fn prefix(&self, table: TableDefinition<&str, &[u8]>) -> String {
+        self.etcd.key(&format!("identity/{}/", table.name()))
+    }
+
+    fn key(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> String {
+        format!("{}{key}", self.prefix(table))
+    }
+
+    fn encode(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &[u8],
+    ) -> Result<Vec<u8>, DbError> {
+        if sealed(table) {
+            self.etcd
+                .kek
+                .seal(&self.key(table, key), value)
+                .map_err(|e| DbError::Store(EtcdError::Failed(e)))
+        } else {
+            Ok(value.to_vec())
+        }
+    }
+
+    fn decode(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<Vec<u8>, DbError> {
+        if sealed(table) {
+            self.etcd
+                .kek
+                .open(&self.key(table, key), &value)
+                .map_err(|e| DbError::Store(EtcdError::Failed(e)))
+        } else {
+            Ok(value)
+        }
+    }
+
+    fn remember(&self, table: TableDefinition<&str, &[u8]>, key: &str, value: Option<&[u8]>) {
+        if remembered(table) {
+            let mut map = self.remembered.lock();
+            if map.len() >= MAX_REMEMBERED {
+                map.clear();
+            }
+            map.insert(self.key(table, key), value.map(<[u8]>::to_vec));
+        }
+    }
+
+    fn get(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<Vec<u8>>, DbError> {
+        let full = self.key(table, key);
+        match self.etcd.block(self.etcd.get(&full)) {
+            Ok(found) => {
+                let value = found.map(|(v, _)| self.decode(table, key, v)).transpose()?;
+                self.remember(table, key, value.as_deref());
+                Ok(value)
+            }
+            Err(e) if e.is_unavailable() && remembered(table) => {
+                match self.remembered.lock().get(&full) {
+                    Some(value) => {
+                        tracing::debug!(key = %full, "etcd unavailable: serving the last value read");
+                        Ok(value.clone())
+                    }
+                    None => Err(e.into()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn put(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &[u8],
+    ) -> Result<(), DbError> {
+        let stored = self.encode(table, key, value)?;
+        self.etcd
+            .block(self.etcd.put(&self.key(table, key), stored))?;
+        self.remember(table, key, Some(value));
+        Ok(())
+    }
+
+    fn update(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        mut f: impl FnMut(Option<&[u8]>) -> Result<Option<Vec<u8>>, DbError>,
+    ) -> Result<(), DbError> {
+        let full = self.key(table, key);
+        for _ in 0..CAS_ATTEMPTS {
+            let found = self.etcd.block(self.etcd.get(&full))?;
+            let (current, compare) = match found {
+                Some((v, revision)) => (
+                    Some(self.decode(table, key, v)?),
+                    Compare::mod_revision(full.clone(), CompareOp::Equal, revision),
+                ),
+                None => (None, Compare::version(full.clone(), CompareOp::Equal, 0)),
+            };
+            let Some(next) = f(current.as_deref())? else {
+                return Ok(());
+            };
+            let stored = self.encode(table, key, &next)?;
+            let txn = Txn::new()
+                .when([compare])
+                .and_then([TxnOp::put(full.clone(), stored, None)]);
+            if self.etcd.block(self.etcd.txn(txn))? {
+                self.remember(table, key, Some(&next));
+                return Ok(());
+            }
+        }
+        Err(DbError::Store(EtcdError::Failed(format!(
+            "{full}: changed by others {CAS_ATTEMPTS} times in a row"
+        ))))
+    }
+
+    fn write_batch(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        puts: &[(&str, &[u8])],
+        removes: &[&str],
+    ) -> Result<(), DbError> {
+        let mut ops = Vec::with_capacity(puts.len() + removes.len());
+        for (key, value) in puts {
+            ops.push(TxnOp::put(
+                self.key(table, key),
+                self.encode(table, key, value)?,
+                None,
+            ));
+        }
+        for key in removes {
+            ops.push(TxnOp::delete(self.key(table, key), None));
+        }
+        self.etcd.block(self.etcd.batch(ops))?;
+        Ok(())
+    }
+
+    fn list(&self, table: TableDefinition<&str, &[u8]>) -> Result<Vec<(String, Vec<u8>)>, DbError> {
+        let entries = self.etcd.block(self.etcd.get_prefix(&self.prefix(table)))?;
+        entries
+            .into_iter()
+            .map(|(k, v)| {
+                let value = self.decode(table, &k, v)?;
+                Ok((k, value))
+            })
+            .collect()
     }
 }
 
@@ -60,7 +265,33 @@ impl IdentityDb {
         txn.open_table(CERTS).map_err(db_err)?;
         txn.open_table(META).map_err(db_err)?;
         txn.commit().map_err(db_err)?;
-        Ok(IdentityDb { db: Arc::new(db) })
+        Ok(IdentityDb {
+            backend: Backend::Local(Arc::new(db)),
+        })
+    }
+
+    /// The database in etcd, shared by every replica. Its calls block: run
+    /// them on the blocking pool (or they move off the worker thread).
+    pub fn etcd(etcd: Arc<Etcd>) -> IdentityDb {
+        IdentityDb {
+            backend: Backend::Etcd(Arc::new(EtcdTables {
+                etcd,
+                remembered: Mutex::new(HashMap::new()),
+            })),
+        }
+    }
+
+    /// Whether it lives in etcd (shared by replicas).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Etcd(_))
+    }
+
+    /// The etcd key `key` of `table` is stored under (None: not in etcd).
+    pub fn etcd_key(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Option<String> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Etcd(t) => Some(t.key(table, key)),
+        }
     }
 
     pub(crate) fn get(
@@ -68,7 +299,11 @@ impl IdentityDb {
         table: TableDefinition<&str, &[u8]>,
         key: &str,
     ) -> Result<Option<Vec<u8>>, DbError> {
-        let read = self.db.begin_read().map_err(db_err)?;
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Etcd(t) => return t.get(table, key),
+        };
+        let read = db.begin_read().map_err(db_err)?;
         let table = read.open_table(table).map_err(db_err)?;
         Ok(table.get(key).map_err(db_err)?.map(|v| v.value().to_vec()))
     }
@@ -80,7 +315,11 @@ impl IdentityDb {
         key: &str,
         value: &[u8],
     ) -> Result<(), DbError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Etcd(t) => return t.put(table, key, value),
+        };
+        let txn = db.begin_write().map_err(db_err)?;
         {
             let mut table = txn.open_table(table).map_err(db_err)?;
             table.insert(key, value).map_err(db_err)?;
@@ -89,17 +328,23 @@ impl IdentityDb {
         Ok(())
     }
 
-    /// Reads `key` and writes what `f` makes of it, in one durable write
-    /// transaction (redb runs one at a time, so nothing changes `key` in
-    /// between). `f` gets the current value; Some(new) writes it, None
-    /// leaves the entry as it is.
+    /// Reads `key` and writes what `f` makes of it, atomically: in one
+    /// durable write transaction (redb runs one at a time), or in etcd by
+    /// compare-and-swap on the key's revision, `f` called again with the
+    /// newer value when another replica changed it in between. `f` gets the
+    /// current value; Some(new) writes it, None leaves the entry as it is.
     pub(crate) fn update(
         &self,
         table: TableDefinition<&str, &[u8]>,
         key: &str,
-        f: impl FnOnce(Option<&[u8]>) -> Result<Option<Vec<u8>>, DbError>,
+        f: impl FnMut(Option<&[u8]>) -> Result<Option<Vec<u8>>, DbError>,
     ) -> Result<(), DbError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Etcd(t) => return t.update(table, key, f),
+        };
+        let mut f = f;
+        let txn = db.begin_write().map_err(db_err)?;
         let changed = {
             let mut table = txn.open_table(table).map_err(db_err)?;
             let current = table.get(key).map_err(db_err)?.map(|v| v.value().to_vec());
@@ -120,14 +365,18 @@ impl IdentityDb {
     }
 
     /// Writes `puts` and removes `removes` in `table`, in one durable
-    /// transaction.
+    /// transaction (in etcd: transactions of up to 100 operations).
     pub(crate) fn write_batch(
         &self,
         table: TableDefinition<&str, &[u8]>,
         puts: &[(&str, &[u8])],
         removes: &[&str],
     ) -> Result<(), DbError> {
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Etcd(t) => return t.write_batch(table, puts, removes),
+        };
+        let txn = db.begin_write().map_err(db_err)?;
         {
             let mut table = txn.open_table(table).map_err(db_err)?;
             for (key, value) in puts {
@@ -146,7 +395,11 @@ impl IdentityDb {
         &self,
         table: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<(String, Vec<u8>)>, DbError> {
-        let read = self.db.begin_read().map_err(db_err)?;
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Etcd(t) => return t.list(table),
+        };
+        let read = db.begin_read().map_err(db_err)?;
         let table = read.open_table(table).map_err(db_err)?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(db_err)? {

@@ -16,7 +16,13 @@
 //! from an older release) are covered by time instead: see
 //! [`Ledger::started_unix`].
 //!
-//! Blocking (redb): callers run it on the blocking pool.
+//! With the shared store (etcd) every replica writes to the same ledger and
+//! reads it back whole before answering what is still in use
+//! ([`Ledger::in_use`]), so certificates renewed through another replica
+//! count. While etcd cannot be reached, entries wait in memory (bounded) and
+//! are written at the next write that succeeds: renewals go on.
+//!
+//! Blocking (redb, etcd): callers run it on the blocking pool.
 
 use crate::identity::db::{DbError, IdentityDb, CERTS, META};
 use parking_lot::{Mutex, MutexGuard};
@@ -49,7 +55,12 @@ pub struct Ledger {
     db: IdentityDb,
     certs: Mutex<HashMap<String, IssuedCert>>,
     started_unix: i64,
+    /// Entries not yet written (the shared store was unavailable).
+    pending: Mutex<HashMap<String, Vec<u8>>>,
 }
+
+/// Entries kept for the shared store while it is unavailable.
+const MAX_PENDING: usize = 100_000;
 
 impl std::fmt::Debug for Ledger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,7 +111,73 @@ impl Ledger {
             db,
             certs: Mutex::new(certs),
             started_unix,
+            pending: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Writes `puts` and `removes` (and whatever waits from before). With the
+    /// shared store unavailable the puts wait in memory instead.
+    fn write(&self, puts: &[(&str, &[u8])], removes: &[&str]) -> Result<(), DbError> {
+        let mut pending = self.pending.lock();
+        let waiting: Vec<(String, Vec<u8>)> = pending.drain().collect();
+        let mut all: Vec<(&str, &[u8])> = waiting
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        all.extend_from_slice(puts);
+        match self.db.write_batch(CERTS, &all, removes) {
+            Ok(()) => {
+                if !waiting.is_empty() {
+                    tracing::info!(
+                        entries = waiting.len(),
+                        "certificate ledger caught up with the store"
+                    );
+                }
+                Ok(())
+            }
+            Err(e) if e.is_unavailable() && pending.len() + all.len() <= MAX_PENDING => {
+                tracing::warn!(error = %e, waiting = all.len(),
+                    "store unavailable: certificate ledger entries wait in memory");
+                for (k, v) in all {
+                    pending.insert(k.to_string(), v.to_vec());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                pending.extend(waiting);
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the shared ledger back whole (what other replicas issued and
+    /// replaced), keeping entries not written yet. No-op when not shared or
+    /// when the store cannot be reached.
+    fn reload(&self, now: i64) {
+        if !self.db.is_shared() {
+            return;
+        }
+        let entries = match self.db.list(CERTS) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot reload the certificate ledger");
+                return;
+            }
+        };
+        let mut fresh = HashMap::new();
+        for (serial, bytes) in entries {
+            if let Ok(cert) = serde_json::from_slice::<IssuedCert>(&bytes) {
+                if cert.not_after_unix > now {
+                    fresh.insert(serial, cert);
+                }
+            }
+        }
+        for (serial, bytes) in self.pending.lock().iter() {
+            if let Ok(cert) = serde_json::from_slice::<IssuedCert>(bytes) {
+                fresh.insert(serial.clone(), cert);
+            }
+        }
+        *self.lock() = fresh;
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, IssuedCert>> {
@@ -139,7 +216,7 @@ impl Ledger {
             .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect();
         let removes: Vec<&str> = expired.iter().map(String::as_str).collect();
-        self.db.write_batch(CERTS, &put_refs, &removes)?;
+        self.write(&put_refs, &removes)?;
         for serial in &expired {
             certs.remove(serial);
         }
@@ -202,7 +279,7 @@ impl Ledger {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect();
-        self.db.write_batch(CERTS, &puts, &[])?;
+        self.write(&puts, &[])?;
         for c in changed {
             certs.insert(c.serial.clone(), c);
         }
@@ -212,6 +289,7 @@ impl Ledger {
     /// The certificates from `signer_id` still valid at `now` and not
     /// replaced, soonest to expire first.
     pub fn in_use(&self, signer_id: &str, now: i64) -> Vec<IssuedCert> {
+        self.reload(now);
         let mut out: Vec<IssuedCert> = self
             .lock()
             .values()

@@ -6,9 +6,20 @@
 //! Version 0 is the empty store. A commit is durable (redb's default
 //! `Durability::Immediate`, an fsync) before [`Store::commit`] returns.
 //!
+//! With `--store etcd` the history lives in etcd instead, shared by every
+//! replica ([`Store::open_etcd`]): `<prefix>/policy/version` holds the current
+//! version, `policy/history/<version>` and `policy/states/<version>` the
+//! rest, and a commit is one etcd transaction that writes all three only if
+//! the version is still the one this replica read (compare-and-swap), so two
+//! replicas can never commit the same version and the history has no gap.
+//! A commit that loses the race fails with [`StoreError::Conflict`]; the
+//! caller catches up ([`Store::refresh`]) and plans its change again.
+//!
 //! The store is synchronous; the admin service owns it behind a tokio mutex and
 //! calls it on the blocking pool.
 
+use crate::etcd::{Etcd, EtcdError};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use remora_proto::policy::{Kind, ResourceKey};
 use remora_proto::util::now_unix_ms;
@@ -37,6 +48,18 @@ pub enum StoreError {
     Corrupt { version: u64, message: String },
     #[error("version {0} does not exist")]
     UnknownVersion(u64),
+    /// etcd: unreachable, or it refused.
+    #[error("{0}; nothing was changed")]
+    Shared(#[from] EtcdError),
+    /// etcd: another replica committed this version first.
+    #[error("another replica committed version {0} first")]
+    Conflict(u64),
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Shared(e) if e.is_unavailable())
+    }
 }
 
 fn db_err(e: impl Into<redb::Error>) -> StoreError {
@@ -56,9 +79,21 @@ pub struct HistoryRecord {
 }
 
 pub struct Store {
-    db: Database,
+    backend: Backend,
     version: u64,
     state: Arc<State>,
+    /// The last commit lost the race to another replica.
+    conflicted: bool,
+}
+
+enum Backend {
+    Local(Database),
+    Etcd(Arc<Etcd>),
+}
+
+/// A version as an etcd key part: fixed width, so keys sort as versions do.
+fn version_key(version: u64) -> String {
+    format!("{version:020}")
 }
 
 impl std::fmt::Debug for Store {
@@ -92,10 +127,81 @@ impl Store {
         drop(states);
         drop(read);
         Ok(Store {
-            db,
+            backend: Backend::Local(db),
             version,
             state: Arc::new(state),
+            conflicted: false,
         })
+    }
+
+    /// The store in etcd, at its current version. Blocking.
+    pub fn open_etcd(etcd: Arc<Etcd>) -> Result<Store, StoreError> {
+        let mut store = Store {
+            backend: Backend::Etcd(etcd),
+            version: 0,
+            state: Arc::new(State::new()),
+            conflicted: false,
+        };
+        store.refresh()?;
+        Ok(store)
+    }
+
+    /// Catches up with the shared store: loads the version another replica
+    /// committed, if any. Whether the current version changed. Always false
+    /// with the embedded store (this process is its only writer).
+    pub fn refresh(&mut self) -> Result<bool, StoreError> {
+        let Backend::Etcd(etcd) = &self.backend else {
+            return Ok(false);
+        };
+        let version = match etcd.block(etcd.get(&etcd.key("policy/version")))? {
+            None => 0,
+            Some((bytes, _)) => parse_version(&bytes)?,
+        };
+        if version == self.version {
+            return Ok(false);
+        }
+        let state = self.load_state(version)?;
+        self.version = version;
+        self.state = Arc::new(state);
+        Ok(true)
+    }
+
+    /// Whether the last commit lost the race to another replica (and clears
+    /// it): the caller refreshes and plans again.
+    pub fn take_conflict(&mut self) -> bool {
+        std::mem::take(&mut self.conflicted)
+    }
+
+    /// The etcd key the current version is kept under (None: embedded).
+    pub fn version_watch_key(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::Etcd(etcd) => Some(etcd.key("policy/version")),
+        }
+    }
+
+    fn load_state(&self, version: u64) -> Result<State, StoreError> {
+        if version == 0 {
+            return Ok(State::new());
+        }
+        match &self.backend {
+            Backend::Local(db) => {
+                let read = db.begin_read().map_err(db_err)?;
+                let states = read.open_table(STATES).map_err(db_err)?;
+                let bytes = states
+                    .get(version)
+                    .map_err(db_err)?
+                    .ok_or(StoreError::UnknownVersion(version))?;
+                decode_state(version, bytes.value())
+            }
+            Backend::Etcd(etcd) => {
+                let key = etcd.key(&format!("policy/states/{}", version_key(version)));
+                let (bytes, _) = etcd
+                    .block(etcd.get(&key))?
+                    .ok_or(StoreError::UnknownVersion(version))?;
+                decode_state(version, &bytes)
+            }
+        }
     }
 
     /// The current version (0 when nothing was ever applied).
@@ -113,21 +219,29 @@ impl Store {
         if version == self.version {
             return Ok(self.state.clone());
         }
-        if version == 0 {
-            return Ok(Arc::new(State::new()));
-        }
-        let read = self.db.begin_read().map_err(db_err)?;
-        let states = read.open_table(STATES).map_err(db_err)?;
-        let bytes = states
-            .get(version)
-            .map_err(db_err)?
-            .ok_or(StoreError::UnknownVersion(version))?;
-        Ok(Arc::new(decode_state(version, bytes.value())?))
+        Ok(Arc::new(self.load_state(version)?))
     }
 
     /// Every version, oldest first.
     pub fn history(&self) -> Result<Vec<HistoryRecord>, StoreError> {
-        let read = self.db.begin_read().map_err(db_err)?;
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Etcd(etcd) => {
+                let prefix = etcd.key("policy/history/");
+                let mut out = Vec::new();
+                for (key, bytes) in etcd.block(etcd.get_prefix(&prefix))? {
+                    let version = key.parse().unwrap_or(0);
+                    let record: HistoryRecord =
+                        serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                            version,
+                            message: e.to_string(),
+                        })?;
+                    out.push(record);
+                }
+                return Ok(out);
+            }
+        };
+        let read = db.begin_read().map_err(db_err)?;
         let table = read.open_table(HISTORY).map_err(db_err)?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(db_err)? {
@@ -163,7 +277,43 @@ impl Store {
             message: e.to_string(),
         })?;
 
-        let txn = self.db.begin_write().map_err(db_err)?;
+        let db = match &self.backend {
+            Backend::Local(db) => db,
+            Backend::Etcd(etcd) => {
+                let version_key_name = etcd.key("policy/version");
+                // Version 0 is no key at all.
+                let unchanged = if self.version == 0 {
+                    Compare::version(version_key_name.clone(), CompareOp::Equal, 0)
+                } else {
+                    Compare::value(
+                        version_key_name.clone(),
+                        CompareOp::Equal,
+                        self.version.to_string(),
+                    )
+                };
+                let txn = Txn::new().when([unchanged]).and_then([
+                    TxnOp::put(version_key_name, version.to_string(), None),
+                    TxnOp::put(
+                        etcd.key(&format!("policy/history/{}", version_key(version))),
+                        record_bytes,
+                        None,
+                    ),
+                    TxnOp::put(
+                        etcd.key(&format!("policy/states/{}", version_key(version))),
+                        state_bytes,
+                        None,
+                    ),
+                ]);
+                if !etcd.block(etcd.txn(txn))? {
+                    self.conflicted = true;
+                    return Err(StoreError::Conflict(version));
+                }
+                self.version = version;
+                self.state = Arc::new(state);
+                return Ok(version);
+            }
+        };
+        let txn = db.begin_write().map_err(db_err)?;
         {
             let mut history = txn.open_table(HISTORY).map_err(db_err)?;
             history
@@ -180,6 +330,16 @@ impl Store {
         self.state = Arc::new(state);
         Ok(version)
     }
+}
+
+fn parse_version(bytes: &[u8]) -> Result<u64, StoreError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| StoreError::Corrupt {
+            version: 0,
+            message: format!("the version key holds {:?}", String::from_utf8_lossy(bytes)),
+        })
 }
 
 fn decode_state(version: u64, bytes: &[u8]) -> Result<State, StoreError> {

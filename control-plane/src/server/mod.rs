@@ -14,6 +14,7 @@ pub mod admin;
 pub mod conn_limit;
 pub mod http;
 pub mod reflection;
+pub mod replica;
 pub mod rotation;
 pub mod serve;
 pub mod tls;

@@ -63,7 +63,7 @@ fn failed(e: impl std::fmt::Display) -> RotationError {
 }
 
 /// Something that may still use a certificate from the root being retired.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Holdout {
     /// Who, for the operator.
     pub what: String,
@@ -107,6 +107,17 @@ pub struct Rotation {
     /// The generation of the snapshot that started the rotation in progress
     /// (0 after a restart: every snapshot of this process carries it).
     marker: AtomicU64,
+    /// The other replicas (`--store etcd`); None: this is the only one.
+    cluster: parking_lot::Mutex<Option<Arc<dyn Cluster>>>,
+}
+
+/// What a rotation needs to know of the other replicas.
+pub trait Cluster: Send + Sync + std::fmt::Debug {
+    /// Whether this replica leads singleton work (retiring an old root).
+    fn is_leader(&self) -> bool;
+    /// What the other replicas' connected proxies still hold for a rotation
+    /// to `signer_id`, as they last reported it.
+    fn remote_holdouts(&self, signer_id: &str) -> Vec<Holdout>;
 }
 
 pub fn trust_of(state: &CaState) -> Trust {
@@ -136,7 +147,61 @@ impl Rotation {
             bundle_file,
             lock: tokio::sync::Mutex::new(()),
             marker: AtomicU64::new(0),
+            cluster: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Joins the other replicas: only the leader retires an old root, and
+    /// only once their proxies have moved too.
+    pub fn set_cluster(&self, cluster: Arc<dyn Cluster>) {
+        *self.cluster.lock() = Some(cluster);
+    }
+
+    /// The signer in force.
+    pub fn signer_id(&self) -> String {
+        self.authority.current().signer.id.clone()
+    }
+
+    fn cluster(&self) -> Option<Arc<dyn Cluster>> {
+        self.cluster.lock().clone()
+    }
+
+    /// Follows a CA state another replica stored (a rotation started or
+    /// finished there): TLS, the authority, the bundle file and the snapshot.
+    pub async fn adopt(self: &Arc<Self>, state: CaState) -> Result<(), RotationError> {
+        let _guard = self.lock.lock().await;
+        let current = self.authority.current();
+        if current.signer.id == state.signer.id
+            && current.retiring == state.retiring
+            && current.roots.len() == state.roots.len()
+        {
+            return Ok(());
+        }
+        let (signer, retiring) = (state.signer.id.clone(), state.retiring.clone());
+        let this = self.clone();
+        self.marker.store(u64::MAX, Ordering::SeqCst);
+        let generation = tokio::task::spawn_blocking(move || this.apply(state))
+            .await
+            .map_err(failed)??;
+        self.marker.store(generation, Ordering::SeqCst);
+        tracing::info!(%signer, %retiring, generation, "CA changed by another replica; following it");
+        Ok(())
+    }
+
+    /// The connected proxies of this replica that have not moved to the
+    /// rotation in progress (what it reports to the other replicas).
+    pub async fn local_holdouts(self: &Arc<Self>) -> Vec<Holdout> {
+        let state = self.authority.current();
+        if !state.rotating() || self.marker.load(Ordering::SeqCst) == u64::MAX {
+            return Vec::new();
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut seen = HashSet::new();
+            this.proxy_holdouts(&state, now_unix(), false, &mut seen)
+        })
+        .await
+        .unwrap_or_default()
     }
 
     pub fn bundle_file(&self) -> &std::path::Path {
@@ -150,6 +215,12 @@ impl Rotation {
         if !state.operator {
             ca_store::save(&self.db, &state).map_err(|e| failed(format!("{e:#}")))?;
         }
+        self.apply(state)
+    }
+
+    /// Makes TLS, the authority, the bundle file and the snapshot follow
+    /// `state`. Blocking (file I/O).
+    fn apply(&self, state: CaState) -> Result<u64, RotationError> {
         self.tls.reload(&state).map_err(failed)?;
         let state = self.authority.replace(state);
         if let Err(e) = ca_store::write_bundle_file(&self.bundle_file, &state.bundle_pem()) {
@@ -214,6 +285,18 @@ impl Rotation {
         if old.is_empty() {
             return out;
         }
+        let mut seen: HashSet<String> = HashSet::new();
+        out.extend(self.proxy_holdouts(state, now, first_only, &mut seen));
+        if first_only && !out.is_empty() {
+            return out;
+        }
+        // The other replicas' proxies, as they reported them.
+        if let Some(cluster) = self.cluster() {
+            out.extend(cluster.remote_holdouts(&state.signer.id));
+            if first_only && !out.is_empty() {
+                return out;
+            }
+        }
         let mut revoked_tokens: HashMap<String, bool> = HashMap::new();
         let mut revoked = |token: &Option<String>| -> bool {
             let Some(token) = token else {
@@ -224,39 +307,6 @@ impl Rotation {
                 matches!(self.tokens.get(token), Ok(Some(record)) if record.revoked)
             })
         };
-        // Connected proxies that have not shown they moved.
-        let marker = self.marker.load(Ordering::SeqCst);
-        let mut seen: HashSet<String> = HashSet::new();
-        for p in self.registry.behind(&state.signer.id, marker) {
-            let entry = self.ledger.get(&p.tls_serial);
-            seen.extend(self.ledger.chain(&p.tls_serial));
-            if entry.as_ref().is_some_and(|e| revoked(&e.token_id)) {
-                continue;
-            }
-            if p.cert_not_after_unix != 0 && p.cert_not_after_unix <= now {
-                continue;
-            }
-            let until = match (p.cert_not_after_unix, &entry) {
-                (0, Some(e)) => e.not_after_unix,
-                (0, None) => now,
-                (t, _) => t,
-            };
-            let doing = if p.cert_signer_id == old {
-                "runs a certificate from the old root"
-            } else {
-                "has not acked the new root yet"
-            };
-            out.push(Holdout {
-                what: format!(
-                    "proxy {}/{} {} (connected; {doing})",
-                    p.namespace, p.service, p.instance_id
-                ),
-                until_unix: until,
-            });
-            if first_only {
-                return out;
-            }
-        }
         // Certificates from the old root that nobody has shown replaced.
         for cert in self.ledger.in_use(old, now) {
             if seen.contains(&cert.serial) || revoked(&cert.token_id) {
@@ -306,6 +356,63 @@ impl Rotation {
         out
     }
 
+    /// This replica's connected proxies that have not shown they moved to
+    /// `state`'s signer (those whose token was revoked or whose certificate
+    /// expired do not count); `seen` gets the certificates they account for.
+    /// Blocking (token lookups).
+    fn proxy_holdouts(
+        &self,
+        state: &CaState,
+        now: i64,
+        first_only: bool,
+        seen: &mut HashSet<String>,
+    ) -> Vec<Holdout> {
+        let old = state.retiring.as_str();
+        let mut out = Vec::new();
+        let mut revoked_tokens: HashMap<String, bool> = HashMap::new();
+        let mut revoked = |token: &Option<String>| -> bool {
+            let Some(token) = token else {
+                return false;
+            };
+            *revoked_tokens.entry(token.clone()).or_insert_with(|| {
+                // Unreadable: assume it still counts.
+                matches!(self.tokens.get(token), Ok(Some(record)) if record.revoked)
+            })
+        };
+        let marker = self.marker.load(Ordering::SeqCst);
+        for p in self.registry.behind(&state.signer.id, marker) {
+            let entry = self.ledger.get(&p.tls_serial);
+            seen.extend(self.ledger.chain(&p.tls_serial));
+            if entry.as_ref().is_some_and(|e| revoked(&e.token_id)) {
+                continue;
+            }
+            if p.cert_not_after_unix != 0 && p.cert_not_after_unix <= now {
+                continue;
+            }
+            let until = match (p.cert_not_after_unix, &entry) {
+                (0, Some(e)) => e.not_after_unix,
+                (0, None) => now,
+                (t, _) => t,
+            };
+            let doing = if p.cert_signer_id == old {
+                "runs a certificate from the old root"
+            } else {
+                "has not acked the new root yet"
+            };
+            out.push(Holdout {
+                what: format!(
+                    "proxy {}/{} {} (connected; {doing})",
+                    p.namespace, p.service, p.instance_id
+                ),
+                until_unix: until,
+            });
+            if first_only {
+                return out;
+            }
+        }
+        out
+    }
+
     /// What holds the rotation in progress (empty when none is), and when
     /// the last of it expires.
     pub async fn pending(self: &Arc<Self>) -> (Vec<Holdout>, i64) {
@@ -343,6 +450,10 @@ impl Rotation {
         let _guard = self.lock.lock().await;
         let current = self.authority.current();
         if !current.rotating() || self.marker.load(Ordering::SeqCst) == u64::MAX {
+            return Ok(false);
+        }
+        // One replica retires (the others follow the stored CA).
+        if self.cluster().is_some_and(|c| !c.is_leader()) {
             return Ok(false);
         }
         let this = self.clone();

@@ -7,6 +7,7 @@ use crate::discovery::lease::GenerationLease;
 use crate::discovery::push::DiscoveryServer;
 use crate::discovery::registry::Registry;
 use crate::discovery::service::DiscoveryService;
+use crate::etcd::{Etcd, StoreConfig};
 use crate::identity::ca::{Authority, LifetimePolicy, MIN_CERT_LIFETIME};
 use crate::identity::ca_store::{self, OperatorCa};
 use crate::identity::certify::IdentityService;
@@ -18,11 +19,12 @@ use crate::identity::kubernetes::{
 use crate::identity::tokens::{TokenStore, WorkloadAuthenticator};
 use crate::metrics::certs::CertMetrics;
 use crate::policy::store::Store;
-use crate::server::admin::auth::{load_or_create_token, AdminAuth};
+use crate::server::admin::auth::{load_or_create_token, shared_token, AdminAuth};
 use crate::server::admin::{AdminIdentity, AdminService};
 use crate::server::conn_limit::{ConnLimiter, Limits};
 use crate::server::http::{self, Health};
 use crate::server::reflection;
+use crate::server::replica::Replica;
 use crate::server::rotation::{trust_of, Rotation};
 use crate::server::tls::ServerTls;
 use anyhow::Context as _;
@@ -79,7 +81,7 @@ pub struct ServeConfig {
     /// (`--kubernetes-issuer`, `--kubernetes-jwks`); None: bootstrap tokens only.
     pub kubernetes: Option<KubernetesConfig>,
     /// Where the state lives: the data directory, or etcd (shared by replicas).
-    pub store: crate::etcd::StoreConfig,
+    pub store: StoreConfig,
 }
 
 /// The default workload certificate lifetime (and longest).
@@ -105,7 +107,7 @@ impl ServeConfig {
             http_header_read_timeout: http::DEFAULT_HEADER_READ_TIMEOUT,
             max_apply_bytes: crate::server::admin::DEFAULT_MAX_APPLY_BYTES,
             kubernetes: None,
-            store: crate::etcd::StoreConfig::Embedded,
+            store: StoreConfig::Embedded,
         }
     }
 
@@ -253,36 +255,57 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     };
     let data_dir = config.data_dir.clone();
     create_data_dir(&data_dir)?;
-    let token = load_or_create_token(&data_dir).with_context(|| {
+    let shared = match &config.store {
+        StoreConfig::Embedded => None,
+        StoreConfig::Etcd(etcd) => {
+            let connected = Etcd::connect(etcd).await?;
+            tracing::info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix,
+                "state shared through etcd");
+            Some(connected)
+        }
+    };
+    let token = match &shared {
+        Some(etcd) => shared_token(etcd, &data_dir)
+            .await
+            .context("cannot read or store the shared admin token in etcd")?,
+        None => load_or_create_token(&data_dir).with_context(|| {
+            format!(
+                "cannot read or create the admin token in {}",
+                data_dir.display()
+            )
+        })?,
+    };
+    let store_etcd = shared.clone();
+    let store = tokio::task::spawn_blocking(move || match store_etcd {
+        Some(etcd) => Store::open_etcd(etcd),
+        None => Store::open(&data_dir),
+    })
+    .await
+    .context("policy store task failed")?
+    .with_context(|| {
         format!(
-            "cannot read or create the admin token in {}",
-            data_dir.display()
+            "cannot open the policy store in {} (is another remora-control using it?)",
+            config.data_dir.display()
         )
     })?;
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_dir))
-        .await
-        .context("policy store task failed")?
-        .with_context(|| {
-            format!(
-                "cannot open the policy store in {} (is another remora-control using it?)",
-                config.data_dir.display()
-            )
-        })?;
     tracing::info!(
         version = store.version(),
         documents = store.current().len(),
         "policy store open"
     );
     let identity_dir = config.data_dir.clone();
-    let identity_db = tokio::task::spawn_blocking(move || IdentityDb::open(&identity_dir))
-        .await
-        .context("identity database task failed")?
-        .with_context(|| {
-            format!(
-                "cannot open the identity database in {}",
-                config.data_dir.display()
-            )
-        })?;
+    let identity_db = match &shared {
+        Some(etcd) => IdentityDb::etcd(etcd.clone()),
+        None => tokio::task::spawn_blocking(move || IdentityDb::open(&identity_dir))
+            .await
+            .context("identity database task failed")?
+            .with_context(|| {
+                format!(
+                    "cannot open the identity database in {}",
+                    config.data_dir.display()
+                )
+            })?,
+    };
     let ca = load_ca(&config, &identity_db).await?;
     let ledger_db = identity_db.clone();
     let (ledger, lease) = tokio::task::spawn_blocking(move || {
@@ -317,6 +340,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let store = Arc::new(Mutex::new(store));
     let authority = Arc::new(Authority::new(ca, &config.trust_domain, lifetimes));
     let tokens = Arc::new(TokenStore::new(identity_db.clone(), &config.trust_domain));
+    let identity_db_for_replica = identity_db.clone();
     let rotation = Arc::new(Rotation::new(
         authority.clone(),
         registry.clone(),
@@ -380,6 +404,23 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         cert_metrics.clone(),
         ledger.clone(),
     );
+    let replica = shared.as_ref().map(|etcd| {
+        let address = etcd
+            .config
+            .advertise_address
+            .clone()
+            .unwrap_or_else(|| grpc_addr.to_string());
+        let id = crate::secret::random_hex(6).unwrap_or_else(|_| format!("{}", std::process::id()));
+        let replica = Replica::new(etcd.clone(), registry.clone(), id, address);
+        rotation.set_cluster(replica.clone());
+        replica.start(
+            store.clone(),
+            rotation.clone(),
+            identity_db_for_replica.clone(),
+        );
+        tracing::info!(replica = %replica.id, address = %replica.address, "replica started");
+        replica
+    });
     let admin = AdminService::new(
         store,
         registry.clone(),
@@ -390,6 +431,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         },
         config.max_apply_bytes,
     );
+    let admin = match &replica {
+        Some(r) => admin.with_replica(r.clone(), &token),
+        None => admin,
+    };
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))

@@ -1,7 +1,10 @@
 //! Admin API authentication: a bearer token generated on the first `serve` into
-//! `<data-dir>/admin.token` (mode 0600) and checked on every Admin call.
+//! `<data-dir>/admin.token` (mode 0600) and checked on every Admin call. With
+//! `--store etcd` every replica uses the one token kept in etcd, sealed
+//! ([`shared_token`]).
 
 use crate::data_dir::{read_token, token_path};
+use crate::etcd::Etcd;
 use crate::secret::{constant_time_eq, random_hex};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -34,6 +37,61 @@ pub fn load_or_create_token(data_dir: &Path) -> io::Result<String> {
     file.write_all(format!("{token}\n").as_bytes())?;
     file.sync_all()?;
     Ok(token)
+}
+
+/// The admin token every replica shares (`--store etcd`): the one in etcd
+/// (sealed with the key-encryption key), or, on the first replica, this
+/// data directory's (created if need be), stored unless another replica
+/// stored one first. Written to `<data-dir>/admin.token` too, so the
+/// commands run on this machine find it.
+pub async fn shared_token(etcd: &Etcd, data_dir: &Path) -> anyhow::Result<String> {
+    let key = etcd.key("admin/token");
+    let open = |sealed: &[u8]| -> anyhow::Result<String> {
+        let plain = etcd.kek.open(&key, sealed).map_err(anyhow::Error::msg)?;
+        String::from_utf8(plain).map_err(|_| anyhow::anyhow!("the stored admin token is not text"))
+    };
+    let token = match etcd.get(&key).await? {
+        Some((sealed, _)) => open(&sealed)?,
+        None => {
+            let local = load_or_create_token(data_dir)?;
+            let sealed = etcd
+                .kek
+                .seal(&key, local.as_bytes())
+                .map_err(anyhow::Error::msg)?;
+            let create = etcd_client::Txn::new()
+                .when([etcd_client::Compare::version(
+                    key.clone(),
+                    etcd_client::CompareOp::Equal,
+                    0,
+                )])
+                .and_then([etcd_client::TxnOp::put(key.clone(), sealed, None)]);
+            etcd.txn(create).await?;
+            let (sealed, _) = etcd
+                .get(&key)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("the admin token vanished from etcd"))?;
+            open(&sealed)?
+        }
+    };
+    let path = token_path(data_dir);
+    if read_token(&path).ok().as_deref() != Some(token.as_str()) {
+        write_private(&path, &token)?;
+    }
+    Ok(token)
+}
+
+/// Writes `token` to `path`, mode 0600, replacing what was there.
+fn write_private(path: &Path, token: &str) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(format!("{token}\n").as_bytes())?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)
 }
 
 fn warn_if_readable_by_others(path: &Path) {

@@ -19,6 +19,7 @@ use crate::identity::ca::Authority;
 use crate::identity::tokens::TokenStore;
 use crate::policy::changes::{self, Plan};
 use crate::policy::store::{HistoryRecord, Store, StoreError};
+use crate::server::replica::Replica;
 use crate::server::rotation::Rotation;
 use remora_proto::policy::{parse_documents, Document, Kind, ResourceKey};
 use remora_proto::v1::admin_server::Admin;
@@ -53,6 +54,9 @@ pub struct AdminService {
     /// One parse at a time: a costly document waits for its turn rather
     /// than taking every core.
     parsing: Arc<tokio::sync::Semaphore>,
+    /// With `--store etcd`: this replica, and the admin token it asks the
+    /// others with.
+    replica: Option<(Arc<Replica>, String)>,
 }
 
 /// What the identity RPCs need.
@@ -76,28 +80,60 @@ impl AdminService {
             identity,
             max_apply_bytes,
             parsing: Arc::new(tokio::sync::Semaphore::new(1)),
+            replica: None,
         }
     }
 
+    /// One replica of several: `status` gathers every replica's proxies.
+    pub fn with_replica(mut self, replica: Arc<Replica>, admin_token: &str) -> AdminService {
+        self.replica = Some((replica, admin_token.to_string()));
+        self
+    }
+
     /// Runs `f` on the store, on the blocking pool (redb reads and fsyncs block),
-    /// with the store locked so that changes are serialized. A change finishes
-    /// and is published even if the caller goes away meanwhile.
+    /// with the store locked so that this replica's changes are serialized.
+    /// A change finishes and is published even if the caller goes away
+    /// meanwhile. With the shared store (etcd) the store first catches up
+    /// with what other replicas committed, and `f` runs again, on the newer
+    /// version, when another replica commits first.
     async fn with_store<T, F>(&self, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Store, &Registry) -> Result<T, Status> + Send + 'static,
+        F: Fn(&mut Store, &Registry) -> Result<T, Status> + Send + 'static,
     {
         let mut store = self.store.clone().lock_owned().await;
         let registry = self.registry.clone();
-        tokio::task::spawn_blocking(move || f(&mut store, &registry))
-            .await
-            .map_err(|e| Status::internal(format!("policy store task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let mut attempt = 0;
+            loop {
+                if store.refresh().map_err(store_status)? {
+                    registry.set_policy(store.version(), &store.current());
+                }
+                match f(&mut store, &registry) {
+                    Err(_) if store.take_conflict() && attempt < MAX_COMMIT_ATTEMPTS => {
+                        attempt += 1;
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(format!("policy store task failed: {e}")))?
     }
 }
+
+/// Commits that lose the race to another replica, in a row, before an apply
+/// gives up.
+const MAX_COMMIT_ATTEMPTS: u32 = 64;
 
 fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::UnknownVersion(_) => Status::not_found(e.to_string()),
+        StoreError::Conflict(_) => Status::aborted(e.to_string()),
+        ref shared if shared.is_unavailable() => {
+            tracing::warn!(error = %shared, "policy store unavailable");
+            Status::unavailable(shared.to_string())
+        }
         other => {
             tracing::error!(error = %other, "policy store failure");
             Status::internal(other.to_string())
@@ -323,12 +359,13 @@ impl Admin for AdminService {
 
     async fn status(
         &self,
-        _request: Request<StatusRequest>,
+        request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        let local_only = request.into_inner().local_only;
         let snapshot = self.registry.current_snapshot();
         let ca = self.identity.authority.current();
         let (holdouts, deadline) = self.identity.rotation.pending().await;
-        Ok(Response::new(StatusResponse {
+        let mut response = StatusResponse {
             policy_version: snapshot.policy_version,
             snapshot_version: snapshot.version.clone(),
             proxies: self.registry.status(),
@@ -338,7 +375,35 @@ impl Admin for AdminService {
             rotation_deadline_unix: deadline,
             store: "embedded".into(),
             ..StatusResponse::default()
-        }))
+        };
+        let Some((replica, token)) = &self.replica else {
+            return Ok(Response::new(response));
+        };
+        response.store = "etcd".into();
+        response.replica = replica.id.clone();
+        response.leader = replica.leader_id();
+        response.replicas = replica.statuses();
+        if !local_only {
+            let answers = replica.remote_statuses(token, &ca.bundle_pem()).await;
+            for (id, answer) in answers {
+                match answer {
+                    Ok(theirs) => response.proxies.extend(theirs.proxies),
+                    Err(e) => {
+                        if let Some(r) = response.replicas.iter_mut().find(|r| r.id == id) {
+                            r.error = e;
+                        }
+                    }
+                }
+            }
+            response.proxies.sort_by(|a, b| {
+                (&a.namespace, &a.service, &a.instance_id).cmp(&(
+                    &b.namespace,
+                    &b.service,
+                    &b.instance_id,
+                ))
+            });
+        }
+        Ok(Response::new(response))
     }
 
     async fn create_token(
