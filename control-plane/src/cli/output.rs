@@ -5,7 +5,9 @@
 
 use crate::human::{self, unix_time_or};
 use remora_proto::policy::{Document, Kind, API_VERSION};
-use remora_proto::v1::{HistoryEntry, ProxyStatus, Resource, StatusResponse, TokenInfo};
+use remora_proto::v1::{
+    HistoryEntry, ProxyStatus, ReplicaStatus, Resource, StatusResponse, TokenInfo,
+};
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::io::Write as _;
@@ -148,6 +150,15 @@ pub fn status(status: &StatusResponse) -> String {
         status.policy_version, status.snapshot_version
     );
     out.push_str(&format!("CA signer {}\n", short_id(&status.signer_id)));
+    if status.store == "etcd" {
+        out.push_str(&format!(
+            "store etcd: {} replicas, leader {}, answered by {}\n",
+            status.replicas.len(),
+            or_dash(&status.leader),
+            status.replica
+        ));
+        out.push_str(&replicas_table(&status.replicas));
+    }
     if !status.retiring_signer_id.is_empty() {
         let (old, new) = (
             short_id(&status.retiring_signer_id),
@@ -182,6 +193,30 @@ pub fn status(status: &StatusResponse) -> String {
         out.push_str(&status_table(&status.proxies));
     }
     out
+}
+
+/// The control-plane replicas (`--store etcd`).
+pub fn replicas_table(replicas: &[ReplicaStatus]) -> String {
+    let rows: Vec<Vec<String>> = replicas
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.clone(),
+                r.address.clone(),
+                r.version.clone(),
+                r.proxies.to_string(),
+                if r.leader { "yes" } else { "-" }.to_string(),
+                human::unix_ms(r.started_unix_ms),
+                or_dash(&r.error),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "REPLICA", "ADDRESS", "VERSION", "PROXIES", "LEADER", "STARTED", "ERROR",
+        ],
+        &rows,
+    )
 }
 
 pub fn history_table(entries: &[HistoryEntry]) -> String {
@@ -244,23 +279,31 @@ pub fn status_table(proxies: &[ProxyStatus]) -> String {
                 unix_time_or(p.cert_not_after_unix, "-"),
                 short_id(&p.cert_signer_id),
                 nack,
+                or_dash(&p.replica),
             ]
         })
         .collect();
-    table(
-        &[
-            "SERVICE",
-            "NAMESPACE",
-            "INSTANCE",
-            "ADDRESS",
-            "LABELS",
-            "ACKED",
-            "CERT-EXPIRES",
-            "SIGNER",
-            "NACK",
-        ],
-        &rows,
-    )
+    let mut columns = vec![
+        "SERVICE",
+        "NAMESPACE",
+        "INSTANCE",
+        "ADDRESS",
+        "LABELS",
+        "ACKED",
+        "CERT-EXPIRES",
+        "SIGNER",
+        "NACK",
+        "REPLICA",
+    ];
+    let mut rows = rows;
+    // One control plane: no replica column.
+    if proxies.iter().all(|p| p.replica.is_empty()) {
+        columns.pop();
+        for row in &mut rows {
+            row.pop();
+        }
+    }
+    table(&columns, &rows)
 }
 
 #[cfg(test)]
