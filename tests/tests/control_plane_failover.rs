@@ -273,6 +273,10 @@ async fn a_proxy_fails_over_to_the_other_replica_within_2s_without_a_failed_requ
         replicas[x].name,
         frontend.logs()
     );
+    eprintln!(
+        "on replica {} {on_y:?} after {} was killed",
+        replicas[y].name, replicas[x].name
+    );
     // Its snapshots now come from the other replica, whose backend it uses.
     let switched = Instant::now();
     loop {
@@ -300,11 +304,18 @@ async fn a_proxy_fails_over_to_the_other_replica_within_2s_without_a_failed_requ
         outcomes.len(),
         frontend.logs()
     );
+    // Requests went on throughout (one after another, 5 ms apart): before
+    // the kill and after the failover.
+    let failed_over = killed + on_y;
     assert!(
-        outcomes.len() > 100,
-        "only {} requests were sent",
-        outcomes.len()
+        outcomes.iter().any(|o| o.sent < killed),
+        "no request before the kill"
     );
+    assert!(
+        outcomes.iter().any(|o| o.sent >= failed_over),
+        "no request after the failover"
+    );
+    eprintln!("{} requests, none failed", outcomes.len());
     let logs = full_stderr(&mut frontend);
     assert!(
         logs.contains(&format!(
