@@ -1,5 +1,6 @@
-//! The Discovery stream over a real gRPC server: registration, snapshots,
-//! ACK/NACK, deregistration, removal when a stream closes, pushes on apply.
+//! The Discovery stream over a real gRPC server: registration, snapshots
+//! (complete, then deltas), ACK/NACK, deregistration, removal when a stream
+//! closes, pushes on apply.
 
 mod common;
 
@@ -17,6 +18,10 @@ use tonic::{Code, Streaming};
 struct Proxy {
     tx: mpsc::Sender<DiscoveryRequest>,
     snapshots: Streaming<Snapshot>,
+    /// The last snapshot received, complete (deltas are merged into it).
+    base: Option<Snapshot>,
+    /// What the last message was on the wire.
+    last_wire: Option<Snapshot>,
 }
 
 impl Proxy {
@@ -45,15 +50,37 @@ impl Proxy {
             .await
             .unwrap()
             .into_inner();
-        Proxy { tx, snapshots }
+        Proxy {
+            tx,
+            snapshots,
+            base: None,
+            last_wire: None,
+        }
     }
 
+    /// The next snapshot, complete: a delta is merged into the last one.
     async fn next(&mut self) -> Snapshot {
-        tokio::time::timeout(Duration::from_secs(5), self.snapshots.message())
+        let wire = tokio::time::timeout(Duration::from_secs(5), self.snapshots.message())
             .await
             .expect("a snapshot within 5s")
             .unwrap()
-            .expect("the stream is open")
+            .expect("the stream is open");
+        self.last_wire = Some(wire.clone());
+        let complete = match self.base.take() {
+            Some(mut base) if remora_proto::delta::is_delta(&wire) => {
+                remora_proto::delta::apply(&mut base, wire).expect("a delta on the last snapshot");
+                base
+            }
+            _ => {
+                assert!(
+                    !remora_proto::delta::is_delta(&wire),
+                    "the first snapshot is complete"
+                );
+                wire
+            }
+        };
+        self.base = Some(complete.clone());
+        complete
     }
 
     /// Waits (at most `within`) for a snapshot that satisfies `f`.
@@ -122,6 +149,11 @@ async fn a_registered_proxy_gets_its_endpoint_and_acks_show_in_status() {
         .until(Duration::from_secs(2), |s| s.policy_version == 1)
         .await;
     assert_eq!(pushed.resources.len(), 1);
+    // On the wire: only the new document, on the last snapshot sent.
+    let wire = a.last_wire.clone().unwrap();
+    assert_eq!(wire.base_version, first.version);
+    assert_eq!(wire.resources.len(), 1);
+    assert!(wire.endpoints.is_empty() && !wire.trust_changed);
     a.send(Kind::Ack(Ack {
         version: pushed.version.clone(),
         ok: false,
@@ -132,7 +164,11 @@ async fn a_registered_proxy_gets_its_endpoint_and_acks_show_in_status() {
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
-        let status = admin.status(StatusRequest::default()).await.unwrap().into_inner();
+        let status = admin
+            .status(StatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(status.proxies.len(), 1);
         let p = &status.proxies[0];
         assert_eq!(
@@ -311,4 +347,51 @@ async fn shutdown_ends_open_streams() {
         .await
         .expect("shutdown within the grace period")
         .unwrap();
+}
+
+#[tokio::test]
+async fn an_endpoint_change_costs_each_proxy_the_change_not_the_mesh() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_in(dir.path()).await;
+    let mut proxies = Vec::new();
+    for i in 0..50 {
+        proxies.push(
+            Proxy::connect(
+                &running,
+                &format!("m-{i}"),
+                &format!("127.0.0.1:{}", 10000 + i),
+            )
+            .await,
+        );
+    }
+    let mut a = Proxy::connect(&running, "a", "").await;
+    let first = a
+        .until(Duration::from_secs(5), |s| s.endpoints.len() == 50)
+        .await;
+    let complete_len = first.encoded_len();
+    let _b = Proxy::connect(&running, "b", "127.0.0.1:9999").await;
+    let s = a
+        .until(Duration::from_secs(2), |s| s.endpoints.len() == 51)
+        .await;
+    let wire = a.last_wire.clone().unwrap();
+    assert!(remora_proto::delta::is_delta(&wire));
+    assert_eq!(wire.endpoints.len(), 1);
+    assert_eq!(wire.endpoints[0].instance_id, "b");
+    let delta_len = wire.encoded_len();
+    assert!(
+        delta_len < 300 && delta_len * 20 < complete_len,
+        "a delta of {delta_len} bytes beside a complete snapshot of {complete_len}"
+    );
+    assert_ne!(s.version, first.version);
+    // And a departure is a removal.
+    drop(proxies.pop());
+    let s = a
+        .until(Duration::from_secs(2), |s| s.endpoints.len() == 50)
+        .await;
+    let wire = a.last_wire.clone().unwrap();
+    assert_eq!(wire.removed_endpoints.len(), 1);
+    assert_eq!(wire.removed_endpoints[0].instance_id, "m-49");
+    assert!(!s.endpoints.iter().any(|e| e.instance_id == "m-49"));
+    running.shutdown().await.unwrap();
 }

@@ -36,6 +36,8 @@ struct Proxy {
     cert: Workload,
     bundle: String,
     stream: Option<(mpsc::Sender<DiscoveryRequest>, Streaming<Snapshot>)>,
+    /// The stream's last snapshot, complete (deltas are merged into it).
+    base: Option<Snapshot>,
 }
 
 /// A TLS channel to `running` that trusts `bundle` only, presenting `cert`.
@@ -72,6 +74,7 @@ impl Proxy {
             token,
             cert,
             stream: None,
+            base: None,
         };
         proxy.connect(running).await.unwrap();
         proxy
@@ -101,6 +104,7 @@ impl Proxy {
             .map_err(|s| format!("{s:?}"))?
             .into_inner();
         self.stream = Some((tx, snapshots));
+        self.base = None;
         Ok(())
     }
 
@@ -109,12 +113,22 @@ impl Proxy {
         self.stream = None;
     }
 
-    /// The next snapshot that satisfies `f`; follows its trust bundle.
+    /// The next snapshot that satisfies `f` (complete: deltas are merged
+    /// into the last one); follows its trust bundle.
     async fn until(&mut self, f: impl Fn(&Snapshot) -> bool) -> Snapshot {
         let (_, snapshots) = self.stream.as_mut().expect("connected");
+        let base = &mut self.base;
         let snapshot = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
-                let s = snapshots.message().await.unwrap().unwrap();
+                let wire = snapshots.message().await.unwrap().unwrap();
+                let s = match base.take() {
+                    Some(mut b) if remora_proto::delta::is_delta(&wire) => {
+                        remora_proto::delta::apply(&mut b, wire).unwrap();
+                        b
+                    }
+                    _ => wire,
+                };
+                *base = Some(s.clone());
                 if f(&s) {
                     return s;
                 }
@@ -257,7 +271,11 @@ async fn the_old_root_is_retired_only_once_every_certificate_from_it_was_renewed
     let new_root = roots[1].clone();
     assert_eq!(fingerprint(&new_root), new_id);
     assert_eq!(std::fs::read_to_string(&running.ca_file).unwrap(), bundle);
-    let status = admin.status(StatusRequest::default()).await.unwrap().into_inner();
+    let status = admin
+        .status(StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(
         (
             status.signer_id.as_str(),
@@ -310,7 +328,11 @@ async fn the_old_root_is_retired_only_once_every_certificate_from_it_was_renewed
         "b runs an old certificate",
     )
     .await;
-    let status = admin.status(StatusRequest::default()).await.unwrap().into_inner();
+    let status = admin
+        .status(StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let signers: Vec<&str> = status
         .proxies
         .iter()
@@ -334,7 +356,11 @@ async fn the_old_root_is_retired_only_once_every_certificate_from_it_was_renewed
     assert_eq!(server_signer(&running, &bundle), new_id);
     let done = a.until(|s| certs(&s.trust_bundle_pem).len() == 1).await;
     assert_eq!(done.signer_id, new_id);
-    let status = admin.status(StatusRequest::default()).await.unwrap().into_inner();
+    let status = admin
+        .status(StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(status.retiring_signer_id, "");
     assert!(status.rotation_waiting_for.is_empty());
 

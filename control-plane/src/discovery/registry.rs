@@ -1,10 +1,18 @@
-//! The registry of connected proxies and the current snapshot.
+//! The registry of connected proxies and the snapshots they are sent.
 //!
 //! Every proxy stream registers here; a registration with an address makes the
-//! instance an endpoint of its service. Any change (policy applied, endpoint
-//! added or removed) rebuilds the one current [`Snapshot`] and publishes it on a
-//! `watch` channel, which every stream task follows. The watch keeps only the
-//! latest value, so a burst of changes reaches a slow proxy as one push.
+//! instance an endpoint of its service. Other replicas' endpoints come in by
+//! [`Registry::set_remote_endpoints`] and its siblings. Any change (policy
+//! applied, endpoint added or removed, trust, JWK sets) is a publication: a new
+//! generation, whose delta from the previous one is made from the change
+//! alone (the endpoints and resources are kept by key, not rebuilt) and kept
+//! in a bounded log ([`History`]). A stream sends a complete snapshot first,
+//! then deltas; one that fell behind gets the deltas it missed as one, or a
+//! complete snapshot when they are larger or no longer kept. Complete
+//! snapshots are made only when a stream or a caller needs one, sharing the
+//! endpoints with the registry. The generation is published on a `watch`
+//! channel, which keeps only the latest, so a burst of changes reaches a slow
+//! proxy as one push.
 //!
 //! Snapshot versions are `<policy>.<generation>`, the generation growing with
 //! every publication. With a [`GenerationLease`] the generation also keeps
@@ -12,12 +20,13 @@
 //! durably, and a restart starts after the last block reserved, so no two
 //! pushes ever carry the same version.
 
+use crate::discovery::endpoints::{id_of, Endpoints};
+use crate::discovery::history::History;
 use crate::discovery::lease::GenerationLease;
-use crate::discovery::push::Published;
 use crate::metrics::registry::RegistryMetrics;
 use crate::policy::store::State;
 use parking_lot::{Mutex, MutexGuard};
-use remora_proto::v1::{Ack, Endpoint, ProxyStatus, Register, Resource, Snapshot};
+use remora_proto::v1::{Ack, ProxyStatus, Register, Resource};
 use remora_proto::SpiffeId;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,10 +76,17 @@ struct Proxy {
 
 struct Inner {
     policy_version: u64,
-    resources: Vec<Resource>,
+    resources: Arc<[Resource]>,
     trust: Trust,
     /// JWK sets fetched for RequestAuthentication `jwksUri`s, by URI.
-    jwks: HashMap<String, String>,
+    jwks: Arc<HashMap<String, String>>,
+    endpoints: Endpoints,
+    /// What the last publication carried, to make the next one's delta:
+    /// its version and what it said of resources, trust and JWK sets.
+    published: Option<PublishedState>,
+    history: History,
+    /// This replica's id ("" with the embedded store).
+    replica: String,
     generation: u64,
     lease: Option<GenerationLease>,
     /// The TLS certificate serial each instance id last registered with
@@ -79,6 +95,14 @@ struct Inner {
     /// When the current snapshot was published.
     published_at: Instant,
     proxies: HashMap<StreamId, Proxy>,
+}
+
+/// What the last publication said, beside its endpoints.
+struct PublishedState {
+    version: String,
+    resources: Arc<[Resource]>,
+    trust: Trust,
+    jwks: Arc<HashMap<String, String>>,
 }
 
 /// What snapshots say about trust: the bundle and the current signer.
@@ -114,7 +138,10 @@ pub struct Behind {
 pub struct Registry {
     trust_domain: String,
     inner: Mutex<Inner>,
-    snapshots: watch::Sender<Arc<Published>>,
+    /// The generation of the last publication.
+    snapshots: watch::Sender<u64>,
+    /// Bumped whenever the endpoints of the proxies connected here change.
+    local_endpoints: watch::Sender<u64>,
     next_stream: AtomicU64,
     /// Set once when the server shuts down; every stream task then ends.
     closing: watch::Sender<bool>,
@@ -156,21 +183,25 @@ impl Registry {
         trust: Trust,
         lease: Option<GenerationLease>,
     ) -> Registry {
-        let (snapshots, _) = watch::channel(Arc::new(Published::default()));
         let registry = Registry {
             trust_domain: trust_domain.to_string(),
             inner: Mutex::new(Inner {
                 policy_version,
-                resources: resources_of(state),
+                resources: Arc::from(resources_of(state)),
                 trust,
-                jwks: HashMap::new(),
+                jwks: Arc::default(),
+                endpoints: Endpoints::default(),
+                published: None,
+                history: History::default(),
+                replica: String::new(),
                 generation: lease.as_ref().map_or(0, |l| l.start),
                 lease,
                 last_serial: HashMap::new(),
                 published_at: Instant::now(),
                 proxies: HashMap::new(),
             }),
-            snapshots,
+            snapshots: watch::channel(0).0,
+            local_endpoints: watch::channel(0).0,
             next_stream: AtomicU64::new(1),
             closing: watch::channel(false).0,
             proxy_changes: Notify::new(),
@@ -207,13 +238,9 @@ impl Registry {
         }
     }
 
-    /// Follows the current snapshot.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<Published>> {
+    /// Follows the generation of the current snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.snapshots.subscribe()
-    }
-
-    pub fn current_snapshot(&self) -> Arc<Published> {
-        self.snapshots.borrow().clone()
     }
 
     pub fn policy_version(&self) -> u64 {
@@ -232,7 +259,7 @@ impl Registry {
             return;
         }
         inner.policy_version = policy_version;
-        inner.resources = resources_of(state);
+        inner.resources = Arc::from(resources_of(state));
         self.publish(&mut inner);
     }
 
@@ -248,8 +275,8 @@ impl Registry {
     /// Publishes the JWK sets fetched for `jwksUri`s, if they changed.
     pub fn set_jwks(&self, jwks: HashMap<String, String>) {
         let mut inner = self.lock();
-        if inner.jwks != jwks {
-            inner.jwks = jwks;
+        if *inner.jwks != jwks {
+            inner.jwks = Arc::new(jwks);
             self.publish(&mut inner);
         }
     }
@@ -322,11 +349,29 @@ impl Registry {
                 .insert(register.instance_id.clone(), tls_serial.to_string())
                 .filter(|p| p != tls_serial)
         };
-        let before = endpoint_count(&inner);
-        inner
+        let endpoint = (!register.address.is_empty()).then(|| self.endpoint_of(&register));
+        let new_id = endpoint.as_ref().map(id_of);
+        let inner = &mut *inner;
+        let mut local_changed = false;
+        let replaced: Vec<StreamId> = inner
             .proxies
-            .retain(|_, p| p.register.instance_id != register.instance_id);
-        let endpoint_registered = !register.address.is_empty();
+            .iter()
+            .filter(|(_, p)| p.register.instance_id == register.instance_id)
+            .map(|(id, _)| *id)
+            .collect();
+        for old in replaced {
+            let Some(p) = inner.proxies.remove(&old) else {
+                continue;
+            };
+            let old_id = endpoint_id(&p.register);
+            if p.is_endpoint() && Some(&old_id) != new_id.as_ref() {
+                local_changed |= inner.endpoints.set_local(old_id, None);
+            }
+        }
+        let endpoint_registered = endpoint.is_some();
+        if let (Some(key), Some(endpoint)) = (new_id, endpoint) {
+            local_changed |= inner.endpoints.set_local(key, Some(endpoint));
+        }
         inner.proxies.insert(
             id,
             Proxy {
@@ -349,9 +394,7 @@ impl Registry {
             },
         );
         self.metrics.set_proxies_connected(inner.proxies.len());
-        if endpoint_registered || endpoint_count(&inner) != before {
-            self.publish(&mut inner);
-        }
+        self.endpoints_changed(inner, local_changed);
         (id, replaced_rx, previous)
     }
 
@@ -361,12 +404,10 @@ impl Registry {
         let Some(proxy) = inner.proxies.get_mut(&id) else {
             return;
         };
-        let was = proxy.is_endpoint();
         proxy.endpoint_registered = false;
         proxy.deregistered = true;
-        if was {
-            self.publish(&mut inner);
-        }
+        let changed = self.update_local(&mut inner, id);
+        self.endpoints_changed(&mut inner, changed);
     }
 
     /// Records whether a proxy's application can be reached: an instance
@@ -376,11 +417,9 @@ impl Registry {
         let Some(proxy) = inner.proxies.get_mut(&id) else {
             return;
         };
-        let was = proxy.is_endpoint();
         proxy.app_serving = serving;
-        if proxy.is_endpoint() != was {
-            self.publish(&mut inner);
-        }
+        let changed = self.update_local(&mut inner, id);
+        self.endpoints_changed(&mut inner, changed);
     }
 
     /// Removes a proxy whose stream ended (no-op if it was already replaced).
@@ -390,9 +429,11 @@ impl Registry {
         let mut inner = self.lock();
         let proxy = inner.proxies.remove(&id)?;
         self.metrics.set_proxies_connected(inner.proxies.len());
-        if proxy.is_endpoint() {
-            self.publish(&mut inner);
-        }
+        let changed = proxy.is_endpoint()
+            && inner
+                .endpoints
+                .set_local(endpoint_id(&proxy.register), None);
+        self.endpoints_changed(&mut inner, changed);
         let left = proxy.deregistered && !proxy.tls_serial.is_empty();
         if left {
             inner.last_serial.remove(&proxy.register.instance_id);
@@ -406,9 +447,12 @@ impl Registry {
     /// snapshot's publication (or the proxy's connection, if later) when it is
     /// the current one, else from now.
     pub fn record_sent(&self, id: StreamId, version: &str) {
+        self.record_sent_locked(&mut self.lock(), id, version);
+    }
+
+    fn record_sent_locked(&self, inner: &mut Inner, id: StreamId, version: &str) {
         self.metrics.pushed();
         let now = Instant::now();
-        let mut inner = self.lock();
         let current = generation_of(version) == Some(inner.generation);
         let published_at = inner.published_at;
         if let Some(proxy) = inner.proxies.get_mut(&id) {
@@ -481,7 +525,7 @@ impl Registry {
                 cert_not_after_unix: p.cert_not_after_unix,
                 endpoint_registered: p.is_endpoint(),
                 cert_signer_id: p.cert_signer_id.clone(),
-                replica: String::new(),
+                replica: inner.replica.clone(),
             })
             .collect();
         out.sort_by(|a, b| {
@@ -493,61 +537,6 @@ impl Registry {
         });
         out
     }
-
-    /// Rebuilds the snapshot from `inner` and publishes it. Called with the lock
-    /// held, so snapshots are published in the order the changes happened.
-    fn publish(&self, inner: &mut Inner) {
-        inner.generation += 1;
-        let generation = inner.generation;
-        if let Some(lease) = inner.lease.as_mut() {
-            lease.cover(generation);
-        }
-        inner.published_at = Instant::now();
-        self.metrics
-            .set_versions(inner.policy_version, inner.generation);
-        let mut endpoints: Vec<Endpoint> = inner
-            .proxies
-            .values()
-            .filter(|p| p.is_endpoint())
-            .map(|p| Endpoint {
-                service: p.register.service.clone(),
-                namespace: p.register.namespace.clone(),
-                instance_id: p.register.instance_id.clone(),
-                address: p.register.address.clone(),
-                labels: p.register.labels.clone(),
-                // A proxy registers only with a certificate for its identity,
-                // so its names make one.
-                identity: self
-                    .identity(&p.register.namespace, &p.register.service)
-                    .map(SpiffeId::into_string)
-                    .unwrap_or_default(),
-            })
-            .collect();
-        endpoints.sort_by(|a, b| {
-            (&a.namespace, &a.service, &a.instance_id).cmp(&(
-                &b.namespace,
-                &b.service,
-                &b.instance_id,
-            ))
-        });
-        let snapshot = Snapshot {
-            version: format!("{}.{}", inner.policy_version, inner.generation),
-            policy_version: inner.policy_version,
-            resources: inner.resources.clone(),
-            endpoints,
-            trust_bundle_pem: inner.trust.bundle_pem.clone(),
-            trust_domain: self.trust_domain.clone(),
-            signer_id: inner.trust.signer_id.clone(),
-            jwks: inner.jwks.clone(),
-            ..Snapshot::default()
-        };
-        self.snapshots
-            .send_replace(Arc::new(Published::new(snapshot)));
-    }
-}
-
-fn endpoint_count(inner: &Inner) -> usize {
-    inner.proxies.values().filter(|p| p.is_endpoint()).count()
 }
 
 /// The documents of a state as snapshot resources, in key order.
@@ -562,6 +551,11 @@ pub fn resources_of(state: &State) -> Vec<Resource> {
         })
         .collect()
 }
+
+mod publish;
+mod replicas;
+
+use replicas::endpoint_id;
 
 #[cfg(test)]
 mod tests;

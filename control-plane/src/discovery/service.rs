@@ -7,7 +7,9 @@
 //! itself an endpoint of its service.
 //!
 //! The proxy's first message registers it (and, with an address, its endpoint);
-//! the control plane answers with the current snapshot and then every new one.
+//! the control plane answers with a complete snapshot and then, at every
+//! change, a delta from the last snapshot it sent (see
+//! [`crate::discovery::history`] for when it sends a complete one instead).
 //! The proxy ACKs or NACKs each version. When the stream closes or fails —
 //! including when HTTP/2 keepalive finds the proxy gone — the proxy and its
 //! endpoint are removed.
@@ -17,7 +19,7 @@
 //! longer in use; so are those of an instance that registers again with a
 //! certificate not renewed from its previous one (it restarted).
 
-use crate::discovery::push::{Discovery, EncodedSnapshot, Published};
+use crate::discovery::push::{Discovery, EncodedSnapshot};
 use crate::discovery::registry::{Registry, StreamId};
 use crate::identity::issued::Ledger;
 use remora_proto::util::now_unix_ms;
@@ -31,8 +33,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// How long a new stream may take to send its Register.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Snapshots queued for one proxy. Pushes coalesce in the watch channel before
-/// this queue, so a slow proxy holds at most this many full snapshots.
+/// Snapshots queued for one proxy. What to send is decided when there is
+/// room (all that changed since the last one sent, as one message), so a
+/// slow proxy holds at most this many, none larger than a complete snapshot.
 const OUTBOUND_QUEUE: usize = 4;
 /// The longest string field a Register may carry; longer ones are refused.
 const MAX_FIELD_LEN: usize = 1024;
@@ -213,7 +216,7 @@ async fn run_stream(
     id: StreamId,
     mut inbound: Streaming<DiscoveryRequest>,
     tx: mpsc::Sender<Result<EncodedSnapshot, Status>>,
-    mut snapshots: watch::Receiver<Arc<Published>>,
+    mut snapshots: watch::Receiver<u64>,
     mut replaced: oneshot::Receiver<()>,
 ) {
     let end = serve_proxy(
@@ -259,26 +262,31 @@ async fn serve_proxy(
     id: StreamId,
     inbound: &mut Streaming<DiscoveryRequest>,
     tx: &mpsc::Sender<Result<EncodedSnapshot, Status>>,
-    snapshots: &mut watch::Receiver<Arc<Published>>,
+    snapshots: &mut watch::Receiver<u64>,
     replaced: &mut oneshot::Receiver<()>,
 ) -> End {
     let closed = registry.closed();
     tokio::pin!(closed);
-    let mut pending = Some(snapshots.borrow_and_update().clone());
+    // The generation of the last snapshot sent (None: nothing yet).
+    let mut sent: Option<u64> = None;
     loop {
-        if let Some(snapshot) = pending.take() {
+        let current = *snapshots.borrow_and_update();
+        if sent.is_none_or(|g| g < current) {
             // Sending waits while the proxy's queue is full; keep watching the
             // inbound side meanwhile so that ACKs and a close are not missed.
+            // What to send is decided once there is room: everything since
+            // the last snapshot sent.
             tokio::select! {
                 permit = tx.reserve() => match permit {
                     Ok(permit) => {
-                        registry.record_sent(id, &snapshot.version);
-                        permit.send(Ok(snapshot.encoded()));
+                        if let Some(out) = registry.next_message(id, sent) {
+                            sent = Some(out.generation());
+                            permit.send(Ok(out.encoded()));
+                        }
                     }
                     Err(_) => return End::Closed,
                 },
                 msg = inbound.message() => {
-                    pending = Some(snapshot);
                     if let Some(end) = handle_message(registry, id, msg) {
                         return end;
                     }
@@ -289,10 +297,11 @@ async fn serve_proxy(
             continue;
         }
         tokio::select! {
-            changed = snapshots.changed() => match changed {
-                Ok(()) => pending = Some(snapshots.borrow_and_update().clone()),
-                Err(_) => return End::Shutdown,
-            },
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    return End::Shutdown;
+                }
+            }
             msg = inbound.message() => {
                 if let Some(end) = handle_message(registry, id, msg) {
                     return end;
