@@ -26,7 +26,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => {
             init_logging("info");
-            local::serve(cli.global, args).await
+            local::serve(cli.global, *args).await
         }
         Command::Inject(args) => local::inject(&args),
         Command::Install(args) => remora_control::cli::install::install(&args),

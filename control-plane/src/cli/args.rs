@@ -95,7 +95,7 @@ pub struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the control plane server
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Validate, store and push policy documents; prints the new version
     Apply(ApplyArgs),
     /// Show policy documents

@@ -20,13 +20,15 @@
 //! While etcd cannot be reached all of this pauses and the replica serves
 //! what it has; each loop starts over by itself when etcd returns.
 
+mod peers;
+
 use crate::discovery::registry::Registry;
 use crate::etcd::{Etcd, EtcdError};
 use crate::identity::ca_store;
 use crate::identity::db::IdentityDb;
 use crate::policy::store::Store;
 use crate::server::rotation::{Cluster, Holdout, Rotation};
-use etcd_client::{EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{EventType, GetOptions, PutOptions, TxnOp, WatchOptions};
 use parking_lot::Mutex;
 use prost::Message;
 use remora_proto::util::now_unix_ms;
@@ -298,9 +300,19 @@ impl Replica {
                 tokio::time::sleep(POLL).await;
                 continue;
             }
+            let prefix = self.etcd.key(&format!("endpoints/{}/", self.id));
             if lease != written_lease {
-                // A new lease: everything goes again.
-                written.clear();
+                // A new lease: every key is written again under it, and what
+                // an earlier run left that is no longer true goes. (Not a
+                // delete of everything first: the other replicas would see
+                // the endpoints vanish for a moment.)
+                written = self
+                    .etcd
+                    .get_prefix(&prefix)
+                    .await?
+                    .into_iter()
+                    .map(|(k, _)| (k, Vec::new()))
+                    .collect();
             }
             changes.borrow_and_update();
             let now: HashMap<String, Vec<u8>> = self
@@ -309,10 +321,9 @@ impl Replica {
                 .iter()
                 .map(|e| (endpoint_key(e), e.encode_to_vec()))
                 .collect();
-            let prefix = self.etcd.key(&format!("endpoints/{}/", self.id));
             let mut ops = Vec::new();
             for (k, v) in &now {
-                if written.get(k) != Some(v) {
+                if written.get(k) != Some(v) || lease != written_lease {
                     ops.push(TxnOp::put(
                         format!("{prefix}{k}"),
                         v.clone(),
@@ -322,15 +333,6 @@ impl Replica {
             }
             for k in written.keys().filter(|k| !now.contains_key(*k)) {
                 ops.push(TxnOp::delete(format!("{prefix}{k}"), None));
-            }
-            if written_lease != lease {
-                // Whatever an earlier lease of this replica left goes too.
-                self.etcd
-                    .txn(Txn::new().and_then([TxnOp::delete(
-                        prefix.clone(),
-                        Some(etcd_client::DeleteOptions::new().with_prefix()),
-                    )]))
-                    .await?;
             }
             self.etcd.batch(ops).await?;
             written = now;
@@ -548,91 +550,3 @@ impl Replica {
         }
     }
 }
-
-impl Replica {
-    /// Asks every other live replica for its own proxies (`status` shows
-    /// the whole mesh): each answer, or why there is none.
-    pub async fn remote_statuses(
-        &self,
-        admin_token: &str,
-        roots_pem: &str,
-    ) -> Vec<(String, Result<remora_proto::v1::StatusResponse, String>)> {
-        let others: Vec<ReplicaRecord> = self
-            .peers()
-            .into_iter()
-            .filter(|r| r.id != self.id)
-            .collect();
-        let asks = others.into_iter().map(|r| async move {
-            let answer = tokio::time::timeout(
-                Duration::from_secs(2),
-                ask_status(&r.address, admin_token, roots_pem),
-            )
-            .await
-            .unwrap_or_else(|_| Err("no answer within 2s".into()));
-            (r.id, answer)
-        });
-        futures_join_all(asks).await
-    }
-}
-
-async fn futures_join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let handles: Vec<_> = futures.collect();
-    let mut out = Vec::with_capacity(handles.len());
-    // Few replicas: one after the other would also do, but together the
-    // slowest one bounds the wait.
-    let mut set = Vec::new();
-    for f in handles {
-        set.push(Box::pin(f));
-    }
-    for f in set {
-        out.push(f.await);
-    }
-    out
-}
-
-async fn ask_status(
-    address: &str,
-    admin_token: &str,
-    roots_pem: &str,
-) -> Result<remora_proto::v1::StatusResponse, String> {
-    use remora_proto::v1::admin_client::AdminClient;
-    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint as Dial};
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(roots_pem))
-        .domain_name("remora-control");
-    let channel = Dial::from_shared(format!("https://{address}"))
-        .map_err(|e| e.to_string())?
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .map_err(|e| format!("cannot reach {address}: {e}"))?;
-    let mut request = tonic::Request::new(remora_proto::v1::StatusRequest { local_only: true });
-    let value = format!("Bearer {admin_token}")
-        .parse()
-        .map_err(|_| "the admin token is not a header value".to_string())?;
-    request.metadata_mut().insert("authorization", value);
-    AdminClient::new(channel)
-        .status(request)
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|s| s.message().to_string())
-}
-
-// TEMPORARY, until the registry's replication API lands (inherent methods
-// of the same names take precedence over these).
-#[allow(dead_code)]
-trait RegistryReplication {
-    fn set_replica_id(&self, _id: &str) {}
-    fn subscribe_local_endpoints(&self) -> tokio::sync::watch::Receiver<u64> {
-        tokio::sync::watch::channel(0).1
-    }
-    fn local_endpoints(&self) -> Vec<Endpoint> {
-        Vec::new()
-    }
-    fn set_remote_endpoints(&self, _replica: &str, _endpoints: Vec<Endpoint>) {}
-    fn upsert_remote_endpoint(&self, _replica: &str, _endpoint: Endpoint) {}
-    fn remove_remote_endpoint(&self, _replica: &str, _key: &EndpointKey) {}
-}
-impl RegistryReplication for Registry {}
