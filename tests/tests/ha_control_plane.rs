@@ -375,7 +375,14 @@ async fn a_replica_killed_under_traffic_fails_no_request() {
         outcomes.len(),
         ha.replicas[victim].name
     );
-    assert!(outcomes.len() > 200, "only {} requests", outcomes.len());
+    // Requests went on before the kill and after it (not a count: load can
+    // slow the loop).
+    let after = outcomes.iter().filter(|o| o.sent > killed).count();
+    assert!(
+        after >= 10 && outcomes.len() - after >= 10,
+        "{} requests before the kill, {after} after",
+        outcomes.len() - after
+    );
     let status = ha.replicas[survivor].status().await;
     assert_eq!(
         status.proxies.len(),
