@@ -8,6 +8,8 @@ pub mod certify;
 pub mod config;
 pub mod control_plane;
 pub mod discovery;
+#[cfg(test)]
+mod discovery_tests;
 pub mod incremental;
 pub mod init;
 pub mod refusals;
