@@ -258,6 +258,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     let shared = match &config.store {
         StoreConfig::Embedded => None,
         StoreConfig::Etcd(etcd) => {
+            if etcd.advertise_address.is_none() && config.listen.ip().is_unspecified() {
+                anyhow::bail!(
+                    "--store etcd with --listen {} needs --advertise-address HOST:PORT: the \
+                     address the other replicas reach this one at",
+                    config.listen
+                );
+            }
             let connected = Etcd::connect(etcd).await?;
             tracing::info!(endpoints = %etcd.endpoints.join(","), prefix = %etcd.prefix,
                 "state shared through etcd");
