@@ -7,11 +7,13 @@
 //!   that stay unique across restarts.
 //! - [`service`]: the `remora.v1.Discovery` stream each proxy holds open
 //!   (mTLS: only a workload with a certificate for its identity registers).
-//! - [`push`]: each snapshot and delta encoded once for every stream.
+//! - [`push`]: each snapshot and delta encoded once for every stream;
+//!   [`grpc`]: the server that sends those bytes without a copy per stream.
 //! - [`jwks`]: the JWK sets RequestAuthentication rules name, fetched and
 //!   published in the snapshots.
 
 pub mod endpoints;
+pub mod grpc;
 pub mod history;
 pub mod jwks;
 pub mod lease;
