@@ -1,7 +1,8 @@
 //! Simulated proxies for the config-propagation figure: each holds its own TLS
 //! connection and Discovery stream to the control plane, registers an
-//! endpoint, and ACKs every snapshot the moment it arrives, as a real proxy
-//! does after applying it. All share one workload certificate (they all claim
+//! endpoint, and ACKs every snapshot (complete or delta) the moment it
+//! arrives, as a real proxy does after applying it; each message's size on
+//! the wire is reported. All share one workload certificate (they all claim
 //! service `sim`), got once from Identity.Certify with one bootstrap token.
 
 use anyhow::{bail, Context as _};
@@ -21,8 +22,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 /// Reconnects per simulated proxy (on average) after which the fleet gives up.
 const RECONNECT_LIMIT: usize = 100;
 
-/// What each simulated proxy reports: who, which policy version, when, how big.
-type Event = (usize, u64, Instant, usize);
+/// What each simulated proxy reports of each message: who, which policy
+/// version, when, how big (the encoded snapshot), whether a delta.
+type Event = (usize, u64, Instant, usize, bool);
 
 pub struct Fleet {
     url: String,
@@ -38,7 +40,7 @@ pub struct Fleet {
 }
 
 /// The head of a `remora.v1.Snapshot`: a simulated proxy reads the version
-/// and skips the rest. A real proxy decodes the whole snapshot on a core of
+/// (and whether it is a delta) and skips the rest. A real proxy decodes the whole snapshot on a core of
 /// its own; 1,000 full decodes on the bench's one core would time the bench.
 #[derive(Clone, PartialEq, Message)]
 struct SnapshotHead {
@@ -46,6 +48,9 @@ struct SnapshotHead {
     version: String,
     #[prost(uint64, tag = "2")]
     policy_version: u64,
+    /// Set: a delta on the last snapshot sent.
+    #[prost(string, tag = "9")]
+    base_version: String,
 }
 
 /// Requests out with prost; snapshots in as ([`SnapshotHead`], encoded size).
@@ -125,7 +130,8 @@ async fn sim(
         })
         .await
         .context("sending an Ack (the request stream is gone)")?;
-        let _ = events.send((i, snap.policy_version, Instant::now(), len));
+        let delta = !snap.base_version.is_empty();
+        let _ = events.send((i, snap.policy_version, Instant::now(), len, delta));
     }
     Ok(())
 }
@@ -136,8 +142,26 @@ pub struct Propagation {
     pub proxies: usize,
     pub first_ms: f64,
     pub p50_ms: f64,
+    pub p99_ms: f64,
     pub all_ms: f64,
+    /// The largest message a proxy got for it.
     pub snapshot_bytes: usize,
+    /// How many proxies got it as a delta.
+    pub deltas: usize,
+}
+
+/// What one more endpoint (one more simulated proxy registering) cost every
+/// other proxy: the message each got for it.
+#[derive(Debug, Clone)]
+pub struct EndpointChange {
+    pub proxies: usize,
+    pub p50_bytes: usize,
+    pub max_bytes: usize,
+    /// How many got it as a delta.
+    pub deltas: usize,
+    pub all_ms: f64,
+    /// The complete snapshot the new proxy got first.
+    pub complete_bytes: usize,
 }
 
 async fn channel(url: &str, ca: &str, client: Option<(&str, &str)>) -> anyhow::Result<Channel> {
@@ -198,36 +222,42 @@ impl Fleet {
         })
     }
 
+    /// Starts simulated proxy number `self.size` (reconnecting, as a
+    /// proxy does, when its stream breaks).
+    fn spawn(&mut self, setup: &Arc<tokio::sync::Semaphore>) {
+        let (i, url, ca) = (self.size, self.url.clone(), self.ca.clone());
+        let (cert, events, setup) = (self.cert.clone(), self.events_tx.clone(), setup.clone());
+        let reconnects = self.reconnects.clone();
+        self.tasks.spawn(async move {
+            // A broken stream reconnects, as a proxy does (with less backoff).
+            loop {
+                let permit = setup.clone().acquire_owned().await;
+                let r = sim(i, &url, &ca, cert.clone(), events.clone(), permit).await;
+                let n = reconnects.fetch_add(1, Ordering::Relaxed);
+                if n > 10 * RECONNECT_LIMIT {
+                    return r;
+                }
+                if n.is_power_of_two() {
+                    let why = r.err().map_or("stream ended".into(), |e| format!("{e:#}"));
+                    eprintln!(
+                        "    simulated proxy {i} reconnects ({} so far): {why}",
+                        n + 1
+                    );
+                }
+                let wait = 100 + (i as u64 * 7919) % 400;
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+        });
+        self.size += 1;
+    }
+
     /// Connects simulated proxies until there are `n` (64 setting up at a
     /// time), then waits until the pushes their registrations caused settle.
     pub async fn grow(&mut self, n: usize) -> anyhow::Result<()> {
         let setup = Arc::new(tokio::sync::Semaphore::new(64));
         let mut pending: HashSet<usize> = (self.size..n).collect();
         while self.size < n {
-            let (i, url, ca) = (self.size, self.url.clone(), self.ca.clone());
-            let (cert, events, setup) = (self.cert.clone(), self.events_tx.clone(), setup.clone());
-            let reconnects = self.reconnects.clone();
-            self.tasks.spawn(async move {
-                // A broken stream reconnects, as a proxy does (with less backoff).
-                loop {
-                    let permit = setup.clone().acquire_owned().await;
-                    let r = sim(i, &url, &ca, cert.clone(), events.clone(), permit).await;
-                    let n = reconnects.fetch_add(1, Ordering::Relaxed);
-                    if n > 10 * RECONNECT_LIMIT {
-                        return r;
-                    }
-                    if n.is_power_of_two() {
-                        let why = r.err().map_or("stream ended".into(), |e| format!("{e:#}"));
-                        eprintln!(
-                            "    simulated proxy {i} reconnects ({} so far): {why}",
-                            n + 1
-                        );
-                    }
-                    let wait = 100 + (i as u64 * 7919) % 400;
-                    tokio::time::sleep(Duration::from_millis(wait)).await;
-                }
-            });
-            self.size += 1;
+            self.spawn(&setup);
         }
         let deadline = Instant::now() + Duration::from_secs(600);
         let mut quiet = Instant::now() + Duration::from_secs(1);
@@ -281,10 +311,12 @@ impl Fleet {
         let mut seen = HashSet::new();
         let mut times = Vec::new();
         let mut bytes = 0;
-        let deadline = start + Duration::from_secs(120);
+        let mut deltas = 0;
+        let deadline = start + Duration::from_secs(300);
         while seen.len() < self.size {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(Some((i, v, at, len))) = tokio::time::timeout(left, self.events.recv()).await
+            let Ok(Some((i, v, at, len, delta))) =
+                tokio::time::timeout(left, self.events.recv()).await
             else {
                 bail!(
                     "only {} of {} proxies got version {version}",
@@ -295,6 +327,7 @@ impl Fleet {
             if v >= version && seen.insert(i) {
                 times.push(at.duration_since(start).as_secs_f64() * 1000.0);
                 bytes = bytes.max(len);
+                deltas += usize::from(delta);
             }
         }
         times.sort_by(f64::total_cmp);
@@ -302,8 +335,54 @@ impl Fleet {
             proxies: self.size,
             first_ms: times[0],
             p50_ms: times[times.len() / 2],
+            p99_ms: times[(times.len() * 99 / 100).min(times.len() - 1)],
             all_ms: times[times.len() - 1],
             snapshot_bytes: bytes,
+            deltas,
+        })
+    }
+
+    /// Registers one more endpoint (one more simulated proxy) and measures
+    /// the message every other proxy gets for it. The fleet must be quiet.
+    pub async fn endpoint_change(&mut self) -> anyhow::Result<EndpointChange> {
+        // Anything still in flight from before is not this change's.
+        while self.events.try_recv().is_ok() {}
+        let others = self.size;
+        let start = Instant::now();
+        self.spawn(&Arc::new(tokio::sync::Semaphore::new(1)));
+        let mut sizes: Vec<(usize, bool)> = Vec::with_capacity(others);
+        let mut seen = HashSet::new();
+        let mut complete_bytes = 0;
+        let mut all_ms = 0.0;
+        let deadline = start + Duration::from_secs(300);
+        while seen.len() < others || complete_bytes == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some((i, _, at, len, delta))) =
+                tokio::time::timeout(left, self.events.recv()).await
+            else {
+                bail!(
+                    "only {} of {others} proxies heard of the new endpoint",
+                    seen.len()
+                );
+            };
+            if i == others {
+                if complete_bytes == 0 {
+                    complete_bytes = len;
+                }
+            } else if seen.insert(i) {
+                sizes.push((len, delta));
+                all_ms = at.duration_since(start).as_secs_f64() * 1000.0;
+            }
+        }
+        let mut bytes: Vec<usize> = sizes.iter().map(|(b, _)| *b).collect();
+        bytes.sort_unstable();
+        Ok(EndpointChange {
+            proxies: others,
+            p50_bytes: bytes[bytes.len() / 2],
+            max_bytes: bytes[bytes.len() - 1],
+            deltas: sizes.iter().filter(|(_, d)| *d).count(),
+            all_ms,
+            complete_bytes,
         })
     }
 }

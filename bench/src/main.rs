@@ -154,8 +154,27 @@ fn main() -> anyhow::Result<()> {
             for row in &report.propagation {
                 for p in &row.runs {
                     println!(
-                        "{} proxies: first {:.1} ms, median {:.1} ms, all {:.1} ms, snapshot {} bytes",
-                        p.proxies, p.first_ms, p.p50_ms, p.all_ms, p.snapshot_bytes
+                        "{} proxies: apply ACKed by all in {:.1} ms (first {:.1}, p50 {:.1}, \
+                         p99 {:.1}); largest message {} bytes, {} as deltas",
+                        p.proxies,
+                        p.all_ms,
+                        p.first_ms,
+                        p.p50_ms,
+                        p.p99_ms,
+                        p.snapshot_bytes,
+                        p.deltas
+                    );
+                }
+                if let Some(e) = &row.endpoint_change {
+                    println!(
+                        "  one more endpoint: {} proxies got {} bytes each (p50; max {}), {} as \
+                         deltas, all within {:.1} ms; the new proxy's complete snapshot {} bytes",
+                        e.proxies,
+                        e.p50_bytes,
+                        e.max_bytes,
+                        e.deltas,
+                        e.all_ms,
+                        e.complete_bytes
                     );
                 }
                 println!(
@@ -368,6 +387,18 @@ async fn propagation(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let sim_cp = targets::ControlPlane::start(env, "control-plane-sim").await?;
+    // 10,000 simulated proxies are 10,000 connections on each side: the
+    // control plane inherits the bench's limit (bench/run.sh raises it).
+    let limit = open_files_limit(sim_cp.proc.pid());
+    eprintln!("==> propagation: the control plane may open {limit} files");
+    if let Some(most) = sims.iter().max() {
+        if limit.parse::<usize>().is_ok_and(|l| l < most + 256) {
+            report.notes.push(format!(
+                "the control plane may open {limit} files, too few for {most} simulated \
+                 proxies: run under `ulimit -n 65536` (bench/run.sh does)"
+            ));
+        }
+    }
     let token = sim_cp.token(env, "sim")?;
     let mut fleet = discovery_sim::Fleet::new(&sim_cp.url, &sim_cp.data_dir, &token).await?;
     for &n in sims {
@@ -378,7 +409,10 @@ async fn propagation(
             runs: vec![],
             reconnects: 0,
             control_plane_rss_mib: 0.0,
+            endpoint_change: None,
         };
+        // Connected and quiet: the control plane's memory for n streams.
+        let rss_connected = resources::status_kib(sim_cp.proc.pid(), "VmRSS") as f64 / 1024.0;
         for round in 0..runs {
             eprintln!(
                 "==> propagation: apply → {n} ACKs (run {}/{runs})",
@@ -386,12 +420,24 @@ async fn propagation(
             );
             row.runs.push(fleet.propagate(n * 10 + round).await?);
         }
+        eprintln!("==> propagation: one more endpoint → {n} proxies");
+        row.endpoint_change = Some(fleet.endpoint_change().await?);
         row.reconnects = fleet.reconnects.load(std::sync::atomic::Ordering::Relaxed) - reconnects;
-        row.control_plane_rss_mib =
-            resources::status_kib(sim_cp.proc.pid(), "VmRSS") as f64 / 1024.0;
+        let rss_now = resources::status_kib(sim_cp.proc.pid(), "VmRSS") as f64 / 1024.0;
+        row.control_plane_rss_mib = rss_connected.max(rss_now);
         report.propagation.push(row);
     }
     Ok(())
+}
+
+/// The soft "Max open files" of `pid`, as /proc/<pid>/limits shows it.
+fn open_files_limit(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))
+        .and_then(|rest| rest.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
 /// Steal time (the hypervisor running someone else) above which a run is

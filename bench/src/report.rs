@@ -2,7 +2,7 @@
 //! verdict against issue 7's targets. Every figure is the median over the runs
 //! with the spread (min–max) beside it when there was more than one run.
 
-use crate::discovery_sim::Propagation;
+use crate::discovery_sim::{EndpointChange, Propagation};
 use crate::loadgen::{Latency, Throughput};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -92,7 +92,10 @@ pub struct PropagationRow {
     pub runs: Vec<Propagation>,
     /// Discovery streams that broke and reconnected while this row was measured.
     pub reconnects: usize,
+    /// The most of: with the proxies connected and quiet, after the runs.
     pub control_plane_rss_mib: f64,
+    /// One more endpoint, as every other proxy got it.
+    pub endpoint_change: Option<EndpointChange>,
 }
 
 #[derive(Default)]
@@ -354,20 +357,28 @@ impl Report {
         md.push_str(
             "\n## Policy propagation\n\nSimulated proxies (each its own mTLS connection and Discovery stream, an \
              endpoint each) ACK every snapshot on arrival. Timed from the Admin `Apply` call to the last ACK of \
-             the new version.\n\n",
+             the new version. One more endpoint: the message each other proxy got when one more registered \
+             (a delta; the new proxy's complete snapshot beside it).\n\n",
         );
-        md.push_str("| proxies | first ACK ms | median ms | all ACKed ms | snapshot bytes | control-plane RSS MiB | stream reconnects |\n");
-        md.push_str("|---:|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("| proxies | first ACK ms | median ms | p99 ms | all ACKed ms | apply bytes | one more endpoint: bytes per proxy | complete snapshot bytes | control-plane RSS MiB | stream reconnects |\n");
+        md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.propagation {
             let s = |f: fn(&Propagation) -> f64| spread(r.runs.iter().map(f));
+            let e = r.endpoint_change.as_ref();
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |",
                 r.runs.first().map_or(0, |p| p.proxies),
                 s(|p| p.first_ms).show(1),
                 s(|p| p.p50_ms).show(1),
+                s(|p| p.p99_ms).show(1),
                 s(|p| p.all_ms).show(1),
                 r.runs.iter().map(|p| p.snapshot_bytes).max().unwrap_or(0),
+                e.map_or("–".into(), |e| format!(
+                    "{} (max {})",
+                    e.p50_bytes, e.max_bytes
+                )),
+                e.map_or("–".into(), |e| e.complete_bytes.to_string()),
                 r.control_plane_rss_mib,
                 r.reconnects,
             );
@@ -485,7 +496,12 @@ impl Report {
                 json!({
                     "proxies": r.runs.first().map_or(0, |p| p.proxies),
                     "first_ack_ms": s(|p| p.first_ms), "median_ack_ms": s(|p| p.p50_ms),
+                    "p99_ack_ms": s(|p| p.p99_ms),
                     "all_acked_ms": s(|p| p.all_ms),
+                    "endpoint_change": r.endpoint_change.as_ref().map(|e| json!({
+                        "p50_bytes": e.p50_bytes, "max_bytes": e.max_bytes, "deltas": e.deltas,
+                        "all_ms": e.all_ms, "complete_bytes": e.complete_bytes,
+                    })),
                     "snapshot_bytes": r.runs.iter().map(|p| p.snapshot_bytes).max().unwrap_or(0),
                     "control_plane_rss_mib": r.control_plane_rss_mib,
                     "stream_reconnects": r.reconnects,
