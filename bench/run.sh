@@ -2,6 +2,10 @@
 # Remora's benchmark (issue 7), one command:
 #   bench/run.sh           full mode: 3 runs per figure (5 for the one-core maximum), ~30 minutes
 #   bench/run.sh --quick   1 short run per figure, ~5 minutes
+#   bench/run.sh --sims 100,1000,10000   adds the propagation rows at 10,000
+#                          simulated proxies (~3 more minutes; the bench holds
+#                          ~5 GB then). Only that figure:
+#                          ulimit -n 65536; target/release/remora-bench propagation --sims 10000
 # Any other flag goes to `remora-bench run` (see `remora-bench run --help`).
 # Builds the workspace in release mode, installs nginx, HAProxy and wrk (the
 # one-core generator) from Debian packages if they are missing (as root), then
@@ -28,7 +32,8 @@ if ((${#missing[@]})); then
     fi
 fi
 
-# 1,000 simulated proxies hold 1,000 connections on each side.
+# N simulated proxies hold N connections on each side: the control plane the
+# bench starts inherits this limit (the propagation figure prints it).
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 bench=target/release/remora-bench

@@ -31,6 +31,10 @@ use tonic::Status;
 const STREAM_PATH: &str = "/remora.v1.Discovery/Stream";
 /// The largest request message decoded (tonic's default).
 const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// The request buffer each stream starts with (and grows by): a proxy sends
+/// a Register and then small ACKs. tonic's default is 8 KiB, which is 80 MB
+/// at 10,000 streams.
+const REQUEST_BUFFER_BYTES: usize = 512;
 
 /// Serves a [`Discovery`] implementation (in place of the generated server).
 #[derive(Debug)]
@@ -96,7 +100,7 @@ where
             }
             let (parts, body) = req.into_parts();
             let messages = Streaming::new_request(
-                tonic_prost::ProstDecoder::<DiscoveryRequest>::default(),
+                SmallDecoder(tonic_prost::ProstDecoder::<DiscoveryRequest>::default()),
                 body,
                 None,
                 Some(MAX_REQUEST_BYTES),
@@ -117,6 +121,25 @@ where
                 Err(status) => status.into_http(),
             })
         })
+    }
+}
+
+/// Decodes requests with prost, from a small buffer.
+struct SmallDecoder(tonic_prost::ProstDecoder<DiscoveryRequest>);
+
+impl tonic::codec::Decoder for SmallDecoder {
+    type Item = DiscoveryRequest;
+    type Error = Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<DiscoveryRequest>, Status> {
+        self.0.decode(src)
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        tonic::codec::BufferSettings::new(REQUEST_BUFFER_BYTES, 32 << 10)
     }
 }
 
