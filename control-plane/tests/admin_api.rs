@@ -275,7 +275,11 @@ async fn history_diff_delete_and_rollback() {
             .code(),
         Code::InvalidArgument
     );
-    let status = admin.status(StatusRequest::default()).await.unwrap().into_inner();
+    let status = admin
+        .status(StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(status.policy_version, 5);
     assert!(status.snapshot_version.starts_with("5."));
     running.shutdown().await.unwrap();

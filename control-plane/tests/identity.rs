@@ -65,7 +65,11 @@ async fn a_good_token_gets_a_chain_that_verifies_against_the_bundle() {
     let root = &certs(&bundle)[0];
     let signer = remora_control::ca::fingerprint(root);
     assert_eq!(w.response.signer_id, signer);
-    let status = admin.status(StatusRequest::default()).await.unwrap().into_inner();
+    let status = admin
+        .status(StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(status.signer_id, signer);
     assert_eq!(status.retiring_signer_id, "");
     assert_eq!(

@@ -47,7 +47,12 @@ pub struct StoreArgs {
     )]
     pub etcd_key_file: Option<PathBuf>,
     /// The key prefix every key of this control plane lives under
-    #[arg(long, env = "REMORA_ETCD_PREFIX", default_value = "/remora", value_name = "PREFIX")]
+    #[arg(
+        long,
+        env = "REMORA_ETCD_PREFIX",
+        default_value = "/remora",
+        value_name = "PREFIX"
+    )]
     pub etcd_prefix: String,
     /// The key-encryption key (32 bytes, as 64 hex digits) that seals the CA's
     /// private key in etcd; every replica reads the same one. Required with
