@@ -8,10 +8,10 @@
 //! header and then the shared bytes themselves (reference-counted: h2 and
 //! hyper pass them on without a copy), so a complete snapshot costs its
 //! size once, however many streams are sending it. Requests are decoded by
-//! tonic's `Streaming` as before; the [`Discovery`] trait and its
-//! implementation are tonic's.
+//! tonic's `Streaming` as before. What answers a stream is a [`Handler`]
+//! (`crate::discovery::push` makes every implementation of the generated
+//! `Discovery` trait one).
 
-use crate::discovery::push::{Discovery, EncodedSnapshot};
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::body::{Body as HttpBody, Frame};
 use remora_proto::v1::DiscoveryRequest;
@@ -36,7 +36,21 @@ const MAX_REQUEST_BYTES: usize = 4 << 20;
 /// at 10,000 streams.
 const REQUEST_BUFFER_BYTES: usize = 512;
 
-/// Serves a [`Discovery`] implementation (in place of the generated server).
+/// The answer to a stream's opening, to come.
+pub type Opening<M> = Pin<Box<dyn Future<Output = Result<tonic::Response<M>, Status>> + Send>>;
+
+/// What answers a Discovery stream: its messages, each already encoded.
+pub trait Handler: Send + Sync + 'static {
+    type Message: Into<Bytes>;
+    type Messages: Stream<Item = Result<Self::Message, Status>> + Send + 'static;
+
+    fn open(
+        self: Arc<Self>,
+        request: tonic::Request<Streaming<DiscoveryRequest>>,
+    ) -> Opening<Self::Messages>;
+}
+
+/// Serves a [`Handler`] (in place of the generated server).
 #[derive(Debug)]
 pub struct DiscoveryServer<T> {
     inner: Arc<T>,
@@ -66,7 +80,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl<T, B> Service<http::Request<B>> for DiscoveryServer<T>
 where
-    T: Discovery,
+    T: Handler,
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError> + Send,
 {
@@ -106,7 +120,7 @@ where
                 Some(MAX_REQUEST_BYTES),
             );
             let request = tonic::Request::from_http(http::Request::from_parts(parts, messages));
-            Ok(match inner.stream(request).await {
+            Ok(match inner.open(request).await {
                 Ok(response) => {
                     let (metadata, stream, extensions) = response.into_parts();
                     let mut res = http::Response::new(Body::new(Frames::new(stream)));
@@ -162,14 +176,15 @@ impl<S> Frames<S> {
     }
 }
 
-/// A gRPC message header: not compressed, then the length.
-fn frame_header(len: usize) -> Result<Bytes, Status> {
-    let len = u32::try_from(len)
-        .map_err(|_| Status::resource_exhausted("a snapshot larger than 4 GiB"))?;
+/// A message's gRPC header (not compressed, then the length) and the
+/// message.
+fn frame_header(message: Bytes) -> Result<(Bytes, Bytes), Status> {
+    let len = u32::try_from(message.len())
+        .map_err(|_| Status::resource_exhausted("a message larger than 4 GiB"))?;
     let mut head = BytesMut::with_capacity(5);
     head.put_u8(0);
     head.put_u32(len);
-    Ok(head.freeze())
+    Ok((head.freeze(), message))
 }
 
 fn trailers(status: &Status) -> Frame<Bytes> {
@@ -181,9 +196,10 @@ fn trailers(status: &Status) -> Frame<Bytes> {
     Frame::trailers(map)
 }
 
-impl<S> HttpBody for Frames<S>
+impl<S, M> HttpBody for Frames<S>
 where
-    S: Stream<Item = Result<EncodedSnapshot, Status>>,
+    S: Stream<Item = Result<M, Status>>,
+    M: Into<Bytes>,
 {
     type Data = Bytes;
     type Error = Status;
@@ -203,8 +219,8 @@ where
             Poll::Ready(next) => next,
         };
         let frame = match next {
-            Some(Ok(EncodedSnapshot(bytes))) => match frame_header(bytes.len()) {
-                Ok(head) => {
+            Some(Ok(message)) => match frame_header(message.into()) {
+                Ok((head, bytes)) => {
                     self.body = Some(bytes);
                     Frame::data(head)
                 }
@@ -238,10 +254,8 @@ mod tests {
     #[tokio::test]
     async fn messages_go_out_as_their_header_and_the_shared_bytes_then_the_status() {
         let shared = Bytes::from_static(b"snapshot bytes");
-        let messages = tokio_stream::iter(vec![
-            Ok(EncodedSnapshot(shared.clone())),
-            Err(Status::aborted("replaced")),
-        ]);
+        let messages =
+            tokio_stream::iter(vec![Ok(shared.clone()), Err(Status::aborted("replaced"))]);
         let mut body = Frames::new(messages);
         let head = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(head.as_ref(), &[0, 0, 0, 0, 14]);
@@ -259,9 +273,7 @@ mod tests {
         assert!(body.is_end_stream());
         assert!(body.frame().await.is_none());
 
-        let mut ok = Frames::new(tokio_stream::iter(
-            Vec::<Result<EncodedSnapshot, Status>>::new(),
-        ));
+        let mut ok = Frames::new(tokio_stream::iter(Vec::<Result<Bytes, Status>>::new()));
         let trailers = ok.frame().await.unwrap().unwrap().into_trailers().unwrap();
         assert_eq!(trailers["grpc-status"], "0");
     }

@@ -178,6 +178,25 @@ impl Delta {
 #[derive(Debug, Clone)]
 pub struct EncodedSnapshot(pub Bytes);
 
+impl From<EncodedSnapshot> for Bytes {
+    fn from(e: EncodedSnapshot) -> Bytes {
+        e.0
+    }
+}
+
+/// Every Discovery implementation answers streams for [`DiscoveryServer`].
+impl<T: Discovery> crate::discovery::grpc::Handler for T {
+    type Message = EncodedSnapshot;
+    type Messages = T::StreamStream;
+
+    fn open(
+        self: Arc<Self>,
+        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
+    ) -> crate::discovery::grpc::Opening<T::StreamStream> {
+        Box::pin(async move { self.stream(request).await })
+    }
+}
+
 /// Sends [`EncodedSnapshot`]s as they are; reads `DiscoveryRequest`s with prost.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DiscoveryCodec;
