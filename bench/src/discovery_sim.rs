@@ -27,7 +27,9 @@ const RECONNECT_LIMIT: usize = 100;
 type Event = (usize, u64, Instant, usize, bool);
 
 pub struct Fleet {
-    url: String,
+    /// The control plane's replicas: proxy `i` connects to `urls[i % len]`;
+    /// applies and certificates go through the first.
+    urls: Vec<String>,
     ca: String,
     admin_token: String,
     cert: (String, String, String, i64),
@@ -180,7 +182,8 @@ async fn channel(url: &str, ca: &str, client: Option<(&str, &str)>) -> anyhow::R
 }
 
 impl Fleet {
-    pub async fn new(url: &str, data_dir: &Path, token: &str) -> anyhow::Result<Fleet> {
+    pub async fn new(urls: &[String], data_dir: &Path, token: &str) -> anyhow::Result<Fleet> {
+        let url = urls.first().context("no control plane")?.as_str();
         let ca = std::fs::read_to_string(data_dir.join("trust-bundle.pem"))?;
         let admin_token = std::fs::read_to_string(data_dir.join("admin.token"))?
             .trim()
@@ -205,7 +208,7 @@ impl Fleet {
             .into_inner();
         let (events_tx, events) = mpsc::unbounded_channel();
         Ok(Fleet {
-            url: url.into(),
+            urls: urls.to_vec(),
             ca,
             admin_token,
             cert: (
@@ -225,7 +228,8 @@ impl Fleet {
     /// Starts simulated proxy number `self.size` (reconnecting, as a
     /// proxy does, when its stream breaks).
     fn spawn(&mut self, setup: &Arc<tokio::sync::Semaphore>) {
-        let (i, url, ca) = (self.size, self.url.clone(), self.ca.clone());
+        let url = self.urls[self.size % self.urls.len()].clone();
+        let (i, ca) = (self.size, self.ca.clone());
         let (cert, events, setup) = (self.cert.clone(), self.events_tx.clone(), setup.clone());
         let reconnects = self.reconnects.clone();
         self.tasks.spawn(async move {
@@ -291,7 +295,7 @@ impl Fleet {
             100 + round,
             ns = crate::targets::NAMESPACE
         );
-        let mut admin = AdminClient::new(channel(&self.url, &self.ca, None).await?);
+        let mut admin = AdminClient::new(channel(&self.urls[0], &self.ca, None).await?);
         let mut req = tonic::Request::new(ApplyRequest {
             files: vec![SourceFile {
                 name: "bench.yaml".into(),

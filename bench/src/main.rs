@@ -75,6 +75,10 @@ enum Cmd {
         /// Applies timed per count.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Control-plane replicas sharing an etcd (Debian's etcd, started
+        /// here); 1: one control plane on its embedded store.
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
     },
 }
 
@@ -147,10 +151,14 @@ fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => rt.block_on(run(args)),
         Cmd::Soak(args) => rt.block_on(soak::run(args)),
         Cmd::SoakUpstream { listen } => rt.block_on(soak::upstream(listen)),
-        Cmd::Propagation { sims, runs } => rt.block_on(async move {
+        Cmd::Propagation {
+            sims,
+            runs,
+            replicas,
+        } => rt.block_on(async move {
             let mut env = Env::new()?;
             let mut report = Report::default();
-            let r = propagation(&env, &sims, runs.max(1), &mut report).await;
+            let r = propagation(&env, &sims, runs.max(1), replicas.max(1), &mut report).await;
             for row in &report.propagation {
                 for p in &row.runs {
                     println!(
@@ -379,14 +387,37 @@ impl Rig {
     }
 }
 
-/// Simulated proxies on a control plane of their own: 100, then 1,000.
+/// Simulated proxies on a control plane of their own (100, then 1,000), or
+/// spread over `replicas` replicas sharing an etcd.
 async fn propagation(
     env: &Env,
     sims: &[usize],
     runs: usize,
+    replicas: usize,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let sim_cp = targets::ControlPlane::start(env, "control-plane-sim").await?;
+    let (_etcd, cps) = if replicas > 1 {
+        let etcd = targets::Etcd::start(env).await?;
+        let mut cps = Vec::new();
+        for r in 0..replicas {
+            let name = format!("control-plane-replica-{r}");
+            cps.push(targets::ControlPlane::start_replica(env, &name, &etcd.url).await?);
+        }
+        (Some(etcd), cps)
+    } else {
+        (
+            None,
+            vec![targets::ControlPlane::start(env, "control-plane-sim").await?],
+        )
+    };
+    let sim_cp = &cps[0];
+    let urls: Vec<String> = cps.iter().map(|c| c.url.clone()).collect();
+    let pids: Vec<u32> = cps.iter().map(|c| c.proc.pid()).collect();
+    let rss = || {
+        pids.iter()
+            .map(|p| resources::status_kib(*p, "VmRSS") as f64 / 1024.0)
+            .fold(0.0, f64::max)
+    };
     // 10,000 simulated proxies are 10,000 connections on each side: the
     // control plane inherits the bench's limit (bench/run.sh raises it).
     let limit = open_files_limit(sim_cp.proc.pid());
@@ -400,7 +431,7 @@ async fn propagation(
         }
     }
     let token = sim_cp.token(env, "sim")?;
-    let mut fleet = discovery_sim::Fleet::new(&sim_cp.url, &sim_cp.data_dir, &token).await?;
+    let mut fleet = discovery_sim::Fleet::new(&urls, &sim_cp.data_dir, &token).await?;
     for &n in sims {
         eprintln!("==> propagation: connecting {n} simulated proxies");
         let reconnects = fleet.reconnects.load(std::sync::atomic::Ordering::Relaxed);
@@ -410,9 +441,11 @@ async fn propagation(
             reconnects: 0,
             control_plane_rss_mib: 0.0,
             endpoint_change: None,
+            replicas,
         };
-        // Connected and quiet: the control plane's memory for n streams.
-        let rss_connected = resources::status_kib(sim_cp.proc.pid(), "VmRSS") as f64 / 1024.0;
+        // Connected and quiet: the control plane's memory for n streams
+        // (the largest replica's).
+        let rss_connected = rss();
         for round in 0..runs {
             eprintln!(
                 "==> propagation: apply → {n} ACKs (run {}/{runs})",
@@ -423,7 +456,7 @@ async fn propagation(
         eprintln!("==> propagation: one more endpoint → {n} proxies");
         row.endpoint_change = Some(fleet.endpoint_change().await?);
         row.reconnects = fleet.reconnects.load(std::sync::atomic::Ordering::Relaxed) - reconnects;
-        let rss_now = resources::status_kib(sim_cp.proc.pid(), "VmRSS") as f64 / 1024.0;
+        let rss_now = rss();
         row.control_plane_rss_mib = rss_connected.max(rss_now);
         report.propagation.push(row);
     }
@@ -721,7 +754,7 @@ async fn measure(
 
     // ------------------------------------------------ propagation
     if !args.sims.is_empty() {
-        if let Err(e) = propagation(env, &args.sims, runs, &mut report).await {
+        if let Err(e) = propagation(env, &args.sims, runs, 1, &mut report).await {
             env.keep();
             report.notes.push(format!(
                 "propagation stopped: {e:#} (logs kept in {})",

@@ -96,6 +96,9 @@ pub struct PropagationRow {
     pub control_plane_rss_mib: f64,
     /// One more endpoint, as every other proxy got it.
     pub endpoint_change: Option<EndpointChange>,
+    /// Control-plane replicas the proxies were spread over (sharing etcd);
+    /// the RSS is the largest replica's.
+    pub replicas: usize,
 }
 
 #[derive(Default)]
@@ -360,15 +363,16 @@ impl Report {
              the new version. One more endpoint: the message each other proxy got when one more registered \
              (a delta; the new proxy's complete snapshot beside it).\n\n",
         );
-        md.push_str("| proxies | first ACK ms | median ms | p99 ms | all ACKed ms | apply bytes | one more endpoint: bytes per proxy | complete snapshot bytes | control-plane RSS MiB | stream reconnects |\n");
-        md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        md.push_str("| proxies | replicas | first ACK ms | median ms | p99 ms | all ACKed ms | apply bytes | one more endpoint: bytes per proxy | complete snapshot bytes | control-plane RSS MiB (largest replica) | stream reconnects |\n");
+        md.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for r in &self.propagation {
             let s = |f: fn(&Propagation) -> f64| spread(r.runs.iter().map(f));
             let e = r.endpoint_change.as_ref();
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |",
                 r.runs.first().map_or(0, |p| p.proxies),
+                r.replicas,
                 s(|p| p.first_ms).show(1),
                 s(|p| p.p50_ms).show(1),
                 s(|p| p.p99_ms).show(1),
@@ -495,6 +499,7 @@ impl Report {
                 let s = |f: fn(&Propagation) -> f64| spread(r.runs.iter().map(f)).json();
                 json!({
                     "proxies": r.runs.first().map_or(0, |p| p.proxies),
+                    "replicas": r.replicas,
                     "first_ack_ms": s(|p| p.first_ms), "median_ack_ms": s(|p| p.p50_ms),
                     "p99_ack_ms": s(|p| p.p99_ms),
                     "all_acked_ms": s(|p| p.all_ms),

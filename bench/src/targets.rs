@@ -283,6 +283,52 @@ impl ControlPlane {
         })
     }
 
+    /// A replica of a control plane sharing `etcd` (`serve --store etcd`),
+    /// the key-encryption key in `<env>/kek`.
+    pub async fn start_replica(env: &Env, name: &str, etcd: &str) -> anyhow::Result<ControlPlane> {
+        let (grpc, http) = (local(free_port()), local(free_port()));
+        let data_dir = env.path(name);
+        std::fs::create_dir_all(&data_dir)?;
+        let kek = env.path("kek");
+        if !kek.exists() {
+            std::fs::write(
+                &kek,
+                "6b0e4d9c2a7f1b3e5d8c0a2f4e6b8d1c3a5e7f9b0d2c4e6a8f1b3d5c7e9a0b2d",
+            )?;
+        }
+        let args: Vec<String> = [
+            "serve",
+            "--listen",
+            &grpc.to_string(),
+            "--http-listen",
+            &http.to_string(),
+            "--advertise-address",
+            &grpc.to_string(),
+            "--data-dir",
+            &data_dir.display().to_string(),
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            etcd,
+            "--kek-file",
+            &kek.display().to_string(),
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        let proc = env.spawn(name, &env.bin_dir.join("remora-control"), &args, 1)?;
+        wait_for(30, "the replica's /ready", || async {
+            get_status(http, "/ready").await == Some(200)
+        })
+        .await
+        .with_context(|| env.log_tail(name))?;
+        Ok(ControlPlane {
+            url: format!("http://{grpc}"),
+            data_dir,
+            proc,
+        })
+    }
+
     /// `remora-control --server URL --data-dir DIR ARGS...`, its stdout.
     pub fn cli(&self, env: &Env, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(env.bin_dir.join("remora-control"))
@@ -313,6 +359,53 @@ impl ControlPlane {
                 NAMESPACE,
             ],
         )
+    }
+}
+
+/// One etcd member (Debian's `etcd`) for replicas to share.
+pub struct Etcd {
+    pub url: String,
+    /// Killed when dropped.
+    _proc: Child,
+}
+
+impl Etcd {
+    pub async fn start(env: &Env) -> anyhow::Result<Etcd> {
+        let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .context("etcd not found (Debian: apt-get install etcd-server)")?;
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let args: Vec<String> = [
+            "--name",
+            "bench",
+            "--data-dir",
+            &env.path("etcd.data").display().to_string(),
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("bench={peer_url}"),
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        let proc = env.spawn("etcd", &etcd, &args, 0)?;
+        let addr = local(client);
+        wait_for(30, "etcd's /health", || async {
+            get_status(addr, "/health").await == Some(200)
+        })
+        .await
+        .with_context(|| env.log_tail("etcd"))?;
+        Ok(Etcd { url, _proc: proc })
     }
 }
 

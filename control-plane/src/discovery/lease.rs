@@ -4,6 +4,8 @@
 //! the same version ([`crate::discovery::registry`]).
 
 use crate::identity::db::{DbError, IdentityDb, META};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Generations reserved at a time: a restart skips at most this many.
 pub(crate) const LEASE_BLOCK: u64 = 1000;
@@ -15,6 +17,9 @@ pub struct GenerationLease {
     db: IdentityDb,
     /// Generations up to this one may be used.
     reserved: u64,
+    /// Shared store: the block reserved in the background, and whether a
+    /// reservation is under way.
+    background: Arc<(AtomicU64, AtomicBool)>,
     /// The generation the first snapshot of this process follows.
     pub start: u64,
 }
@@ -38,31 +43,54 @@ impl GenerationLease {
         Ok(GenerationLease {
             db,
             reserved,
+            background: Arc::new((AtomicU64::new(reserved), AtomicBool::new(false))),
             start,
         })
     }
 
     /// Makes sure `generation` is reserved (a durable write once per block).
     pub(crate) fn cover(&mut self, generation: u64) {
+        if self.db.is_shared() {
+            return self.cover_in_background(generation);
+        }
         if generation <= self.reserved {
             return;
         }
-        if !self.db.is_shared() {
-            let next = generation.saturating_add(LEASE_BLOCK);
-            match self.db.put(META, LEASE_KEY, next.to_string().as_bytes()) {
-                Ok(()) => self.reserved = next,
-                Err(e) => tracing::error!(error = %e, generation,
-                    "cannot reserve snapshot generations: a restart may reuse versions"),
-            }
+        let next = generation.saturating_add(LEASE_BLOCK);
+        match self.db.put(META, LEASE_KEY, next.to_string().as_bytes()) {
+            Ok(()) => self.reserved = next,
+            Err(e) => tracing::error!(error = %e, generation,
+                "cannot reserve snapshot generations: a restart may reuse versions"),
+        }
+    }
+
+    fn cover_in_background(&mut self, generation: u64) {
+        // Shared (etcd): this runs with the registry locked, so nothing here
+        // may wait on the network. The next block is reserved in the
+        // background half a block ahead; until it is, generations run on
+        // (a replica restarting then may reuse some: its proxies reconnect
+        // and get complete snapshots, whatever their versions).
+        self.reserved = self.reserved.max(self.background.0.load(Ordering::SeqCst));
+        if generation + LEASE_BLOCK / 2 <= self.reserved
+            || self.background.1.swap(true, Ordering::SeqCst)
+        {
             return;
         }
-        // Shared: the next free block, which another replica may have moved;
-        // meanwhile (etcd unreachable) the generation runs on, unreserved.
-        match reserve(&self.db, generation) {
-            Ok((_, reserved)) => self.reserved = reserved.max(generation),
-            Err(e) => tracing::warn!(error = %e, generation,
-                "cannot reserve snapshot generations in the store"),
-        }
+        let (db, background) = (self.db.clone(), self.background.clone());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            background.1.store(false, Ordering::SeqCst);
+            return;
+        };
+        runtime.spawn_blocking(move || {
+            match reserve(&db, generation) {
+                Ok((_, reserved)) => {
+                    background.0.fetch_max(reserved, Ordering::SeqCst);
+                }
+                Err(e) => tracing::warn!(error = %e, generation,
+                    "cannot reserve snapshot generations in the store"),
+            }
+            background.1.store(false, Ordering::SeqCst);
+        });
     }
 }
 

@@ -192,21 +192,26 @@ impl Ledger {
     /// Records a new certificate (and marks the one it renewed replaced),
     /// dropping expired entries, in one durable transaction.
     pub fn record(&self, cert: IssuedCert, now: i64) -> Result<(), DbError> {
-        let mut certs = self.lock();
-        let expired: Vec<String> = certs
-            .values()
-            .filter(|c| c.not_after_unix <= now)
-            .map(|c| c.serial.clone())
-            .collect();
-        let renewed = cert
-            .renewed_from
-            .as_ref()
-            .and_then(|s| certs.get(s))
-            .filter(|c| !c.replaced)
-            .map(|c| IssuedCert {
-                replaced: true,
-                ..c.clone()
-            });
+        // Worked out under the lock, written without it: the write may wait
+        // on the network (etcd), and readers of the ledger must not.
+        let (expired, renewed) = {
+            let certs = self.lock();
+            let expired: Vec<String> = certs
+                .values()
+                .filter(|c| c.not_after_unix <= now)
+                .map(|c| c.serial.clone())
+                .collect();
+            let renewed = cert
+                .renewed_from
+                .as_ref()
+                .and_then(|s| certs.get(s))
+                .filter(|c| !c.replaced)
+                .map(|c| IssuedCert {
+                    replaced: true,
+                    ..c.clone()
+                });
+            (expired, renewed)
+        };
         let mut puts = vec![(cert.serial.clone(), encode(&cert))];
         if let Some(old) = &renewed {
             puts.push((old.serial.clone(), encode(old)));
@@ -217,6 +222,7 @@ impl Ledger {
             .collect();
         let removes: Vec<&str> = expired.iter().map(String::as_str).collect();
         self.write(&put_refs, &removes)?;
+        let mut certs = self.lock();
         for serial in &expired {
             certs.remove(serial);
         }
@@ -257,17 +263,18 @@ impl Ledger {
     /// The workload that held `serial` left: it and every certificate
     /// renewed from it are no longer in use.
     pub fn left(&self, serial: &str) -> Result<(), DbError> {
-        let mut certs = self.lock();
-        let chain = Self::chain_in(&certs, serial);
-        let changed: Vec<IssuedCert> = chain
-            .iter()
-            .filter_map(|s| certs.get(s))
-            .filter(|c| !c.replaced)
-            .map(|c| IssuedCert {
-                replaced: true,
-                ..c.clone()
-            })
-            .collect();
+        let changed: Vec<IssuedCert> = {
+            let certs = self.lock();
+            Self::chain_in(&certs, serial)
+                .iter()
+                .filter_map(|s| certs.get(s))
+                .filter(|c| !c.replaced)
+                .map(|c| IssuedCert {
+                    replaced: true,
+                    ..c.clone()
+                })
+                .collect()
+        };
         if changed.is_empty() {
             return Ok(());
         }
@@ -280,6 +287,7 @@ impl Ledger {
             .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect();
         self.write(&puts, &[])?;
+        let mut certs = self.lock();
         for c in changed {
             certs.insert(c.serial.clone(), c);
         }
