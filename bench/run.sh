@@ -6,6 +6,8 @@
 #                          simulated proxies (~3 more minutes; the bench holds
 #                          ~5 GB then). Only that figure:
 #                          ulimit -n 65536; target/release/remora-bench propagation --sims 10000
+#                          Spread over three replicas sharing an etcd (Debian's etcd-server):
+#                          target/release/remora-bench propagation --sims 1000,10000 --replicas 3
 # Any other flag goes to `remora-bench run` (see `remora-bench run --help`).
 # Builds the workspace in release mode, installs nginx, HAProxy and wrk (the
 # one-core generator) from Debian packages if they are missing (as root), then
