@@ -459,7 +459,16 @@ impl Replica {
         let name = self.etcd.key("leader");
         let mut election = self.etcd.client().election_client();
         let won = tokio::select! {
-            r = election.campaign(name.clone(), self.id.clone(), lease) => r.map_err(|e| EtcdError::Unavailable(e.to_string())),
+            r = election.campaign(name.clone(), self.id.clone(), lease) => match r {
+                Ok(won) => Ok(won),
+                // A candidate waits longer than a call may last: it asks again.
+                Err(etcd_client::Error::GRpcStatus(s))
+                    if matches!(s.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded) =>
+                {
+                    return Ok(());
+                }
+                Err(e) => Err(EtcdError::Unavailable(e.to_string())),
+            },
             _ = async {
                 while self.lease.load(Ordering::SeqCst) == lease {
                     tokio::time::sleep(POLL).await;
