@@ -45,7 +45,19 @@ fn free_addr() -> SocketAddr {
 }
 
 impl Server {
+    /// Starts a control plane on two free ports; a port taken meanwhile (a
+    /// free port is an ephemeral one, which any outgoing connection may get
+    /// first) makes it exit at once, and it starts again on others.
     async fn start(extra: &[&str]) -> Server {
+        for _ in 0..5 {
+            if let Some(server) = Server::try_start(extra).await {
+                return server;
+            }
+        }
+        panic!("the control plane never became ready");
+    }
+
+    async fn try_start(extra: &[&str]) -> Option<Server> {
         let data = tempfile::tempdir().unwrap();
         let (grpc, http) = (free_addr(), free_addr());
         let child = Command::new(env!("CARGO_BIN_EXE_remora-control"))
@@ -62,7 +74,7 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let server = Server {
+        let mut server = Server {
             child,
             grpc,
             http,
@@ -73,13 +85,16 @@ impl Server {
             .await
             .is_none_or(|r| !r.starts_with("HTTP/1.1 200"))
         {
+            if server.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
             assert!(
                 Instant::now() < deadline,
                 "the control plane never became ready"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        server
+        Some(server)
     }
 
     fn data_dir(&self) -> &Path {
