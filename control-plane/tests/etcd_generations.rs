@@ -28,11 +28,20 @@ impl Drop for Killed {
     }
 }
 
+/// A free port below the ephemeral range (which outgoing connections take
+/// from, so one found free there may be taken before etcd binds it).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
+    (0..1000)
+        .map(|_| 20_000 + (fastrand_u16() % 12_000))
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         .expect("a free port")
+}
+
+fn fastrand_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(u64::from(std::process::id()));
+    (h.finish() & 0xffff) as u16
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
